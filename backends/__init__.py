@@ -1,0 +1,1 @@
+"""Workers that run models: HuggingFace (logits-based context switch)."""

@@ -1,0 +1,53 @@
+"""A HuggingFace causal LM run as an incremental loop over its KV cache.
+
+Prefill feeds the prompt once; each decode step feeds exactly one token.  The counters
+``prefill_tokens`` and ``decode_tokens`` count every token that goes through the model,
+so tests can prove that a resume recomputed nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+
+class HFEngine:
+    def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32"):
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        self.model.to(self.device).eval()
+        self.config = self.model.config
+        self.eos_ids = self._eos_ids()
+        self.prefill_tokens = 0
+        self.decode_tokens = 0
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        return ids
+
+    def render(self, messages: list[dict]) -> list[int]:
+        """Token ids of a chat, with the generation prompt, via the model's chat template."""
+        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
+        return list(ids)
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
+        cache = DynamicCache(config=self.config)
+        x = torch.tensor([ids], device=self.device)
+        out = self.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
+        self.prefill_tokens += len(ids)
+        return cache, out.logits[:, -1, :]
+
+    @torch.inference_mode()
+    def decode(self, cache: DynamicCache, token: int) -> torch.Tensor:
+        x = torch.tensor([[token]], device=self.device)
+        out = self.model(input_ids=x, cache=cache, use_cache=True)
+        self.decode_tokens += 1
+        return out.logits[:, -1, :]

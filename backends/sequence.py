@@ -1,0 +1,52 @@
+"""A worker's per-request state: one object that holds it all and derives the rest."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from backends.detok import TextStream
+
+
+@dataclass
+class Sequence:
+    rid: int
+    params: dict[str, Any]
+    prompt_ids: list[int]
+    stream: TextStream
+    generated: list[int] = field(default_factory=list)
+    replay: list[int] = field(default_factory=list)  # ids already emitted before a restart
+    cache: DynamicCache | None = None
+    logits: torch.Tensor | None = None
+    quantum_tokens: int | None = None
+    quantum_ms: float | None = None
+    quantum_used: int = 0
+    quantum_start: float = field(default_factory=time.monotonic)
+    paused: bool = False  # quantum over, waiting for the scheduler's word
+    prefill_computed: int = 0  # prompt (and replayed) tokens this request pushed through the model
+    decode_computed: int = 0
+    restores: int = 0
+    switch_s: float = 0.0
+
+    @property
+    def seed(self) -> int:
+        return int(self.params.get("seed") or 0)
+
+    @property
+    def remaining(self) -> int:
+        return int(self.params["max_tokens"]) - len(self.generated)
+
+    def new_quantum(self, tokens: int | None, ms: float | None) -> None:
+        self.quantum_tokens, self.quantum_ms = tokens, ms
+        self.quantum_used, self.quantum_start, self.paused = 0, time.monotonic(), False
+
+    def quantum_over(self) -> bool:
+        if self.quantum_tokens is not None and self.quantum_used >= self.quantum_tokens:
+            return True
+        if self.quantum_ms is not None:
+            return (time.monotonic() - self.quantum_start) * 1000.0 >= self.quantum_ms
+        return False

@@ -1,0 +1,1 @@
+"""The floor of quantad: wire protocol and clients.  Imports nothing else of ours, no torch."""

@@ -1,0 +1,280 @@
+"""Agent-side clients: ``Client`` (blocking) and ``AsyncClient`` (asyncio).
+
+``chat()`` is shaped like the OpenAI chat API: messages in; a stream of events or one
+final ``ChatResult`` out.  One DEALER socket per client; each request carries an id the
+client chooses, so many requests can be in flight on one socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from ipc import protocol as P
+from ipc.endpoints import agent_endpoint
+
+Messages = str | list[dict[str, str]]
+
+
+class ClientError(Exception):
+    """An ``error`` reply from the daemon (``code`` is one of the protocol's ``E_*``)."""
+
+    def __init__(self, code: str, message: str, text: str = ""):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.text = code, message, text
+
+
+class Cancelled(ClientError):
+    def __init__(self, message: str, text: str = ""):
+        super().__init__(P.EV_CANCELLED, message, text)
+
+
+@dataclass
+class Event:
+    """One event of a request's stream: ``accepted``, ``token``, ``preempted``, ``resumed`` or terminal."""
+
+    event: str
+    data: dict[str, Any]
+
+    @property
+    def text(self) -> str:
+        return self.data.get("text", "")
+
+    @property
+    def terminal(self) -> bool:
+        return self.event in P.TERMINAL_EVENTS
+
+    @property
+    def seq(self) -> int:
+        return self.data.get("seq", 0)
+
+
+@dataclass
+class ChatResult:
+    text: str
+    finish_reason: str
+    usage: dict[str, int]
+    stats: dict[str, Any]
+    pid: int
+    events: list[Event] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "usage": self.usage,
+            "stats": self.stats,
+        }
+
+
+def chat_message(cid: Any, messages: Messages, **params: Any) -> dict[str, Any]:
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    msg = {"op": P.OP_CHAT, "id": cid, "messages": messages}
+    msg.update({k: v for k, v in params.items() if v is not None})
+    return msg
+
+
+def result_of(events: list[Event]) -> ChatResult:
+    """Turn a finished event list into a result, or raise the terminal error."""
+    last = events[-1]
+    if last.event == P.EV_CANCELLED:
+        raise Cancelled(last.data.get("message", "cancelled"), last.text)
+    if last.event == P.EV_ERROR:
+        raise ClientError(last.data.get("code", P.E_INTERNAL), last.data.get("message", ""), last.text)
+    d = last.data
+    return ChatResult(d.get("text", ""), d.get("finish_reason", ""), d.get("usage", {}), d.get("stats", {}),
+                      d.get("pid", 0), events)  # fmt: skip
+
+
+def reply_data(msg: dict[str, Any]) -> dict[str, Any]:
+    if msg.get("event") == P.EV_ERROR:
+        raise ClientError(msg.get("code", P.E_INTERNAL), msg.get("message", ""))
+    return msg.get("data", {})
+
+
+def _dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME)
+    s.connect(endpoint)
+    return s
+
+
+class _Ids:
+    def __init__(self) -> None:
+        self._n = itertools.count(1)
+        self.prefix = f"{os.getpid()}-{id(self):x}-"
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self._n)}"
+
+
+class Client:
+    """Blocking client.  ``timeout`` (seconds) bounds each wait for the daemon; None waits forever."""
+
+    def __init__(self, endpoint: str | None = None, agent: str = "", timeout: float | None = None):
+        self.endpoint = agent_endpoint(endpoint)
+        self.agent = agent
+        self.timeout = timeout
+        self._ctx = zmq.Context()
+        self._sock = _dealer(self._ctx, self.endpoint)
+        self._ids = _Ids()
+        self._inbox: dict[Any, deque[dict]] = defaultdict(deque)
+
+    def close(self) -> None:
+        self._sock.close(0)
+        self._ctx.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, msg: dict[str, Any]) -> Any:
+        msg.setdefault("id", self._ids.next())
+        self._sock.send(P.pack(msg))
+        return msg["id"]
+
+    def recv(self, cid: Any, timeout: float | None = ...) -> dict[str, Any]:
+        """Next message for request ``cid``; messages for other ids are kept for later."""
+        timeout = self.timeout if timeout is ... else timeout
+        while not self._inbox[cid]:
+            if not self._sock.poll(None if timeout is None else int(timeout * 1000)):
+                raise TimeoutError(f"no answer from the daemon at {self.endpoint} within {timeout} s")
+            msg = P.unpack(self._sock.recv(), header="event")
+            self._inbox[msg.get("id")].append(msg)
+        msg = self._inbox[cid].popleft()
+        if not self._inbox[cid]:
+            del self._inbox[cid]
+        return msg
+
+    def call(self, op: str, timeout: float | None = 5.0, **fields: Any) -> dict[str, Any]:
+        cid = self.send({"op": op, **fields})
+        return reply_data(self.recv(cid, timeout))
+
+    def ping(self, timeout: float | None = 5.0) -> dict[str, Any]:
+        return self.call(P.OP_PING, timeout)
+
+    def ps(self) -> dict[str, Any]:
+        return self.call(P.OP_PS)
+
+    def kill(self, pid: int) -> dict[str, Any]:
+        return self.call(P.OP_KILL, pid=pid)
+
+    def submit(self, messages: Messages, **params: Any) -> Any:
+        """Send a chat and return its id; read its events with ``events(id)``."""
+        params.setdefault("agent", self.agent or None)
+        return self.send(chat_message(self._ids.next(), messages, **params))
+
+    def events(self, cid: Any) -> Iterator[Event]:
+        while True:
+            msg = self.recv(cid)
+            ev = Event(msg.get("event", ""), msg)
+            yield ev
+            if ev.terminal:
+                return
+
+    def chat(self, messages: Messages, *, stream: bool = False, **params: Any) -> ChatResult | Iterator[Event]:
+        """``stream=True``: an iterator of events; else the final ``ChatResult`` (raises ``ClientError``)."""
+        cid = self.submit(messages, stream=True, **params)
+        it = self.events(cid)
+        return it if stream else result_of(list(it))
+
+
+class AsyncClient:
+    """asyncio client: one long-lived receive task routes replies to per-request queues."""
+
+    def __init__(self, endpoint: str | None = None, agent: str = "", timeout: float | None = None):
+        self.endpoint = agent_endpoint(endpoint)
+        self.agent = agent
+        self.timeout = timeout
+        self._ctx = zmq.asyncio.Context()
+        self._sock = _dealer(self._ctx, self.endpoint)
+        self._ids = _Ids()
+        self._queues: dict[Any, asyncio.Queue] = {}
+        self._reader: asyncio.Task | None = None
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        self._sock.close(0)
+        self._ctx.term()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _read(self) -> None:
+        while True:
+            msg = P.unpack(await self._sock.recv(), header="event")
+            q = self._queues.get(msg.get("id"))
+            if q is not None:
+                q.put_nowait(msg)
+
+    async def _send(self, msg: dict[str, Any]) -> asyncio.Queue:
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+        msg.setdefault("id", self._ids.next())
+        q = self._queues[msg["id"]] = asyncio.Queue()
+        await self._sock.send(P.pack(msg))
+        return q
+
+    async def _get(self, q: asyncio.Queue, timeout: float | None) -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(q.get(), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"no answer from the daemon at {self.endpoint} within {timeout} s") from None
+
+    async def call(self, op: str, timeout: float | None = 5.0, **fields: Any) -> dict[str, Any]:
+        msg = {"op": op, **fields}
+        q = await self._send(msg)
+        try:
+            return reply_data(await self._get(q, timeout))
+        finally:
+            self._queues.pop(msg["id"], None)
+
+    async def ping(self, timeout: float | None = 5.0) -> dict[str, Any]:
+        return await self.call(P.OP_PING, timeout)
+
+    async def ps(self) -> dict[str, Any]:
+        return await self.call(P.OP_PS)
+
+    async def kill(self, pid: int) -> dict[str, Any]:
+        return await self.call(P.OP_KILL, pid=pid)
+
+    async def _events(self, cid: Any, q: asyncio.Queue) -> AsyncIterator[Event]:
+        try:
+            while True:
+                msg = await self._get(q, self.timeout)
+                ev = Event(msg.get("event", ""), msg)
+                yield ev
+                if ev.terminal:
+                    return
+        finally:
+            self._queues.pop(cid, None)
+
+    async def chat(
+        self, messages: Messages, *, stream: bool = False, **params: Any
+    ) -> ChatResult | AsyncIterator[Event]:
+        """Like ``AsyncOpenAI``: ``await chat(...)`` gives a result, or with ``stream=True`` an async iterator."""
+        params.setdefault("agent", self.agent or None)
+        msg = chat_message(self._ids.next(), messages, stream=True, **params)
+        q = await self._send(msg)
+        it = self._events(msg["id"], q)
+        if stream:
+            return it
+        return result_of([ev async for ev in it])

@@ -1,0 +1,33 @@
+"""Where the daemon listens: ``--endpoint``, else ``$QUANTAD_ENDPOINT``, else the runtime dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def runtime_dir() -> Path:
+    base = os.environ.get("QUANTAD_RUNTIME_DIR")
+    if base:
+        return Path(base)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "quantad"
+    return Path(f"/tmp/quantad-{os.getuid()}")
+
+
+def agent_endpoint(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("QUANTAD_ENDPOINT") or f"ipc://{runtime_dir() / 'agents.sock'}"
+
+
+def worker_endpoint(agent: str) -> str:
+    """Workers get a sibling of the agent endpoint: ``x.sock`` -> ``x.workers.sock``, port+1 for tcp."""
+    if agent.startswith("ipc://"):
+        path = agent[len("ipc://") :]
+        stem = path[:-5] if path.endswith(".sock") else path
+        return f"ipc://{stem}.workers.sock"
+    if agent.startswith("tcp://"):
+        host, _, port = agent[len("tcp://") :].rpartition(":")
+        if port.isdigit():
+            return f"tcp://{host}:{int(port) + 1}"
+    raise ValueError(f"cannot derive a worker endpoint from {agent!r}; pass --worker-endpoint")

@@ -1,0 +1,149 @@
+"""Wire protocol constants and the one place where bytes become messages.
+
+Every message is a msgpack map in one frame, optionally followed by raw tensor frames
+(worker side only).  Decoding is defensive: anything that is not a well-formed map of
+the right version raises ``ProtocolError`` carrying an error code, never an assert,
+so the daemon can answer bad input with an error reply and keep serving.
+See ``docs/protocol.md`` for the full specification.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+
+# Limits (bytes / counts).  The agent socket also sets ZMQ MAXMSGSIZE to MAX_FRAME.
+MAX_FRAME = 4 * 1024 * 1024
+MAX_TENSOR_FRAME = 1024 * 1024 * 1024
+MAX_STR = 1024 * 1024
+MAX_ARRAY = 100_000
+MAX_MAP = 1024
+MAX_MESSAGES = 1024
+MAX_STOP = 16
+MAX_TOKENS_LIMIT = 1 << 20
+
+# Agent -> daemon ops.
+OP_CHAT = "chat"
+OP_PS = "ps"
+OP_KILL = "kill"
+OP_PING = "ping"
+OP_CANCEL = "cancel"
+AGENT_OPS = (OP_CHAT, OP_PS, OP_KILL, OP_PING, OP_CANCEL)
+
+# Daemon -> agent events.
+EV_ACCEPTED = "accepted"
+EV_TOKEN = "token"
+EV_PREEMPTED = "preempted"
+EV_RESUMED = "resumed"
+EV_DONE = "done"
+EV_ERROR = "error"
+EV_CANCELLED = "cancelled"
+EV_REPLY = "reply"
+TERMINAL_EVENTS = (EV_DONE, EV_ERROR, EV_CANCELLED)
+
+# Worker <-> daemon ops.
+W_READY = "ready"
+W_HEARTBEAT = "heartbeat"
+W_STARTED = "started"
+W_TOKENS = "tokens"
+W_QUANTUM_END = "quantum_end"
+W_PREEMPTED = "preempted"
+W_FINISHED = "finished"
+W_FAILED = "failed"
+W_CONTEXT = "context"
+D_RUN = "run"
+D_CONTINUE = "continue"
+D_PREEMPT = "preempt"
+D_CANCEL = "cancel"
+D_SHUTDOWN = "shutdown"
+
+# Error codes carried by ``error`` events.
+E_BAD_FRAME = "bad_frame"
+E_BAD_VERSION = "bad_version"
+E_UNKNOWN_OP = "unknown_op"
+E_BAD_FIELD = "bad_field"
+E_TOO_LARGE = "too_large"
+E_NOT_FOUND = "not_found"
+E_DUPLICATE_ID = "duplicate_id"
+E_WORKER_FAILED = "worker_failed"
+E_SHUTTING_DOWN = "shutting_down"
+E_INTERNAL = "internal"
+
+# Context tiers reported by workers.
+TIER_DEVICE = "device"
+TIER_HOST = "host"
+TIER_DISK = "disk"
+TIER_NONE = "none"
+
+
+class ProtocolError(Exception):
+    """Bad input from a peer; ``code`` is one of the ``E_*`` constants."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def pack(msg: dict[str, Any]) -> bytes:
+    """Serialize one message map, stamping the protocol version."""
+    msg.setdefault("v", VERSION)
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def unpack(frame: bytes, max_size: int = MAX_FRAME, header: str = "op") -> dict[str, Any]:
+    """Decode one frame into a message map or raise ``ProtocolError``.
+
+    ``header`` names the string field a receiver dispatches on: ``op`` for requests,
+    ``event`` for what the daemon sends to agents.
+    """
+    if len(frame) > max_size:
+        raise ProtocolError(E_TOO_LARGE, f"frame of {len(frame)} bytes exceeds {max_size}")
+    try:
+        msg = msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_STR,
+            max_bin_len=max_size,
+            max_array_len=MAX_ARRAY,
+            max_map_len=MAX_MAP,
+        )
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise ProtocolError(E_BAD_FRAME, f"undecodable msgpack frame: {type(exc).__name__}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError(E_BAD_FRAME, "a message must be a msgpack map")
+    version = msg.get("v")
+    if version != VERSION:
+        raise ProtocolError(E_BAD_VERSION, f"protocol version {version!r} unsupported (want {VERSION})")
+    if not isinstance(msg.get(header), str):
+        raise ProtocolError(E_BAD_FIELD, f"field '{header}' must be a string")
+    return msg
+
+
+def field(msg: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """Fetch a typed field; missing or wrong-typed fields raise ``ProtocolError``."""
+    if name not in msg or msg[name] is None:
+        if default is ...:
+            raise ProtocolError(E_BAD_FIELD, f"missing field '{name}'")
+        return default
+    value = msg[name]
+    # bool is an int subclass: refuse it where a number is wanted.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ProtocolError(E_BAD_FIELD, f"field '{name}' has wrong type bool")
+    if not isinstance(value, kind):
+        raise ProtocolError(E_BAD_FIELD, f"field '{name}' has wrong type {type(value).__name__}")
+    return value
+
+
+def number(msg: dict[str, Any], name: str, lo: float, hi: float, default: Any, integer: bool = False) -> Any:
+    """Fetch a numeric field and check it lies in [lo, hi]."""
+    value = field(msg, name, int if integer else (int, float), default)
+    if value is None:
+        return None
+    if not lo <= value <= hi:
+        raise ProtocolError(E_BAD_FIELD, f"field '{name}'={value} out of range [{lo}, {hi}]")
+    return value

@@ -1,0 +1,217 @@
+"""The ``quantad`` command: serve, run, ps, kill, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from ipc import protocol as P
+from ipc.client import Cancelled, Client, ClientError, result_of
+from ipc.endpoints import agent_endpoint, worker_endpoint
+
+DEFAULT_QUANTUM_MS = 100.0
+
+
+def _size(text: str) -> int:
+    """Byte sizes like 512M, 4G, 1048576."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 512M, 4G)") from None
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return value
+
+    return parse
+
+
+def _endpoint_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--endpoint",
+        help="daemon's agent endpoint (ipc://PATH or tcp://HOST:PORT); "
+        "default: $QUANTAD_ENDPOINT, else ipc://$XDG_RUNTIME_DIR/quantad/agents.sock",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="quantad", description="Preemptive, OS-style scheduler daemon for LLM generation."
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the scheduler daemon in the foreground")
+    _endpoint_arg(s)
+    s.add_argument("--worker-endpoint", help="endpoint workers connect to (default: derived from --endpoint)")
+    s.add_argument("--model", default="smollm2", help="model directory, .gguf file, or 'smollm2' (default, embedded)")
+    s.add_argument("--quantum-ms", type=_positive(float), help=f"time quantum in ms (default {DEFAULT_QUANTUM_MS:g})")
+    s.add_argument("--quantum-tokens", type=_positive(int), help="quantum in tokens (deterministic preemption points)")
+    s.add_argument("--policy", default="rr", choices=["rr", "fifo"], help="scheduling policy (fifo = infinite quantum)")
+    s.add_argument("--workers", type=_positive(int), default=1, help="worker processes to start")
+    s.add_argument("--slots", type=_positive(int), default=1, help="requests each worker runs at once")
+    s.add_argument("--device", default="cpu", help="torch device for workers (cpu, cuda, cuda:1)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--device-budget", type=_size, default="512M", help="suspended KV kept in place per worker")
+    s.add_argument("--host-budget", type=_size, default="4G", help="KV swapped to host memory per worker")
+    s.add_argument("--heartbeat-s", type=_positive(float), default=1.0, help="worker heartbeat period")
+    s.add_argument("--liveness-s", type=_positive(float), default=30.0, help="silence after which a worker is dead")
+    s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    r = sub.add_parser("run", help="submit one chat and stream its answer")
+    _endpoint_arg(r)
+    r.add_argument("prompt", help="the user message")
+    r.add_argument("--system", help="an optional system message")
+    r.add_argument("--max-tokens", type=_positive(int), default=256)
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int)
+    r.add_argument("--stop", action="append", help="stop string (repeatable)")
+    r.add_argument("--agent", default="cli", help="agent name shown in ps")
+    r.add_argument("--json", action="store_true", help="print the final result as one JSON object")
+    r.add_argument("--events", action="store_true", help="print scheduling events (preempted/resumed) on stderr")
+
+    p = sub.add_parser("ps", help="list requests like ps")
+    _endpoint_arg(p)
+    p.add_argument("--json", action="store_true")
+
+    k = sub.add_parser("kill", help="cancel a request by pid")
+    _endpoint_arg(k)
+    k.add_argument("pid", type=int)
+
+    d = sub.add_parser("demo", help="start a daemon, run concurrent requests, show them interleave")
+    d.add_argument("--model", default="smollm2")
+    d.add_argument("--quantum-tokens", type=_positive(int), default=8)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"serve": cmd_serve, "run": cmd_run, "ps": cmd_ps, "kill": cmd_kill, "demo": cmd_demo}[args.cmd](args)
+    except TimeoutError as exc:
+        print(f"quantad: {exc} (is 'quantad serve' running?)", file=sys.stderr)
+        return 3
+    except Cancelled as exc:
+        print(f"\nquantad: cancelled: {exc.message}", file=sys.stderr)
+        return 4
+    except ClientError as exc:
+        print(f"quantad: error {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---- serve --------------------------------------------------------------------------------
+def resolve_model(model: str) -> str:
+    """Convert/locate the model in a child process (the daemon never imports torch)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "backends.model_store", model], stdout=subprocess.PIPE, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"quantad: cannot load model {model!r} (see above)")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def prepare_ipc_dir(endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        d = Path(endpoint[len("ipc://") :]).parent
+        d.mkdir(mode=0o750, parents=True, exist_ok=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from scheduler.daemon import DaemonConfig, serve
+    from scheduler.policy import Quantum, make_policy
+
+    logging.basicConfig(level=args.log_level, format="quantad level=%(levelname)s %(message)s", stream=sys.stderr)
+    endpoint = agent_endpoint(args.endpoint)
+    wep = args.worker_endpoint or worker_endpoint(endpoint)
+    for ep in (endpoint, wep):
+        prepare_ipc_dir(ep)
+    ms = args.quantum_ms if args.quantum_ms or args.quantum_tokens else DEFAULT_QUANTUM_MS
+    cfg = DaemonConfig(
+        endpoint=endpoint,
+        worker_endpoint=wep,
+        model_dir=resolve_model(args.model),
+        policy=make_policy(args.policy, Quantum(tokens=args.quantum_tokens, ms=ms)),
+        workers=args.workers,
+        slots=args.slots,
+        device=args.device,
+        dtype=args.dtype,
+        device_budget=args.device_budget,
+        host_budget=args.host_budget,
+        heartbeat_s=args.heartbeat_s,
+        liveness_s=args.liveness_s,
+    )
+    return serve(cfg)
+
+
+# ---- clients ------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}
+    ]
+    with Client(args.endpoint, agent=args.agent) as c:
+        c.ping()  # fail fast, with a clear message, when no daemon listens
+        events = []
+        for ev in c.chat(messages, stream=True, max_tokens=args.max_tokens, temperature=args.temperature,
+                         top_p=args.top_p, seed=args.seed, stop=args.stop):  # fmt: skip
+            events.append(ev)
+            if ev.event == P.EV_TOKEN and not args.json:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+            elif args.events and ev.event in (P.EV_ACCEPTED, P.EV_PREEMPTED, P.EV_RESUMED):
+                print(f"\n[{ev.event} {json.dumps({k: v for k, v in ev.data.items() if k not in ('v', 'id')})}]",
+                      file=sys.stderr)  # fmt: skip
+        result = result_of(events)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print()
+    return 0
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    with Client(args.endpoint) as c:
+        data = c.ps()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    cols = ("pid", "agent", "state", "worker", "quanta", "tokens", "context", "context_bytes", "age_s")
+    heads = ("PID", "AGENT", "STATE", "WORKER", "QUANTA", "TOKENS", "CONTEXT", "BYTES", "AGE")
+    rows = [heads] + [tuple(str(r.get(c) if r.get(c) is not None else "-") for c in cols) for r in data["requests"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    with Client(args.endpoint) as c:
+        c.kill(args.pid)
+    print(f"killed {args.pid}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from scheduler.demo import run_demo
+
+    return run_demo(args.model, args.quantum_tokens)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

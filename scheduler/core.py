@@ -1,0 +1,104 @@
+"""The scheduler's logic, free of sockets: add, schedule, quantum_end, preempt, finish.
+
+Like nano-vllm's scheduler: a run queue (``ready``) and the running set, one ``Request``
+object per syscall.  The daemon feeds it events and sends what it decides.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from scheduler.policy import Policy
+from scheduler.request import Request, State
+
+
+@dataclass
+class WorkerSlots:
+    """The daemon's view of one worker: its capacity and what runs on it."""
+
+    name: str
+    slots: int = 1
+    alive: bool = False
+    running: set[int] = field(default_factory=set)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def free(self) -> int:
+        return self.slots - len(self.running) if self.alive else 0
+
+
+class Scheduler:
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.ready: deque[Request] = deque()
+        self.table: dict[int, Request] = {}
+        self.workers: dict[str, WorkerSlots] = {}
+
+    def add(self, req: Request) -> None:
+        self.table[req.pid] = req
+        req.move(State.READY)
+        self.policy.enqueue(self.ready, req)
+
+    def schedule(self) -> list[Request]:
+        """Fill free slots from the run queue; return the requests to start now."""
+        started = []
+        for w in self.workers.values():
+            while w.free > 0:
+                req = self.policy.pick(self.ready, w.name)
+                if req is None:
+                    break
+                self.ready.remove(req)
+                req.worker = w.name
+                req.move(State.RUNNING)
+                w.running.add(req.pid)
+                started.append(req)
+        return started
+
+    def waiting_for(self, worker: str) -> bool:
+        return self.policy.pick(self.ready, worker) is not None
+
+    def quantum_end(self, req: Request, emitted: int) -> bool:
+        """Checkpoint a finished quantum; True when the request must yield its slot."""
+        req.quanta += 1
+        req.checkpoint = emitted
+        req.preempt_pending = self.waiting_for(req.worker)
+        return req.preempt_pending
+
+    def preempt(self, req: Request) -> None:
+        """The worker has saved the context: back to the tail of the run queue."""
+        self._release(req)
+        req.preempt_pending = False
+        req.preemptions += 1
+        req.move(State.READY)
+        self.policy.enqueue(self.ready, req)
+
+    def finish(self, req: Request, state: State) -> None:
+        self._release(req)
+        if req in self.ready:
+            self.ready.remove(req)
+        req.move(state)
+
+    def worker_lost(self, name: str) -> list[Request]:
+        """Requests that ran on or kept context in a dead worker restart from their checkpoint."""
+        w = self.workers.get(name)
+        if w is not None:
+            w.alive = False
+            w.running.clear()
+        lost = [r for r in self.table.values() if r.worker == name and not r.finished]
+        for req in lost:
+            req.worker, req.tier, req.context_bytes = None, "none", 0
+            req.restarts += 1
+            req.preempt_pending = False
+            if req.state is State.RUNNING:
+                req.move(State.READY)
+                self.ready.appendleft(req)
+        return lost
+
+    def forget(self, req: Request) -> None:
+        self.table.pop(req.pid, None)
+
+    def _release(self, req: Request) -> None:
+        w = self.workers.get(req.worker or "")
+        if w is not None:
+            w.running.discard(req.pid)

@@ -1,0 +1,412 @@
+"""The scheduler daemon: two ROUTER sockets, one asyncio loop, one receive loop per socket.
+
+Agents talk to the agent socket; workers (child processes started by command line)
+talk to the worker socket.  Each receive loop decodes a frame and dispatches on its
+``op``.  Bad input from an agent gets an ``error`` reply and the loop goes on.  A dead
+worker's requests are re-queued from what the daemon holds: the chat, its parameters,
+and every token already streamed, so nothing emitted is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from ipc import protocol as P
+from ipc.chat_params import parse_chat
+from scheduler.core import Scheduler, WorkerSlots
+from scheduler.policy import Policy
+from scheduler.request import Request, State
+from scheduler.workers import WorkerProcess
+
+log = logging.getLogger("quantad")
+
+
+@dataclass
+class DaemonConfig:
+    endpoint: str
+    worker_endpoint: str
+    model_dir: str
+    policy: Policy
+    workers: int = 1
+    slots: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    device_budget: int = 512 << 20
+    host_budget: int = 4 << 30
+    heartbeat_s: float = 1.0
+    liveness_s: float = 30.0
+    max_restarts: int = 5
+    worker_args: list[str] = field(default_factory=list)
+
+
+class Daemon:
+    def __init__(self, cfg: DaemonConfig):
+        self.cfg = cfg
+        self.sched = Scheduler(cfg.policy)
+        self.ctx = zmq.asyncio.Context()
+        self.agents = self._socket(P.MAX_FRAME)
+        self.workers_sock = self._socket(P.MAX_TENSOR_FRAME)
+        # Synchronous shadows: sends are non-blocking and fail here, where we can handle them.
+        self._agents_tx = zmq.Socket.shadow(self.agents.underlying)
+        self._workers_tx = zmq.Socket.shadow(self.workers_sock.underlying)
+        self.procs: dict[str, WorkerProcess] = {}
+        self.by_client: dict[tuple[bytes, Any], Request] = {}
+        self.pids = itertools.count(1)
+        self.seq = itertools.count(1)
+        self.stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.last_seen: dict[str, float] = {}
+        self.fatal: str | None = None
+        self.dead: set[str] = set()
+
+    def _socket(self, max_size: int) -> zmq.asyncio.Socket:
+        s = self.ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        s.setsockopt(zmq.MAXMSGSIZE, max_size)
+        s.setsockopt(zmq.SNDHWM, 100_000)
+        s.setsockopt(zmq.RCVHWM, 100_000)
+        return s
+
+    # ---- life cycle ---------------------------------------------------------------------
+    async def run(self) -> int:
+        old = os.umask(0o007)  # sockets are created with this mode; no chmod race
+        try:
+            self.agents.bind(self.cfg.endpoint)
+            self.workers_sock.bind(self.cfg.worker_endpoint)
+        finally:
+            os.umask(old)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stopping.set)
+        for i in range(self.cfg.workers):
+            name = f"w{i}"
+            self.sched.workers[name] = WorkerSlots(name, self.cfg.slots)
+            self.procs[name] = WorkerProcess(name, self._worker_command(name))
+            self.procs[name].start()
+        tasks = [
+            asyncio.create_task(self._agent_loop()),
+            asyncio.create_task(self._worker_loop()),
+            asyncio.create_task(self._supervise()),
+        ]
+        log.info("event=listening endpoint=%s workers=%s", self.cfg.endpoint, self.cfg.workers)
+        await self.stopping.wait()
+        rc = await self._shutdown()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.agents.close(0)
+        self.workers_sock.close(0)
+        self.ctx.term()
+        return rc
+
+    def _worker_command(self, name: str) -> list[str]:
+        c = self.cfg
+        return [
+            sys.executable, "-m", "backends.worker",
+            "--endpoint", c.worker_endpoint, "--name", name, "--model", c.model_dir,
+            "--device", c.device, "--dtype", c.dtype, "--slots", str(c.slots),
+            "--device-budget", str(c.device_budget), "--host-budget", str(c.host_budget),
+            "--heartbeat-s", str(c.heartbeat_s), *c.worker_args,
+        ]  # fmt: skip
+
+    async def _shutdown(self) -> int:
+        log.info("event=stopping")
+        for req in list(self.sched.table.values()):
+            if not req.finished:
+                self._fail(req, P.E_SHUTTING_DOWN, "the daemon is shutting down")
+        for name in self.procs:
+            self._to_worker(name, P.D_SHUTDOWN)
+        await asyncio.gather(*(p.stop(5.0) for p in self.procs.values()))
+        return 0 if self.fatal is None else 1
+
+    async def _supervise(self) -> None:
+        """Notice dead or silent workers, re-queue their requests, restart them."""
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_s / 2)
+            now = time.monotonic()
+            for name, proc in self.procs.items():
+                w = self.sched.workers[name]
+                exited = proc.returncode is not None
+                silent = w.alive and now - self.last_seen.get(name, now) > self.cfg.liveness_s
+                if not (exited or silent) or name in self.dead:
+                    continue
+                log.warning("event=worker_lost worker=%s exit=%s silent=%s", name, proc.returncode, silent)
+                self._lose_worker(name)
+                if proc.restarts < self.cfg.max_restarts:
+                    await proc.restart()
+                else:
+                    self.dead.add(name)
+            if len(self.dead) == len(self.procs):
+                self.fatal = "every worker failed to start; see the worker log above"
+                log.error("event=fatal reason=%r", self.fatal)
+                self.stopping.set()
+                return
+
+    def _lose_worker(self, name: str) -> None:
+        self.last_seen.pop(name, None)
+        for req in self.sched.worker_lost(name):
+            log.info("event=requeue pid=%s tokens=%s", req.pid, len(req.tokens))
+        self._schedule()
+
+    # ---- agent side ---------------------------------------------------------------------
+    async def _agent_loop(self) -> None:
+        while True:
+            frames = await self.agents.recv_multipart(copy=True)
+            try:
+                self._on_agent(frames)
+            except Exception:  # a bug must not stop the loop; the agent still gets an answer
+                log.exception("event=internal_error side=agent")
+                if len(frames) >= 2:
+                    self._send_agent(frames[0], {"event": P.EV_ERROR, "id": None, "code": P.E_INTERNAL,
+                                                 "message": "internal error"})  # fmt: skip
+
+    def _on_agent(self, frames: list[bytes]) -> None:
+        addr = frames[0]
+        cid = None
+        try:
+            if len(frames) != 2:
+                raise P.ProtocolError(P.E_BAD_FRAME, f"expected 1 frame after the routing id, got {len(frames) - 1}")
+            msg = P.unpack(frames[1])
+            cid = msg.get("id")
+            if isinstance(cid, bool) or not isinstance(cid, (str, int, type(None))):
+                cid = None
+                raise P.ProtocolError(P.E_BAD_FIELD, "field 'id' must be a string or an integer")
+            handler = {
+                P.OP_CHAT: self._op_chat,
+                P.OP_PS: self._op_ps,
+                P.OP_KILL: self._op_kill,
+                P.OP_CANCEL: self._op_cancel,
+                P.OP_PING: self._op_ping,
+            }.get(msg["op"])
+            if handler is None:
+                raise P.ProtocolError(P.E_UNKNOWN_OP, f"unknown op {msg['op']!r}; known: {', '.join(P.AGENT_OPS)}")
+            handler(addr, cid, msg)
+        except P.ProtocolError as exc:
+            log.info("event=bad_input code=%s message=%r", exc.code, exc.message)
+            self._send_agent(addr, {"event": P.EV_ERROR, "id": cid, "code": exc.code, "message": exc.message})
+
+    def _op_chat(self, addr: bytes, cid: Any, msg: dict) -> None:
+        if cid is None:
+            raise P.ProtocolError(P.E_BAD_FIELD, "a chat needs an 'id' (string or integer) chosen by the agent")
+        if (addr, cid) in self.by_client:
+            raise P.ProtocolError(P.E_DUPLICATE_ID, f"request id {cid!r} is already in flight")
+        if self.stopping.is_set():
+            raise P.ProtocolError(P.E_SHUTTING_DOWN, "the daemon is shutting down")
+        params = parse_chat(msg)
+        if params["seed"] is None:  # fix the seed now so any restart samples the same stream
+            params["seed"] = random.getrandbits(63)
+        req = Request(pid=next(self.pids), agent_addr=addr, client_id=cid, params=params)
+        self.by_client[(addr, cid)] = req
+        self.sched.add(req)
+        log.info("event=accepted pid=%s agent=%r max_tokens=%s", req.pid, req.agent, params["max_tokens"])
+        self._emit(req, P.EV_ACCEPTED, pid=req.pid)
+        self._schedule()
+
+    def _op_ps(self, addr: bytes, cid: Any, msg: dict) -> None:
+        rows = [r.row() for r in self.sched.table.values() if not r.finished]
+        workers = [
+            {"name": w.name, "alive": w.alive, "slots": w.slots, "running": sorted(w.running), **w.info}
+            for w in self.sched.workers.values()
+        ]
+        self._reply(addr, cid, {"requests": rows, "workers": workers, "policy": self.sched.policy.name})
+
+    def _op_kill(self, addr: bytes, cid: Any, msg: dict) -> None:
+        pid = P.field(msg, "pid", int)
+        req = self.sched.table.get(pid)
+        if req is None or req.finished:
+            raise P.ProtocolError(P.E_NOT_FOUND, f"no live request with pid {pid}")
+        self._cancel(req, "killed")
+        self._reply(addr, cid, {"killed": pid})
+
+    def _op_cancel(self, addr: bytes, cid: Any, msg: dict) -> None:
+        req = self.by_client.get((addr, cid))
+        if req is None:
+            raise P.ProtocolError(P.E_NOT_FOUND, f"no request with id {cid!r} in flight")
+        self._cancel(req, "cancelled by agent")
+
+    def _op_ping(self, addr: bytes, cid: Any, msg: dict) -> None:
+        alive = sum(w.alive for w in self.sched.workers.values())
+        self._reply(addr, cid, {"pong": True, "workers": len(self.sched.workers), "workers_ready": alive})
+
+    def _reply(self, addr: bytes, cid: Any, data: dict) -> None:
+        self._send_agent(addr, {"event": P.EV_REPLY, "id": cid, "data": data})
+
+    def _send_agent(self, addr: bytes, msg: dict) -> bool:
+        msg["seq"] = next(self.seq)
+        try:
+            self._agents_tx.send_multipart([addr, P.pack(msg)], flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: agent gone; EAGAIN: agent not reading
+            log.info("event=agent_gone errno=%s", exc.errno)
+            for req in [r for r in self.sched.table.values() if r.agent_addr == addr and not r.finished]:
+                self._cancel(req, "agent disconnected", notify=False)
+            return False
+
+    def _emit(self, req: Request, event: str, **fields: Any) -> None:
+        if not req.params["stream"] and event in (P.EV_TOKEN, P.EV_PREEMPTED, P.EV_RESUMED):
+            return
+        self._send_agent(req.agent_addr, {"event": event, "id": req.client_id, "pid": req.pid, **fields})
+
+    def _terminal(self, req: Request, state: State, event: str, **fields: Any) -> None:
+        """The one terminal reply of a request: leave the tables, then tell the agent."""
+        self.sched.finish(req, state)
+        self.by_client.pop((req.agent_addr, req.client_id), None)
+        self.sched.forget(req)
+        fields["stats"] = req.stats() | fields.get("stats", {})
+        self._emit(req, event, **fields)
+        self._schedule()
+
+    def _cancel(self, req: Request, why: str, notify: bool = True) -> None:
+        if req.finished:
+            return
+        if req.worker is not None:
+            self._to_worker(req.worker, P.D_CANCEL, rid=req.pid)
+        log.info("event=cancelled pid=%s why=%r", req.pid, why)
+        if notify:
+            self._terminal(req, State.CANCELLED, P.EV_CANCELLED, message=why, text=req.text)
+        else:
+            self.sched.finish(req, State.CANCELLED)
+            self.by_client.pop((req.agent_addr, req.client_id), None)
+            self.sched.forget(req)
+            self._schedule()
+
+    def _fail(self, req: Request, code: str, message: str) -> None:
+        if req.worker is not None:
+            self._to_worker(req.worker, P.D_CANCEL, rid=req.pid)
+        self._terminal(req, State.FAILED, P.EV_ERROR, code=code, message=message, text=req.text)
+
+    # ---- scheduling ---------------------------------------------------------------------
+    def _schedule(self) -> None:
+        for req in self.sched.schedule():
+            q = self.sched.policy.quantum_for(req)
+            run: dict[str, Any] = {"rid": req.pid, "quantum_tokens": q.tokens, "quantum_ms": q.ms}
+            if req.tier == P.TIER_NONE:  # the worker has no context: send all it needs to rebuild
+                run.update(params=req.params, resume_ids=req.tokens, emitted_chars=len(req.text))
+            if req.quanta > 0:
+                self._emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier)
+            self._to_worker(req.worker, P.D_RUN, **run)
+
+    def _to_worker(self, name: str, op: str, **fields: Any) -> None:
+        fields["op"] = op
+        try:
+            self._workers_tx.send_multipart([name.encode(), P.pack(fields)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("event=worker_unreachable worker=%s op=%s errno=%s", name, op, exc.errno)
+
+    # ---- worker side --------------------------------------------------------------------
+    async def _worker_loop(self) -> None:
+        while True:
+            frames = await self.workers_sock.recv_multipart(copy=True)
+            try:
+                self._on_worker(frames)
+            except P.ProtocolError as exc:
+                log.error("event=bad_worker_message code=%s message=%r", exc.code, exc.message)
+            except Exception:
+                log.exception("event=internal_error side=worker")
+
+    def _on_worker(self, frames: list[bytes]) -> None:
+        name = frames[0].decode("utf-8", "replace")
+        if name not in self.sched.workers or len(frames) < 2:
+            raise P.ProtocolError(P.E_BAD_FRAME, f"message from unknown worker {name!r}")
+        msg = P.unpack(frames[1], max_size=P.MAX_TENSOR_FRAME)
+        self.last_seen[name] = time.monotonic()
+        op = msg["op"]
+        if op == P.W_READY:
+            self._worker_ready(name, msg)
+            return
+        if op == P.W_HEARTBEAT:
+            self.sched.workers[name].info["stats"] = P.field(msg, "stats", dict, {})
+            return
+        req = self.sched.table.get(P.field(msg, "rid", int))
+        if req is None or req.finished or req.worker != name:
+            return  # late news of a cancelled or re-queued request
+        handler = {
+            P.W_TOKENS: self._w_tokens,
+            P.W_QUANTUM_END: self._w_quantum_end,
+            P.W_PREEMPTED: self._w_preempted,
+            P.W_FINISHED: self._w_finished,
+            P.W_FAILED: self._w_failed,
+            P.W_CONTEXT: self._w_context,
+        }.get(op)
+        if handler is None:
+            raise P.ProtocolError(P.E_UNKNOWN_OP, f"unknown worker op {op!r}")
+        handler(req, msg)
+
+    def _worker_ready(self, name: str, msg: dict) -> None:
+        w = self.sched.workers[name]
+        if w.alive or any(r.worker == name for r in self.sched.table.values()):
+            self._lose_worker(name)  # it restarted: whatever it held is gone
+        w.alive = True
+        w.slots = P.field(msg, "slots", int, self.cfg.slots)
+        w.info = {"device": P.field(msg, "device", str, "?"), "pid": P.field(msg, "pid", int, 0)}
+        log.info("event=worker_ready worker=%s device=%s slots=%s", name, w.info["device"], w.slots)
+        if all(x.alive for x in self.sched.workers.values()) and not self.ready.is_set():
+            self.ready.set()
+            log.info("event=ready endpoint=%s", self.cfg.endpoint)
+            print(f"quantad: ready on {self.cfg.endpoint}", file=sys.stderr, flush=True)
+        self._schedule()
+
+    def _w_tokens(self, req: Request, msg: dict) -> None:
+        ids = P.field(msg, "ids", list)
+        text = P.field(msg, "text", str, "")
+        if req.first_token_s is None and ids:
+            req.first_token_s = time.monotonic() - req.submitted_at
+        req.tokens.extend(int(t) for t in ids)
+        req.text += text
+        if text or ids:
+            self._emit(req, P.EV_TOKEN, text=text, token_ids=ids, index=len(req.tokens))
+
+    def _w_quantum_end(self, req: Request, msg: dict) -> None:
+        preempt = self.sched.quantum_end(req, P.field(msg, "emitted", int))
+        if preempt:
+            self._to_worker(req.worker, P.D_PREEMPT, rid=req.pid)
+        else:
+            q = self.sched.policy.quantum_for(req)
+            self._to_worker(req.worker, P.D_CONTINUE, rid=req.pid, quantum_tokens=q.tokens, quantum_ms=q.ms)
+
+    def _w_preempted(self, req: Request, msg: dict) -> None:
+        req.tier = P.field(msg, "tier", str)
+        req.context_bytes = P.field(msg, "bytes", int, 0)
+        req.switch_s += float(P.field(msg, "switch_s", (int, float), 0.0))
+        self.sched.preempt(req)
+        log.info("event=preempted pid=%s tier=%s bytes=%s", req.pid, req.tier, req.context_bytes)
+        self._emit(req, P.EV_PREEMPTED, quantum=req.quanta, tokens=len(req.tokens), context=req.tier)
+        self._schedule()
+
+    def _w_context(self, req: Request, msg: dict) -> None:
+        req.tier = P.field(msg, "tier", str)
+        req.context_bytes = P.field(msg, "bytes", int, 0)
+
+    def _w_finished(self, req: Request, msg: dict) -> None:
+        req.quanta += 1
+        log.info("event=done pid=%s tokens=%s quanta=%s preemptions=%s", req.pid, len(req.tokens),
+                 req.quanta, req.preemptions)  # fmt: skip
+        self._terminal(
+            req,
+            State.DONE,
+            P.EV_DONE,
+            text=req.text,
+            finish_reason=P.field(msg, "finish_reason", str),
+            usage=P.field(msg, "usage", dict, {}),
+            stats=P.field(msg, "stats", dict, {}),
+        )
+
+    def _w_failed(self, req: Request, msg: dict) -> None:
+        self._fail(req, P.E_WORKER_FAILED, P.field(msg, "message", str, "worker failed"))
+
+
+def serve(cfg: DaemonConfig) -> int:
+    return asyncio.run(Daemon(cfg).run())

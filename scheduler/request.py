@@ -1,0 +1,91 @@
+"""A request is the daemon's process-table entry: all of one syscall's state in one object."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class State(str, enum.Enum):
+    NEW = "NEW"
+    READY = "READY"
+    RUNNING = "RUNNING"
+    PREEMPTED = "PREEMPTED"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+TERMINAL = (State.DONE, State.FAILED, State.CANCELLED)
+
+
+@dataclass
+class Request:
+    """One chat syscall.  Holds what is needed to restart it from scratch on any worker."""
+
+    pid: int
+    agent_addr: bytes
+    client_id: Any
+    params: dict[str, Any]
+    state: State = State.NEW
+    worker: str | None = None  # worker running it, or holding its context
+    tier: str = "none"
+    context_bytes: int = 0
+    tokens: list[int] = field(default_factory=list)  # emitted ids (streamed to the agent)
+    text: str = ""
+    checkpoint: int = 0  # tokens confirmed at the last quantum end
+    quanta: int = 0
+    preemptions: int = 0
+    restarts: int = 0
+    preempt_pending: bool = False
+    submitted_at: float = field(default_factory=time.monotonic)
+    since: float = field(default_factory=time.monotonic)
+    wait_s: float = 0.0
+    run_s: float = 0.0
+    switch_s: float = 0.0
+    first_token_s: float | None = None
+
+    @property
+    def agent(self) -> str:
+        return self.params.get("agent", "")
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL
+
+    def move(self, state: State) -> None:
+        """Change state, charging the time spent in the old one to wait or run."""
+        now = time.monotonic()
+        if self.state in (State.NEW, State.READY, State.PREEMPTED):
+            self.wait_s += now - self.since
+        elif self.state is State.RUNNING:
+            self.run_s += now - self.since
+        self.state, self.since = state, now
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "quanta": self.quanta,
+            "preemptions": self.preemptions,
+            "restarts": self.restarts,
+            "wait_s": round(self.wait_s, 6),
+            "run_s": round(self.run_s, 6),
+            "context_switch_s": round(self.switch_s, 6),
+            "ttft_s": None if self.first_token_s is None else round(self.first_token_s, 6),
+            "total_s": round(time.monotonic() - self.submitted_at, 6),
+        }
+
+    def row(self) -> dict[str, Any]:
+        """The ``ps`` line of this request."""
+        return {
+            "pid": self.pid,
+            "agent": self.agent,
+            "state": self.state.value,
+            "worker": self.worker,
+            "quanta": self.quanta,
+            "tokens": len(self.tokens),
+            "context": self.tier,
+            "context_bytes": self.context_bytes,
+            "age_s": round(time.monotonic() - self.submitted_at, 3),
+        }

@@ -1,0 +1,43 @@
+"""Worker child processes, started by command line so the daemon never imports a model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+log = logging.getLogger("quantad")
+
+
+class WorkerProcess:
+    def __init__(self, name: str, command: list[str]):
+        self.name = name
+        self.command = command
+        self.proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        asyncio.get_running_loop().create_task(self._spawn())
+
+    async def _spawn(self) -> None:
+        # stdout/stderr are inherited: worker logs go where the daemon's go (journald).
+        self.proc = await asyncio.create_subprocess_exec(*self.command, stdin=asyncio.subprocess.DEVNULL)
+        log.info("event=worker_started worker=%s os_pid=%s", self.name, self.proc.pid)
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
+    async def restart(self) -> None:
+        self.restarts += 1
+        await asyncio.sleep(min(0.5 * 2**self.restarts, 10.0))
+        log.info("event=worker_restart worker=%s attempt=%s", self.name, self.restarts)
+        await self._spawn()
+
+    async def stop(self, grace_s: float) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        try:
+            await asyncio.wait_for(self.proc.wait(), grace_s)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
