@@ -66,6 +66,10 @@ class ChatResult:
     pid: int
     events: list[Event] = field(default_factory=list)
 
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for ev in self.events if ev.event == P.EV_TOKEN for t in ev.data.get("token_ids", [])]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "pid": self.pid,
@@ -166,6 +170,10 @@ class Client:
     def ping(self, timeout: float | None = 5.0) -> dict[str, Any]:
         return self.call(P.OP_PING, timeout)
 
+    def wait_ready(self, timeout: float | None = 300.0) -> dict[str, Any]:
+        """Block until every worker is up (the daemon answers only then)."""
+        return self.call(P.OP_PING, timeout, wait=True)
+
     def ps(self) -> dict[str, Any]:
         return self.call(P.OP_PS)
 
@@ -249,6 +257,9 @@ class AsyncClient:
 
     async def ping(self, timeout: float | None = 5.0) -> dict[str, Any]:
         return await self.call(P.OP_PING, timeout)
+
+    async def wait_ready(self, timeout: float | None = 300.0) -> dict[str, Any]:
+        return await self.call(P.OP_PING, timeout, wait=True)
 
     async def ps(self) -> dict[str, Any]:
         return await self.call(P.OP_PS)

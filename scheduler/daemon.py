@@ -70,6 +70,7 @@ class Daemon:
         self.last_seen: dict[str, float] = {}
         self.fatal: str | None = None
         self.dead: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
 
     def _socket(self, max_size: int) -> zmq.asyncio.Socket:
         s = self.ctx.socket(zmq.ROUTER)
@@ -238,8 +239,24 @@ class Daemon:
         self._cancel(req, "cancelled by agent")
 
     def _op_ping(self, addr: bytes, cid: Any, msg: dict) -> None:
+        """``wait: true`` holds the answer until every worker is up (clients wait on an event, not a timer)."""
+        if P.field(msg, "wait", bool, False) and not self.ready.is_set():
+            self._background(self._pong_when_ready(addr, cid))
+            return
+        self._pong(addr, cid)
+
+    async def _pong_when_ready(self, addr: bytes, cid: Any) -> None:
+        await self.ready.wait()
+        self._pong(addr, cid)
+
+    def _pong(self, addr: bytes, cid: Any) -> None:
         alive = sum(w.alive for w in self.sched.workers.values())
         self._reply(addr, cid, {"pong": True, "workers": len(self.sched.workers), "workers_ready": alive})
+
+    def _background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _reply(self, addr: bytes, cid: Any, data: dict) -> None:
         self._send_agent(addr, {"event": P.EV_REPLY, "id": cid, "data": data})

@@ -1,0 +1,129 @@
+"""Fixtures: the real default model, a seeded tiny Llama, and real daemon processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ipc.client import AsyncClient, Client
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded default model, converted once into the user's cache (as ``quantad serve`` does)."""
+    from backends.model_store import resolve
+
+    return resolve("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A seeded random 2-layer Llama with the SmolLM2 tokenizer, saved and loaded like any model."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    torch.manual_seed(1234)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg)
+    # Sharper logits than the default init, so greedy choices are not near-ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+class DaemonProc:
+    """``quantad serve`` as a real subprocess with its own runtime directory."""
+
+    def __init__(self, model_dir: Path, tmp: Path, *args: str):
+        self.tmp = tmp
+        self.endpoint = f"ipc://{tmp}/agents.sock"
+        self.log_path = tmp / "daemon.log"
+        env = dict(os.environ, PYTHONUNBUFFERED="1", QUANTAD_RUNTIME_DIR=str(tmp))
+        cmd = [sys.executable, "-m", "scheduler", "serve", "--model", str(model_dir), "--endpoint", self.endpoint]
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([*cmd, *args], stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        with Client(self.endpoint) as c:
+            try:
+                c.wait_ready(timeout)
+            except TimeoutError:
+                raise RuntimeError(f"daemon not ready in {timeout} s:\n{self.log()}") from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self, **kw) -> Client:
+        return Client(self.endpoint, **kw)
+
+    def aclient(self, **kw) -> AsyncClient:
+        return AsyncClient(self.endpoint, **kw)
+
+    def worker_pids(self) -> list[int]:
+        with self.client() as c:
+            return [w["pid"] for w in c.ps()["workers"] if w.get("pid")]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_daemon(tmp_path_factory):
+    """Factory: ``start_daemon(model_dir, *flags)``; every daemon is stopped at teardown."""
+    started: list[DaemonProc] = []
+
+    def start(model_dir: Path, *args: str) -> DaemonProc:
+        d = DaemonProc(model_dir, tmp_path_factory.mktemp("qd"), *args)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Explain recursion in one sentence.",
+    "Say hello.",
+]
+
+
+def messages(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
