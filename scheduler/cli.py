@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host-budget", type=_size, default="4G", help="KV swapped to host memory per worker")
     s.add_argument("--heartbeat-s", type=_positive(float), default=1.0, help="worker heartbeat period")
     s.add_argument("--liveness-s", type=_positive(float), default=30.0, help="silence after which a worker is dead")
+    s.add_argument("--max-restarts", type=int, default=5, help="restarts of a dying worker before giving up")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     r = sub.add_parser("run", help="submit one chat and stream its answer")
@@ -156,6 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host_budget=args.host_budget,
         heartbeat_s=args.heartbeat_s,
         liveness_s=args.liveness_s,
+        max_restarts=args.max_restarts,
     )
     return serve(cfg)
 

@@ -151,7 +151,7 @@ class Daemon:
                 else:
                     self.dead.add(name)
             if len(self.dead) == len(self.procs):
-                self.fatal = "every worker failed to start; see the worker log above"
+                self.fatal = "every worker died more often than --max-restarts allows; see the worker log above"
                 log.error("event=fatal reason=%r", self.fatal)
                 self.stopping.set()
                 return
