@@ -17,6 +17,7 @@ class TextStream:
         self.emitted = 0  # characters of ``text`` already handed out
         self._prefix = 0
         self._read = 0
+        self.stopped = False
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add one token; return (text now safe to emit, whether a stop string ended it)."""
@@ -30,6 +31,7 @@ class TextStream:
             cut = self._find_stop()
             if cut is not None:
                 self.text = self.text[:cut]
+                self.stopped = True
                 return self._take(len(self.text)), True
         return self._take(len(self.text) - self._held()), False
 

@@ -106,6 +106,9 @@ class Worker:
         rid = P.field(msg, "rid", int)
         tokens = P.field(msg, "quantum_tokens", int, None)
         ms = P.field(msg, "quantum_ms", (int, float), None)
+        if rid in self.running:
+            log.error("run for request %s, which is already running: ignored", rid)
+            return
         try:
             seq = self._resume(rid) if rid in self.contexts else self._admit(rid, msg)
         except Exception as exc:  # a bad prompt must not kill the worker
@@ -115,6 +118,17 @@ class Worker:
             return
         seq.new_quantum(tokens, ms)
         self.running[rid] = seq
+        reason = self._already_over(seq)
+        if reason is not None:  # restarted after its last token, before its ``finished`` got out
+            self.send(P.W_TOKENS, rid=rid, ids=[], text="" if seq.stream.stopped else seq.stream.flush())
+            self.finish(seq, reason)
+
+    def _already_over(self, seq: Sequence) -> str | None:
+        if not seq.generated:
+            return None
+        if seq.generated[-1] in self.engine.eos_ids or seq.stream.stopped:
+            return "stop"
+        return "length" if seq.remaining <= 0 else None
 
     def on_continue(self, msg: dict) -> None:
         seq = self.running.get(P.field(msg, "rid", int))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
+import uuid
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -109,6 +111,8 @@ def reply_data(msg: dict[str, Any]) -> dict[str, Any]:
 def _dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
+    # A fixed routing id: after a reconnect the daemon still routes this client's replies.
+    s.setsockopt(zmq.IDENTITY, f"agent-{uuid.uuid4().hex}".encode())
     s.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME)
     s.connect(endpoint)
     return s
@@ -228,7 +232,12 @@ class AsyncClient:
 
     async def _read(self) -> None:
         while True:
-            msg = P.unpack(await self._sock.recv(), header="event")
+            frame = await self._sock.recv()
+            try:
+                msg = P.unpack(frame, header="event")
+            except P.ProtocolError as exc:  # one bad frame must not strand every pending request
+                logging.getLogger("quantad.client").error("undecodable reply: %s", exc.message)
+                continue
             q = self._queues.get(msg.get("id"))
             if q is not None:
                 q.put_nowait(msg)

@@ -23,7 +23,7 @@ MAX_ARRAY = 100_000
 MAX_MAP = 1024
 MAX_MESSAGES = 1024
 MAX_STOP = 16
-MAX_TOKENS_LIMIT = 1 << 20
+MAX_TOKENS_LIMIT = 32768  # keeps a done event's text well under MAX_STR
 
 # Agent -> daemon ops.
 OP_CHAT = "chat"
@@ -47,7 +47,6 @@ TERMINAL_EVENTS = (EV_DONE, EV_ERROR, EV_CANCELLED)
 # Worker <-> daemon ops.
 W_READY = "ready"
 W_HEARTBEAT = "heartbeat"
-W_STARTED = "started"
 W_TOKENS = "tokens"
 W_QUANTUM_END = "quantum_end"
 W_PREEMPTED = "preempted"
@@ -76,6 +75,7 @@ E_INTERNAL = "internal"
 TIER_DEVICE = "device"
 TIER_HOST = "host"
 TIER_DISK = "disk"
+TIER_RECOMPUTE = "recompute"
 TIER_NONE = "none"
 
 
@@ -117,7 +117,7 @@ def unpack(frame: bytes, max_size: int = MAX_FRAME, header: str = "op") -> dict[
     if not isinstance(msg, dict):
         raise ProtocolError(E_BAD_FRAME, "a message must be a msgpack map")
     version = msg.get("v")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:
         raise ProtocolError(E_BAD_VERSION, f"protocol version {version!r} unsupported (want {VERSION})")
     if not isinstance(msg.get(header), str):
         raise ProtocolError(E_BAD_FIELD, f"field '{header}' must be a string")

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="start a daemon, run concurrent requests, show them interleave")
     d.add_argument("--model", default="smollm2")
-    d.add_argument("--quantum-tokens", type=_positive(int), default=8)
+    d.add_argument("--quantum-tokens", type=_positive(int), default=5)
     return ap
 
 
@@ -198,7 +198,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     rows = [heads] + [tuple(str(r.get(c) if r.get(c) is not None else "-") for c in cols) for r in data["requests"]]
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     for row in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 

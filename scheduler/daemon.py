@@ -76,6 +76,7 @@ class Daemon:
         s = self.ctx.socket(zmq.ROUTER)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        s.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer reconnecting with its fixed id takes its place
         s.setsockopt(zmq.MAXMSGSIZE, max_size)
         s.setsockopt(zmq.SNDHWM, 100_000)
         s.setsockopt(zmq.RCVHWM, 100_000)
@@ -145,6 +146,8 @@ class Daemon:
                 if not (exited or silent) or name in self.dead:
                     continue
                 log.warning("event=worker_lost worker=%s exit=%s silent=%s", name, proc.returncode, silent)
+                if not exited:
+                    await proc.kill()  # a wedged worker must not hold its routing id
                 self._lose_worker(name)
                 if proc.restarts < self.cfg.max_restarts:
                     await proc.restart()
@@ -312,9 +315,9 @@ class Daemon:
             run: dict[str, Any] = {"rid": req.pid, "quantum_tokens": q.tokens, "quantum_ms": q.ms}
             if req.tier == P.TIER_NONE:  # the worker has no context: send all it needs to rebuild
                 run.update(params=req.params, resume_ids=req.tokens, emitted_chars=len(req.text))
-            if req.quanta > 0:
-                self._emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier)
             self._to_worker(req.worker, P.D_RUN, **run)
+            if req.quanta > 0:  # after ``run``: if the agent is gone, the cancel follows the run
+                self._emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier)
 
     def _to_worker(self, name: str, op: str, **fields: Any) -> None:
         fields["op"] = op

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-class State(str, enum.Enum):
+class State(enum.StrEnum):
     NEW = "NEW"
     READY = "READY"
     RUNNING = "RUNNING"
@@ -85,6 +85,7 @@ class Request:
             "worker": self.worker,
             "quanta": self.quanta,
             "tokens": len(self.tokens),
+            "checkpoint": self.checkpoint,
             "context": self.tier,
             "context_bytes": self.context_bytes,
             "age_s": round(time.monotonic() - self.submitted_at, 3),

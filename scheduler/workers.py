@@ -33,6 +33,11 @@ class WorkerProcess:
         log.info("event=worker_restart worker=%s attempt=%s", self.name, self.restarts)
         await self._spawn()
 
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
     async def stop(self, grace_s: float) -> None:
         if self.proc is None or self.proc.returncode is not None:
             return

@@ -27,7 +27,7 @@ def greedy_reference(tiny_model_dir):
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=tok.eos_token_id,
                                  pad_token_id=tok.pad_token_id)  # fmt: skip
-        refs.append(out[0, ids.shape[1]:].tolist())
+        refs.append(out[0, ids.shape[1] :].tolist())
     return refs
 
 

