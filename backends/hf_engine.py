@@ -37,9 +37,13 @@ class HFEngine:
         ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
         return list(ids)
 
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.config)
+
     @torch.inference_mode()
-    def prefill(self, ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
-        cache = DynamicCache(config=self.config)
+    def prefill(self, ids: list[int], cache: DynamicCache | None = None) -> tuple[DynamicCache, torch.Tensor]:
+        """Feed ``ids`` after what ``cache`` holds (a new cache if None); return it and the last logits."""
+        cache = self.new_cache() if cache is None else cache
         x = torch.tensor([ids], device=self.device)
         out = self.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
         self.prefill_tokens += len(ids)

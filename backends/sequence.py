@@ -27,6 +27,7 @@ class Sequence:
     quantum_used: int = 0
     quantum_start: float = field(default_factory=time.monotonic)
     paused: bool = False  # quantum over, waiting for the scheduler's word
+    prefilled: int = 0  # tokens of ``context_ids`` already in ``cache`` (chunked prefill)
     prefill_computed: int = 0  # prompt (and replayed) tokens this request pushed through the model
     decode_computed: int = 0
     restores: int = 0
@@ -35,6 +36,10 @@ class Sequence:
     @property
     def seed(self) -> int:
         return int(self.params.get("seed") or 0)
+
+    @property
+    def context_ids(self) -> list[int]:
+        return self.prompt_ids + self.generated
 
     @property
     def remaining(self) -> int:

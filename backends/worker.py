@@ -18,11 +18,12 @@ from typing import Any
 
 import zmq
 
+from backends.batch import Batch
 from backends.detok import TextStream
 from backends.hf_engine import HFEngine
 from backends.sampling import choose
 from backends.sequence import Sequence
-from contexts.kv import build_cache, cache_layers
+from contexts.kv import cache_layers
 from contexts.manager import ContextManager
 from contexts.snapshot import Snapshot
 from ipc import protocol as P
@@ -35,9 +36,19 @@ class Worker:
         self.name = args.name
         self.slots = args.slots
         self.heartbeat_s = args.heartbeat_s
+        self.prefill_chunk = args.prefill_chunk
+        self.snapshot_tier = args.snapshot_tier
         self.engine = HFEngine(args.model, args.device, args.dtype)
-        self.contexts = ContextManager(self.engine.device, args.device_budget, args.host_budget)
-        self.running: dict[int, Sequence] = {}
+        self.contexts = ContextManager(
+            self.engine.device,
+            args.device_budget,
+            args.host_budget,
+            disk_budget=args.disk_budget,
+            state_dir=args.state_dir,
+        )
+        self.batch = Batch(self.engine.model, self.engine.config)
+        self.running: dict[int, Sequence] = {}  # every request holding a slot
+        self.prefilling: list[Sequence] = []  # slots still feeding their prompt, in order
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -61,17 +72,38 @@ class Worker:
             pid=os.getpid(),
         )
         while not self.stop:
-            busy = any(not s.paused for s in self.running.values())
-            timeout = 0 if busy else int(self.heartbeat_s * 1000)
+            timeout = 0 if self._has_work() else int(self.heartbeat_s * 1000)
             if self.sock.poll(timeout):
                 while self.sock.poll(0):
                     self.dispatch(self.sock.recv())
-            for seq in [s for s in self.running.values() if not s.paused]:
-                self.step(seq)
+            self.tick()
             if time.monotonic() - self._last_beat >= self.heartbeat_s:
                 self.beat()
         self.sock.close(0)
         self.ctx.term()
+
+    def _decoding(self) -> bool:
+        """The batch steps only when no row waits for the daemon's word on its quantum."""
+        return len(self.batch) > 0 and not any(s.paused for s in self.batch.seqs)
+
+    def _has_work(self) -> bool:
+        return bool(self.prefilling) or self._decoding()
+
+    def tick(self) -> None:
+        """One scheduling step: a chunk of prefill, then one decode step for the whole batch."""
+        budget = self.prefill_chunk
+        while self.prefilling and budget > 0:
+            seq = self.prefilling[0]
+            before = seq.prefilled
+            self.guard(seq, self._prefill, budget)
+            budget -= max(seq.prefilled - before, 1)
+        if self._decoding():
+            try:
+                self._decode()
+            except Exception as exc:  # a failed batched step fails the rows it ran
+                log.exception("decode step failed")
+                for seq in list(self.batch.seqs):
+                    self._fail(seq, exc)
 
     def beat(self) -> None:
         self._last_beat = time.monotonic()
@@ -80,6 +112,7 @@ class Worker:
     def stats(self) -> dict:
         return {
             "running": len(self.running),
+            "batch": len(self.batch),
             "contexts": self.contexts.stats(),
             "prefill_tokens": self.engine.prefill_tokens,
             "decode_tokens": self.engine.decode_tokens,
@@ -104,8 +137,6 @@ class Worker:
     # ---- daemon ops ---------------------------------------------------------------------
     def on_run(self, msg: dict) -> None:
         rid = P.field(msg, "rid", int)
-        tokens = P.field(msg, "quantum_tokens", int, None)
-        ms = P.field(msg, "quantum_ms", (int, float), None)
         if rid in self.running:
             log.error("run for request %s, which is already running: ignored", rid)
             return
@@ -116,10 +147,11 @@ class Worker:
             self.contexts.discard(rid)
             self.send(P.W_FAILED, rid=rid, code=P.E_INTERNAL, message=f"{type(exc).__name__}: {exc}")
             return
-        seq.new_quantum(tokens, ms)
+        seq.new_quantum(P.field(msg, "quantum_tokens", int, None), P.field(msg, "quantum_ms", (int, float), None))
         self.running[rid] = seq
         reason = self._already_over(seq)
         if reason is not None:  # restarted after its last token, before its ``finished`` got out
+            self._release(seq)
             self.send(P.W_TOKENS, rid=rid, ids=[], text="" if seq.stream.stopped else seq.stream.flush())
             self.finish(seq, reason)
 
@@ -141,10 +173,15 @@ class Worker:
         if seq is None:
             return
         t0 = time.perf_counter()
-        layers = cache_layers(seq.cache) if seq.cache is not None else None
-        snap = Snapshot(layers=layers, logits=seq.logits, meta=seq)
+        layers, logits = self._release(seq), seq.logits
+        snap = Snapshot(layers=layers, logits=None if logits is None else logits.clone(), meta=seq)
         seq.cache = seq.logits = None
         moves = self.contexts.snapshot(rid, snap)
+        if self.snapshot_tier not in ("auto", snap.tier) and snap.layers is not None:
+            try:
+                moves += self.contexts.demote(rid, self.snapshot_tier)
+            except ValueError as exc:
+                log.warning("cannot put request %s in tier %s: %s", rid, self.snapshot_tier, exc)
         dt = time.perf_counter() - t0
         seq.switch_s += dt
         self.send(P.W_PREEMPTED, rid=rid, tier=snap.tier, bytes=snap.nbytes, switch_s=dt)
@@ -154,13 +191,15 @@ class Worker:
 
     def on_cancel(self, msg: dict) -> None:
         rid = P.field(msg, "rid", int)
-        self.running.pop(rid, None)
+        seq = self.running.pop(rid, None)
+        if seq is not None:
+            self._release(seq, keep_kv=False)
         self.contexts.discard(rid)
 
     def on_shutdown(self, msg: dict) -> None:
         self.stop = True
 
-    # ---- generation ---------------------------------------------------------------------
+    # ---- slots --------------------------------------------------------------------------
     def _admit(self, rid: int, msg: dict) -> Sequence:
         params = P.field(msg, "params", dict)
         resume = [int(t) for t in P.field(msg, "resume_ids", list, [])]
@@ -175,54 +214,94 @@ class Worker:
             seq.stream.push(t)
         seq.generated = list(resume)
         seq.stream.emitted = min(P.field(msg, "emitted_chars", int, 0), len(seq.stream.text))
+        self.prefilling.append(seq)
         return seq
 
     def _resume(self, rid: int) -> Sequence:
         t0 = time.perf_counter()
         snap = self.contexts.restore(rid)
         seq: Sequence = snap.meta
-        if snap.layers is not None:
-            seq.cache = build_cache(snap.layers, self.engine.config)
+        if snap.layers is None:  # recompute tier: feed prompt + generated again
+            seq.cache, seq.logits, seq.prefilled = None, None, 0
+            self.prefilling.append(seq)
+        else:
             seq.logits = snap.logits
+            self.batch.add(seq, snap.layers)
         seq.restores += 1
         seq.switch_s += time.perf_counter() - t0
         return seq
 
-    def step(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence, keep_kv: bool = True):
+        """Take a slot's sequence out of the batch or the prefill line; return its KV if asked."""
+        if seq in self.batch:
+            return self.batch.remove(seq, keep_kv)
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
+        if keep_kv and seq.cache is not None and seq.logits is not None:
+            return cache_layers(seq.cache)
+        return None
+
+    # ---- generation ---------------------------------------------------------------------
+    def guard(self, seq: Sequence, fn, *args: Any) -> None:
         try:
-            self._step(seq)
+            fn(seq, *args)
         except Exception as exc:
             log.exception("request %s failed", seq.rid)
-            self.running.pop(seq.rid, None)
-            self.send(P.W_FAILED, rid=seq.rid, code=P.E_INTERNAL, message=f"{type(exc).__name__}: {exc}")
+            self._fail(seq, exc)
 
-    def _step(self, seq: Sequence) -> None:
-        if seq.logits is None:  # new request, restart, or recompute tier: prefill
-            ids = seq.prompt_ids + seq.generated
-            seq.cache, seq.logits = self.engine.prefill(ids)
-            seq.prefill_computed += len(ids)
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        self.running.pop(seq.rid, None)
+        self._release(seq, keep_kv=False)
+        self.send(P.W_FAILED, rid=seq.rid, code=P.E_INTERNAL, message=f"{type(exc).__name__}: {exc}")
+
+    def _prefill(self, seq: Sequence, budget: int) -> None:
+        """Feed the next chunk of a slot's context; when complete, the slot joins the batch."""
+        ids = seq.context_ids
+        chunk = ids[seq.prefilled : seq.prefilled + budget]
+        t0 = time.perf_counter()
+        seq.cache, logits = self.engine.prefill(chunk, seq.cache)
+        self.contexts.observe_prefill(len(chunk), time.perf_counter() - t0)
+        seq.prefilled += len(chunk)
+        seq.prefill_computed += len(chunk)
+        if seq.prefilled < len(ids):
             return
-        p = seq.params
-        token = choose(seq.logits, p["temperature"], p["top_p"], seq.seed, len(seq.generated))
-        seq.generated.append(token)
-        delta, stopped = seq.stream.push(token)
-        reason = None
-        if stopped or token in self.engine.eos_ids:
-            reason = "stop"
-        elif seq.remaining <= 0:
-            reason = "length"
-        if reason is not None:
-            delta += seq.stream.flush() if not stopped else ""
-            self.send(P.W_TOKENS, rid=seq.rid, ids=[token], text=delta)
-            self.finish(seq, reason)
+        self.prefilling.remove(seq)
+        seq.logits, layers, seq.cache = logits, cache_layers(seq.cache), None
+        self.batch.add(seq, layers)
+
+    def _decode(self) -> None:
+        """Choose each row's next token, stream it, then feed all continuing rows in one step."""
+        going: list[tuple[Sequence, int]] = []
+        for seq in list(self.batch.seqs):
+            p = seq.params
+            token = choose(seq.logits, p["temperature"], p["top_p"], seq.seed, len(seq.generated))
+            seq.generated.append(token)
+            delta, stopped = seq.stream.push(token)
+            reason = None
+            if stopped or token in self.engine.eos_ids:
+                reason = "stop"
+            elif seq.remaining <= 0:
+                reason = "length"
+            if reason is not None:
+                delta += "" if stopped else seq.stream.flush()
+                self.send(P.W_TOKENS, rid=seq.rid, ids=[token], text=delta)
+                self.batch.remove(seq, keep_kv=False)
+                self.running.pop(seq.rid, None)
+                self.finish(seq, reason)
+            else:
+                self.send(P.W_TOKENS, rid=seq.rid, ids=[token], text=delta)
+                going.append((seq, token))
+        if not going:
             return
-        self.send(P.W_TOKENS, rid=seq.rid, ids=[token], text=delta)
-        seq.logits = self.engine.decode(seq.cache, token)
-        seq.decode_computed += 1
-        seq.quantum_used += 1
-        if seq.quantum_over():
-            seq.paused = True
-            self.send(P.W_QUANTUM_END, rid=seq.rid, emitted=len(seq.generated))
+        logits = self.batch.step([t for _, t in going])
+        self.engine.decode_tokens += len(going)
+        for i, (seq, _) in enumerate(going):
+            seq.logits = logits[i : i + 1]
+            seq.decode_computed += 1
+            seq.quantum_used += 1
+            if seq.quantum_over():
+                seq.paused = True
+                self.send(P.W_QUANTUM_END, rid=seq.rid, emitted=len(seq.generated))
 
     def finish(self, seq: Sequence, reason: str) -> None:
         self.running.pop(seq.rid, None)
@@ -254,7 +333,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--slots", type=int, default=1)
     ap.add_argument("--device-budget", type=int, default=512 << 20, help="bytes of suspended KV kept in place")
     ap.add_argument("--host-budget", type=int, default=4 << 30, help="bytes of KV swapped to host memory")
+    ap.add_argument("--disk-budget", type=int, default=8 << 30, help="bytes of KV in safetensors files")
+    ap.add_argument("--snapshot-tier", default="auto", choices=["auto", "device", "host", "disk", "recompute"],
+                    help="send every preempted context straight to this tier (tests, benchmarks)")  # fmt: skip
+    ap.add_argument("--state-dir", help="this worker's own directory for disk snapshots (none: no disk tier)")
     ap.add_argument("--heartbeat-s", type=float, default=1.0)
+    ap.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens fed per step (chunked prefill)")
     return ap.parse_args(argv)
 
 

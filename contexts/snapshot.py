@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from contexts.disk import DiskFile
+
 TIER_DEVICE = "device"
 TIER_HOST = "host"
+TIER_DISK = "disk"
 TIER_RECOMPUTE = "recompute"
+TIERS = (TIER_DEVICE, TIER_HOST, TIER_DISK, TIER_RECOMPUTE)  # fastest to resume first
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -23,7 +28,9 @@ class Snapshot:
     ``layers`` holds one (keys, values) pair per decoder layer; ``logits`` the last step's
     output so the next token is chosen without a forward pass; ``meta`` the backend's own
     per-request object (generated ids, position, sampling seed/step, detokenizer state),
-    kept opaque here.  In the recompute tier ``layers`` and ``logits`` are dropped.
+    kept opaque here.  ``tokens`` is the KV's sequence length (what recomputing would cost),
+    taken from the layers' shape when not given.  In the disk tier ``layers`` and ``logits``
+    live in ``file``; in the recompute tier they are dropped.
     """
 
     layers: list[tuple[torch.Tensor, torch.Tensor]] | None
@@ -32,11 +39,18 @@ class Snapshot:
     tier: str = TIER_DEVICE
     last_used: int = 0
     extra: dict = field(default_factory=dict)
+    tokens: int = 0
+    file: DiskFile | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tokens and self.layers:
+            self.tokens = int(self.layers[0][0].shape[-2])
 
     @property
     def nbytes(self) -> int:
+        """Bytes held in this snapshot's tier (for the disk tier, the file's real size)."""
         if self.layers is None:
-            return 0
+            return self.file.nbytes if self.file is not None else 0
         n = sum(tensor_bytes(k) + tensor_bytes(v) for k, v in self.layers)
         return n + (tensor_bytes(self.logits) if self.logits is not None else 0)
 

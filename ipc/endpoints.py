@@ -16,6 +16,15 @@ def runtime_dir() -> Path:
     return Path(f"/tmp/quantad-{os.getuid()}")
 
 
+def state_dir() -> Path:
+    """Where workers keep disk snapshots (systemd's StateDirectory sets $STATE_DIRECTORY)."""
+    for var in ("QUANTAD_STATE_DIR", "STATE_DIRECTORY"):
+        if os.environ.get(var):
+            return Path(os.environ[var].split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "quantad"
+
+
 def agent_endpoint(explicit: str | None = None) -> str:
     return explicit or os.environ.get("QUANTAD_ENDPOINT") or f"ipc://{runtime_dir() / 'agents.sock'}"
 

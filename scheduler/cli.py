@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ipc import protocol as P
 from ipc.client import Cancelled, Client, ClientError, result_of
-from ipc.endpoints import agent_endpoint, worker_endpoint
+from ipc.endpoints import agent_endpoint, state_dir, worker_endpoint
 
 DEFAULT_QUANTUM_MS = 100.0
 
@@ -68,8 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--device-budget", type=_size, default="512M", help="suspended KV kept in place per worker")
     s.add_argument("--host-budget", type=_size, default="4G", help="KV swapped to host memory per worker")
+    s.add_argument("--disk-budget", type=_size, default="8G", help="KV in safetensors files per worker (0: no disk)")
+    s.add_argument("--state-dir", help="where disk snapshots go (default: $QUANTAD_STATE_DIR, else "
+                   "$XDG_STATE_HOME/quantad, else ~/.local/state/quantad)")  # fmt: skip
+    s.add_argument("--snapshot-tier", default="auto", choices=["auto", "device", "host", "disk", "recompute"],
+                   help="auto: device, then host/disk/recompute under budget pressure; "
+                   "else every preempted context goes straight to that tier (tests, benchmarks)")  # fmt: skip
     s.add_argument("--heartbeat-s", type=_positive(float), default=1.0, help="worker heartbeat period")
     s.add_argument("--liveness-s", type=_positive(float), default=30.0, help="silence after which a worker is dead")
+    s.add_argument("--prefill-chunk", type=_positive(int), default=512,
+                   help="prompt tokens a worker feeds per step, so running requests keep streaming")  # fmt: skip
     s.add_argument("--max-restarts", type=int, default=5, help="restarts of a dying worker before giving up")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -158,6 +166,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         heartbeat_s=args.heartbeat_s,
         liveness_s=args.liveness_s,
         max_restarts=args.max_restarts,
+        prefill_chunk=args.prefill_chunk,
+        disk_budget=args.disk_budget,
+        worker_args=["--snapshot-tier", args.snapshot_tier],
+        state_dir=(args.state_dir or str(state_dir())) if args.disk_budget > 0 else None,
     )
     return serve(cfg)
 

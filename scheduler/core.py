@@ -55,14 +55,21 @@ class Scheduler:
                 started.append(req)
         return started
 
-    def waiting_for(self, worker: str) -> bool:
-        return self.policy.pick(self.ready, worker) is not None
+    def waiting_for(self, worker: str) -> int:
+        """How many queued requests could take a slot on ``worker``."""
+        return sum(r.worker in (None, worker) for r in self.ready)
 
     def quantum_end(self, req: Request, emitted: int) -> bool:
-        """Checkpoint a finished quantum; True when the request must yield its slot."""
+        """Checkpoint a finished quantum; True when the request must yield its slot.
+
+        Yield only while more requests wait for this worker than slots are already being
+        given up on it, so several quanta ending in one batched step free just enough slots.
+        """
         req.quanta += 1
         req.checkpoint = emitted
-        req.preempt_pending = self.waiting_for(req.worker)
+        w = self.workers[req.worker]
+        yielding = sum(self.table[pid].preempt_pending for pid in w.running if pid in self.table)
+        req.preempt_pending = self.waiting_for(req.worker) > yielding
         return req.preempt_pending
 
     def preempt(self, req: Request) -> None:

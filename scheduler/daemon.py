@@ -48,6 +48,9 @@ class DaemonConfig:
     heartbeat_s: float = 1.0
     liveness_s: float = 30.0
     max_restarts: int = 5
+    prefill_chunk: int = 512
+    disk_budget: int = 8 << 30
+    state_dir: str | None = None
     worker_args: list[str] = field(default_factory=list)
 
 
@@ -121,7 +124,10 @@ class Daemon:
             "--endpoint", c.worker_endpoint, "--name", name, "--model", c.model_dir,
             "--device", c.device, "--dtype", c.dtype, "--slots", str(c.slots),
             "--device-budget", str(c.device_budget), "--host-budget", str(c.host_budget),
-            "--heartbeat-s", str(c.heartbeat_s), *c.worker_args,
+            "--heartbeat-s", str(c.heartbeat_s), "--prefill-chunk", str(c.prefill_chunk),
+            "--disk-budget", str(c.disk_budget),
+            *(["--state-dir", os.path.join(c.state_dir, "contexts", name)] if c.state_dir else []),
+            *c.worker_args,
         ]  # fmt: skip
 
     async def _shutdown(self) -> int:
@@ -169,6 +175,7 @@ class Daemon:
     async def _agent_loop(self) -> None:
         while True:
             frames = await self.agents.recv_multipart(copy=True)
+            await asyncio.sleep(0)  # a ready recv does not yield: let the other socket's loop run
             try:
                 self._on_agent(frames)
             except Exception:  # a bug must not stop the loop; the agent still gets an answer
@@ -330,6 +337,7 @@ class Daemon:
     async def _worker_loop(self) -> None:
         while True:
             frames = await self.workers_sock.recv_multipart(copy=True)
+            await asyncio.sleep(0)  # a flood of worker tokens must not starve the agents
             try:
                 self._on_worker(frames)
             except P.ProtocolError as exc:

@@ -27,7 +27,9 @@ async def _wait_ready(client: AsyncClient, proc: subprocess.Popen, log: Path) ->
         if proc.poll() is not None:
             ready.cancel()
             raise SystemExit(f"quantad demo: the daemon exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        sys.stderr.write(f"\rstarting daemon and worker ... {time.monotonic() - start:4.0f} s")
+        sys.stderr.write(
+            f"\rstarting daemon and worker (a first run converts the model once) ... {time.monotonic() - start:4.0f} s"
+        )
         sys.stderr.flush()
         await asyncio.wait([ready], timeout=0.5)
     ready.result()

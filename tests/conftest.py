@@ -62,7 +62,10 @@ class DaemonProc:
         self.tmp = tmp
         self.endpoint = f"ipc://{tmp}/agents.sock"
         self.log_path = tmp / "daemon.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1", QUANTAD_RUNTIME_DIR=str(tmp))
+        self.state_dir = tmp / "state"
+        env = dict(
+            os.environ, PYTHONUNBUFFERED="1", QUANTAD_RUNTIME_DIR=str(tmp), QUANTAD_STATE_DIR=str(self.state_dir)
+        )
         cmd = [sys.executable, "-m", "scheduler", "serve", "--model", str(model_dir), "--endpoint", self.endpoint]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([*cmd, *args], stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
