@@ -30,6 +30,7 @@ class Sequence:
     prefilled: int = 0  # tokens of ``context_ids`` already in ``cache`` (chunked prefill)
     prefill_computed: int = 0  # prompt (and replayed) tokens this request pushed through the model
     decode_computed: int = 0
+    reused: int = 0  # prompt tokens whose KV came from the agent's session
     restores: int = 0
     switch_s: float = 0.0
 
@@ -40,6 +41,10 @@ class Sequence:
     @property
     def context_ids(self) -> list[int]:
         return self.prompt_ids + self.generated
+
+    @property
+    def session(self) -> str:
+        return str(self.params.get("session") or "")
 
     @property
     def remaining(self) -> int:

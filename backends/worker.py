@@ -9,6 +9,7 @@ of a known request it comes back with no recomputation.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import signal
@@ -23,7 +24,7 @@ from backends.detok import TextStream
 from backends.hf_engine import HFEngine
 from backends.sampling import choose
 from backends.sequence import Sequence
-from contexts.kv import cache_layers
+from contexts.kv import build_cache, cache_layers
 from contexts.manager import ContextManager
 from contexts.snapshot import Snapshot
 from ipc import protocol as P
@@ -214,8 +215,46 @@ class Worker:
             seq.stream.push(t)
         seq.generated = list(resume)
         seq.stream.emitted = min(P.field(msg, "emitted_chars", int, 0), len(seq.stream.text))
+        if seq.session:
+            self._reuse_session(seq)
         self.prefilling.append(seq)
         return seq
+
+    # ---- sessions -----------------------------------------------------------------------
+    @staticmethod
+    def _session_key(session: str) -> int:
+        """Sessions live in the context manager beside requests, under negative keys."""
+        return -1 - int.from_bytes(hashlib.blake2b(session.encode(), digest_size=7).digest(), "big")
+
+    def _reuse_session(self, seq: Sequence) -> None:
+        """Start from the session's kept KV, cropped to the prefix this prompt shares with it."""
+        key = self._session_key(seq.session)
+        if key not in self.contexts:
+            return
+        snap = self.contexts.restore(key)
+        kept: list[int] = snap.meta
+        ids = seq.context_ids
+        common = 0
+        limit = min(len(kept), len(ids) - 1)  # at least one token is fed, for fresh logits
+        while common < limit and kept[common] == ids[common]:
+            common += 1
+        if snap.layers is None or common == 0:
+            return
+        layers = [(k[:, :, :common], v[:, :, :common]) for k, v in snap.layers]
+        seq.cache = build_cache(layers, self.engine.config)
+        seq.prefilled = seq.reused = common
+
+    def _keep_session(self, seq: Sequence, layers) -> bool:
+        """Keep a finished request's KV under its session, within the tier budgets (LRU)."""
+        if not seq.session or not layers:
+            return False
+        key = self._session_key(seq.session)
+        self.contexts.discard(key)
+        covered = seq.context_ids[: layers[0][0].shape[-2]]  # the last token chosen was never fed
+        for m in self.contexts.snapshot(key, Snapshot(layers=layers, logits=None, meta=covered)):
+            if m.key > 0:
+                self.send(P.W_CONTEXT, rid=m.key, tier=m.tier, bytes=m.nbytes)
+        return True
 
     def _resume(self, rid: int) -> Sequence:
         t0 = time.perf_counter()
@@ -285,9 +324,9 @@ class Worker:
             if reason is not None:
                 delta += "" if stopped else seq.stream.flush()
                 self.send(P.W_TOKENS, rid=seq.rid, ids=[token], text=delta)
-                self.batch.remove(seq, keep_kv=False)
+                layers = self.batch.remove(seq, keep_kv=bool(seq.session))
                 self.running.pop(seq.rid, None)
-                self.finish(seq, reason)
+                self.finish(seq, reason, kept=self._keep_session(seq, layers))
             else:
                 self.send(P.W_TOKENS, rid=seq.rid, ids=[token], text=delta)
                 going.append((seq, token))
@@ -303,12 +342,13 @@ class Worker:
                 seq.paused = True
                 self.send(P.W_QUANTUM_END, rid=seq.rid, emitted=len(seq.generated))
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: str, kept: bool = False) -> None:
         self.running.pop(seq.rid, None)
         self.send(
             P.W_FINISHED,
             rid=seq.rid,
             finish_reason=reason,
+            session_kept=kept,
             usage={
                 "prompt_tokens": len(seq.prompt_ids),
                 "completion_tokens": len(seq.generated),
@@ -316,6 +356,7 @@ class Worker:
             },
             stats={
                 "prompt_tokens_computed": seq.prefill_computed,
+                "prompt_tokens_reused": seq.reused,
                 "decode_tokens_computed": seq.decode_computed,
                 "restores": seq.restores,
                 "worker_switch_s": round(seq.switch_s, 6),

@@ -40,8 +40,9 @@ def parse_chat(msg: dict[str, Any]) -> dict[str, Any]:
         raise ProtocolError(E_BAD_FIELD, f"'stop' must be up to {MAX_STOP} non-empty strings")
     seed = number(msg, "seed", 0, 2**63 - 1, None, integer=True)
     agent = field(msg, "agent", str, "")
-    if len(agent) > 128:
-        raise ProtocolError(E_BAD_FIELD, "'agent' is longer than 128 characters")
+    session = field(msg, "session", str, "")
+    if len(agent) > 128 or len(session) > 128:
+        raise ProtocolError(E_BAD_FIELD, "'agent' and 'session' are at most 128 characters")
     return {
         "messages": clean,
         "max_tokens": number(msg, "max_tokens", 1, MAX_TOKENS_LIMIT, DEFAULT_MAX_TOKENS, integer=True),
@@ -50,5 +51,6 @@ def parse_chat(msg: dict[str, Any]) -> dict[str, Any]:
         "seed": seed,
         "stop": stop,
         "agent": agent,
+        "session": session,
         "stream": bool(field(msg, "stream", bool, True)),
     }

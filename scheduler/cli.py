@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="submit one chat and stream its answer")
     _endpoint_arg(r)
-    r.add_argument("prompt", help="the user message")
+    r.add_argument("prompt", nargs="?", help="the user message (or use --messages)")
+    r.add_argument("--messages", metavar="FILE", help="a JSON list of chat messages ('-' for stdin)")
+    r.add_argument("--session", help="keep this conversation's context for the agent's next turn")
     r.add_argument("--system", help="an optional system message")
     r.add_argument("--max-tokens", type=_positive(int), default=256)
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -176,14 +178,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # ---- clients ------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": args.prompt}
-    ]
+    messages = read_messages(args)
     with Client(args.endpoint, agent=args.agent) as c:
         c.ping()  # fail fast, with a clear message, when no daemon listens
         events = []
         for ev in c.chat(messages, stream=True, max_tokens=args.max_tokens, temperature=args.temperature,
-                         top_p=args.top_p, seed=args.seed, stop=args.stop):  # fmt: skip
+                         top_p=args.top_p, seed=args.seed, stop=args.stop, session=args.session):  # fmt: skip
             events.append(ev)
             if ev.event == P.EV_TOKEN and not args.json:
                 sys.stdout.write(ev.text)
@@ -197,6 +197,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print()
     return 0
+
+
+def read_messages(args: argparse.Namespace) -> list[dict]:
+    if args.messages:
+        try:
+            text = sys.stdin.read() if args.messages == "-" else Path(args.messages).read_text()
+            messages = json.loads(text)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"quantad: cannot read messages from {args.messages}: {exc}") from None
+        if not isinstance(messages, list):
+            raise SystemExit("quantad: --messages must hold a JSON list of {role, content} objects")
+        if args.prompt:
+            messages.append({"role": "user", "content": args.prompt})
+    elif args.prompt:
+        messages = [{"role": "user", "content": args.prompt}]
+    else:
+        raise SystemExit("quantad run: give a prompt or --messages FILE")
+    if args.system:
+        messages.insert(0, {"role": "system", "content": args.system})
+    return messages
 
 
 def cmd_ps(args: argparse.Namespace) -> int:

@@ -74,6 +74,7 @@ class Daemon:
         self.fatal: str | None = None
         self.dead: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
+        self.sessions: dict[str, str] = {}  # session id -> worker keeping its context
 
     def _socket(self, max_size: int) -> zmq.asyncio.Socket:
         s = self.ctx.socket(zmq.ROUTER)
@@ -167,6 +168,7 @@ class Daemon:
 
     def _lose_worker(self, name: str) -> None:
         self.last_seen.pop(name, None)
+        self.sessions = {s: w for s, w in self.sessions.items() if w != name}
         for req in self.sched.worker_lost(name):
             log.info("event=requeue pid=%s tokens=%s", req.pid, len(req.tokens))
         self._schedule()
@@ -220,6 +222,9 @@ class Daemon:
         if params["seed"] is None:  # fix the seed now so any restart samples the same stream
             params["seed"] = random.getrandbits(63)
         req = Request(pid=next(self.pids), agent_addr=addr, client_id=cid, params=params)
+        home = self.sessions.get(params["session"])
+        if home is not None and self.sched.workers[home].alive:
+            req.worker = home  # affinity: that worker holds the session's context
         self.by_client[(addr, cid)] = req
         self.sched.add(req)
         log.info("event=accepted pid=%s agent=%r max_tokens=%s", req.pid, req.agent, params["max_tokens"])
@@ -420,6 +425,8 @@ class Daemon:
 
     def _w_finished(self, req: Request, msg: dict) -> None:
         req.quanta += 1
+        if P.field(msg, "session_kept", bool, False):
+            self.sessions[req.params["session"]] = req.worker
         log.info("event=done pid=%s tokens=%s quanta=%s preemptions=%s", req.pid, len(req.tokens),
                  req.quanta, req.preemptions)  # fmt: skip
         self._terminal(

@@ -82,3 +82,29 @@ def test_batch_really_runs_together(tiny_model_dir, start_daemon):
     pids = [pid for _, pid in sorted((e.seq, e.data["pid"]) for r in results for e in r.events if e.event == "token")]
     full_steps = sum(len(set(pids[i : i + 4])) == 4 for i in range(0, len(pids) - 3, 4))
     assert full_steps >= 10  # 16 tokens each: most steps carry one token of every request
+
+
+def test_session_prefills_only_new_tokens_and_answers_the_same(tiny_model_dir, start_daemon):
+    d = start_daemon(tiny_model_dir, "--slots", "2", "--quantum-tokens", "4")
+    questions = ["Hello there.", "Tell me more.", "And then what happened?", "Thanks, bye."]
+
+    def converse(c, session):
+        convo, results = [], []
+        for q in questions:
+            convo.append({"role": "user", "content": q})
+            r = c.chat(list(convo), max_tokens=12, session=session)
+            convo.append({"role": "assistant", "content": r.text})
+            results.append(r)
+        return results
+
+    with d.client() as c:
+        plain = converse(c, None)
+        kept = converse(c, "agent-7")
+    assert [r.text for r in kept] == [r.text for r in plain]
+    for turn, r in enumerate(kept):
+        s = r.stats
+        assert s["prompt_tokens_computed"] + s["prompt_tokens_reused"] == r.usage["prompt_tokens"]
+        if turn > 0:  # everything but the new turn (and a re-tokenised edge) comes from the session
+            assert s["prompt_tokens_reused"] >= plain[turn - 1].usage["prompt_tokens"]
+    computed = sum(r.stats["prompt_tokens_computed"] for r in kept)
+    assert computed < sum(r.usage["prompt_tokens"] for r in plain) * 0.7
