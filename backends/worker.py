@@ -27,6 +27,7 @@ from backends.sequence import Sequence
 from contexts.kv import build_cache, cache_layers
 from contexts.manager import ContextManager
 from contexts.snapshot import Snapshot
+from contexts.wire import from_frames, to_frames
 from ipc import protocol as P
 
 log = logging.getLogger("quantad.worker")
@@ -59,9 +60,12 @@ class Worker:
         self._last_beat = 0.0
 
     # ---- socket -------------------------------------------------------------------------
-    def send(self, op: str, **fields: Any) -> None:
+    def send(self, op: str, frames: list | None = None, **fields: Any) -> None:
         fields["op"] = op
-        self.sock.send(P.pack(fields))
+        if frames:
+            self.sock.send_multipart([P.pack(fields), *frames], copy=False)
+        else:
+            self.sock.send(P.pack(fields))
 
     def serve(self) -> None:
         self.send(
@@ -76,7 +80,7 @@ class Worker:
             timeout = 0 if self._has_work() else int(self.heartbeat_s * 1000)
             if self.sock.poll(timeout):
                 while self.sock.poll(0):
-                    self.dispatch(self.sock.recv())
+                    self.dispatch(self.sock.recv_multipart(copy=False))
             self.tick()
             if time.monotonic() - self._last_beat >= self.heartbeat_s:
                 self.beat()
@@ -119,10 +123,12 @@ class Worker:
             "decode_tokens": self.engine.decode_tokens,
         }
 
-    def dispatch(self, frame: bytes) -> None:
+    def dispatch(self, frames: list) -> None:
         try:
-            msg = P.unpack(frame, max_size=P.MAX_FRAME)
+            msg = P.unpack(frames[0].bytes, max_size=P.MAX_FRAME)
+            msg["_frames"] = frames[1:]
             handler = {
+                P.D_EXPORT: self.on_export,
                 P.D_RUN: self.on_run,
                 P.D_CONTINUE: self.on_continue,
                 P.D_PREEMPT: self.on_preempt,
@@ -142,7 +148,12 @@ class Worker:
             log.error("run for request %s, which is already running: ignored", rid)
             return
         try:
-            seq = self._resume(rid) if rid in self.contexts else self._admit(rid, msg)
+            if rid in self.contexts:
+                seq = self._resume(rid)
+            elif "migrate" in msg:
+                seq = self._immigrate(rid, msg)
+            else:
+                seq = self._admit(rid, msg)
         except Exception as exc:  # a bad prompt must not kill the worker
             log.exception("cannot start request %s", rid)
             self.contexts.discard(rid)
@@ -190,6 +201,48 @@ class Worker:
             if m.key != rid:
                 self.send(P.W_CONTEXT, rid=m.key, tier=m.tier, bytes=m.nbytes)
 
+    def on_export(self, msg: dict) -> None:
+        """Hand a preempted context to the daemon, for another worker: raw tensor frames."""
+        rid = P.field(msg, "rid", int)
+        if rid not in self.contexts:
+            self.send(P.W_EXPORTED, rid=rid, lost=True)
+            return
+        t0 = time.perf_counter()
+        snap = self.contexts.restore(rid)
+        seq: Sequence = snap.meta
+        tensors = [] if snap.layers is None else [t for kv in snap.layers for t in kv] + [snap.logits]
+        specs, frames = to_frames(tensors)
+        seq.switch_s += time.perf_counter() - t0
+        state = {
+            "prefill_computed": seq.prefill_computed,
+            "decode_computed": seq.decode_computed,
+            "restores": seq.restores,
+            "reused": seq.reused,
+            "switch_s": seq.switch_s,
+            "layers": 0 if snap.layers is None else len(snap.layers),
+        }
+        self.send(P.W_EXPORTED, frames=frames, rid=rid, migrate=state, tensors=specs)
+
+    def _immigrate(self, rid: int, msg: dict) -> Sequence:
+        """Continue a context that another worker exported: no recomputation when KV came along."""
+        state = P.field(msg, "migrate", dict)
+        seq = self._admit(rid, msg, reuse=False)  # renders the prompt, replays the detokenizer
+        for name in ("prefill_computed", "decode_computed", "restores", "reused"):
+            setattr(seq, name, int(state.get(name, 0)))
+        seq.switch_s = float(state.get("switch_s", 0.0))
+        n = int(state.get("layers", 0))
+        if n:
+            t0 = time.perf_counter()
+            tensors = from_frames(P.field(msg, "tensors", list), msg["_frames"], self.engine.device)
+            if len(tensors) != 2 * n + 1 or tensors[0].shape[-2] != len(seq.context_ids):
+                raise P.ProtocolError(P.E_BAD_FIELD, "migrated context does not match the request's tokens")
+            self.prefilling.remove(seq)
+            seq.logits = tensors[-1]
+            self.batch.add(seq, [(tensors[2 * i], tensors[2 * i + 1]) for i in range(n)])
+            seq.switch_s += time.perf_counter() - t0
+        seq.restores += 1
+        return seq
+
     def on_cancel(self, msg: dict) -> None:
         rid = P.field(msg, "rid", int)
         seq = self.running.pop(rid, None)
@@ -201,7 +254,7 @@ class Worker:
         self.stop = True
 
     # ---- slots --------------------------------------------------------------------------
-    def _admit(self, rid: int, msg: dict) -> Sequence:
+    def _admit(self, rid: int, msg: dict, reuse: bool = True) -> Sequence:
         params = P.field(msg, "params", dict)
         resume = [int(t) for t in P.field(msg, "resume_ids", list, [])]
         seq = Sequence(
@@ -215,7 +268,7 @@ class Worker:
             seq.stream.push(t)
         seq.generated = list(resume)
         seq.stream.emitted = min(P.field(msg, "emitted_chars", int, 0), len(seq.stream.text))
-        if seq.session:
+        if seq.session and reuse and not resume:
             self._reuse_session(seq)
         self.prefilling.append(seq)
         return seq

@@ -53,11 +53,13 @@ W_PREEMPTED = "preempted"
 W_FINISHED = "finished"
 W_FAILED = "failed"
 W_CONTEXT = "context"
+W_EXPORTED = "exported"
 D_RUN = "run"
 D_CONTINUE = "continue"
 D_PREEMPT = "preempt"
 D_CANCEL = "cancel"
 D_SHUTDOWN = "shutdown"
+D_EXPORT = "export"
 
 # Error codes carried by ``error`` events.
 E_BAD_FRAME = "bad_frame"

@@ -41,19 +41,34 @@ class Scheduler:
         self.policy.enqueue(self.ready, req)
 
     def schedule(self) -> list[Request]:
-        """Fill free slots from the run queue; return the requests to start now."""
+        """Fill free slots from the run queue; return the requests to start now.
+
+        Affinity first: a slot takes a request with no context or with its context here.
+        Only when none is left does it take one whose context sits on a worker with no free
+        slot: that context migrates (``migrate_from`` is set) rather than waiting.
+        """
         started = []
         for w in self.workers.values():
             while w.free > 0:
-                req = self.policy.pick(self.ready, w.name)
+                req = self.policy.pick(self.ready, w.name) or self._migrant(w.name)
                 if req is None:
                     break
                 self.ready.remove(req)
+                if req.worker not in (None, w.name):
+                    req.migrate_from = req.worker
+                    req.migrations += 1
                 req.worker = w.name
                 req.move(State.RUNNING)
                 w.running.add(req.pid)
                 started.append(req)
         return started
+
+    def _migrant(self, worker: str) -> Request | None:
+        for req in self.ready:
+            home = self.workers.get(req.worker or "")
+            if home is not None and home.name != worker and home.alive and home.free == 0:
+                return req
+        return None
 
     def waiting_for(self, worker: str) -> int:
         """How many queued requests could take a slot on ``worker``."""
@@ -97,6 +112,7 @@ class Scheduler:
             req.worker, req.tier, req.context_bytes = None, "none", 0
             req.restarts += 1
             req.preempt_pending = False
+            req.migrate_from = None
             if req.state is State.RUNNING:
                 req.move(State.READY)
                 self.ready.appendleft(req)

@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from ipc import protocol as P
 from ipc.chat_params import parse_chat
+from ipc.tensor_frames import check
 from scheduler.core import Scheduler, WorkerSlots
 from scheduler.policy import Policy
 from scheduler.request import Request, State
@@ -169,6 +170,10 @@ class Daemon:
     def _lose_worker(self, name: str) -> None:
         self.last_seen.pop(name, None)
         self.sessions = {s: w for s, w in self.sessions.items() if w != name}
+        for req in list(self.sched.table.values()):
+            if req.migrate_from == name and not req.finished:  # its context died with the exporter
+                req.migrate_from = None
+                self._restart_on(req)
         for req in self.sched.worker_lost(name):
             log.info("event=requeue pid=%s tokens=%s", req.pid, len(req.tokens))
         self._schedule()
@@ -323,25 +328,26 @@ class Daemon:
     # ---- scheduling ---------------------------------------------------------------------
     def _schedule(self) -> None:
         for req in self.sched.schedule():
-            q = self.sched.policy.quantum_for(req)
-            run: dict[str, Any] = {"rid": req.pid, "quantum_tokens": q.tokens, "quantum_ms": q.ms}
-            if req.tier == P.TIER_NONE:  # the worker has no context: send all it needs to rebuild
-                run.update(params=req.params, resume_ids=req.tokens, emitted_chars=len(req.text))
-            self._to_worker(req.worker, P.D_RUN, **run)
+            if req.migrate_from is not None:  # its context comes from another worker first
+                log.info("event=migrate pid=%s from=%s to=%s", req.pid, req.migrate_from, req.worker)
+                self._to_worker(req.migrate_from, P.D_EXPORT, rid=req.pid)
+                continue
+            self._send_run(req)  # carries all a worker without the context needs to rebuild it
             if req.quanta > 0:  # after ``run``: if the agent is gone, the cancel follows the run
                 self._emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier)
 
-    def _to_worker(self, name: str, op: str, **fields: Any) -> None:
+    def _to_worker(self, name: str, op: str, frames: list | None = None, **fields: Any) -> None:
         fields["op"] = op
         try:
-            self._workers_tx.send_multipart([name.encode(), P.pack(fields)], flags=zmq.NOBLOCK)
+            self._workers_tx.send_multipart([name.encode(), P.pack(fields), *(frames or [])], flags=zmq.NOBLOCK,
+                                            copy=False)  # fmt: skip
         except zmq.ZMQError as exc:
             log.warning("event=worker_unreachable worker=%s op=%s errno=%s", name, op, exc.errno)
 
     # ---- worker side --------------------------------------------------------------------
     async def _worker_loop(self) -> None:
         while True:
-            frames = await self.workers_sock.recv_multipart(copy=True)
+            frames = await self.workers_sock.recv_multipart(copy=False)
             await asyncio.sleep(0)  # a flood of worker tokens must not starve the agents
             try:
                 self._on_worker(frames)
@@ -350,11 +356,11 @@ class Daemon:
             except Exception:
                 log.exception("event=internal_error side=worker")
 
-    def _on_worker(self, frames: list[bytes]) -> None:
-        name = frames[0].decode("utf-8", "replace")
+    def _on_worker(self, frames: list) -> None:
+        name = frames[0].bytes.decode("utf-8", "replace")
         if name not in self.sched.workers or len(frames) < 2:
             raise P.ProtocolError(P.E_BAD_FRAME, f"message from unknown worker {name!r}")
-        msg = P.unpack(frames[1], max_size=P.MAX_TENSOR_FRAME)
+        msg = P.unpack(frames[1].bytes, max_size=P.MAX_FRAME)
         self.last_seen[name] = time.monotonic()
         op = msg["op"]
         if op == P.W_READY:
@@ -364,6 +370,10 @@ class Daemon:
             self.sched.workers[name].info["stats"] = P.field(msg, "stats", dict, {})
             return
         req = self.sched.table.get(P.field(msg, "rid", int))
+        if op == P.W_EXPORTED:
+            if req is not None and not req.finished and req.migrate_from == name:
+                self._w_exported(req, msg, frames[2:])
+            return
         if req is None or req.finished or req.worker != name:
             return  # late news of a cancelled or re-queued request
         handler = {
@@ -391,6 +401,32 @@ class Daemon:
             log.info("event=ready endpoint=%s", self.cfg.endpoint)
             print(f"quantad: ready on {self.cfg.endpoint}", file=sys.stderr, flush=True)
         self._schedule()
+
+    def _w_exported(self, req: Request, msg: dict, frames: list) -> None:
+        """Relay a migrating context, frames untouched (zero copy), to the worker that runs it."""
+        req.migrate_from = None
+        try:
+            if P.field(msg, "lost", bool, False):
+                raise P.ProtocolError(P.E_NOT_FOUND, "the exporting worker no longer had the context")
+            state = P.field(msg, "migrate", dict)
+            specs = check(P.field(msg, "tensors", list, []), frames)
+        except P.ProtocolError as exc:  # rebuild from the tokens instead
+            log.warning("event=migrate_fallback pid=%s why=%r", req.pid, exc.message)
+            self._restart_on(req)
+            return
+        self._send_run(req, frames=frames, migrate=state, tensors=specs)
+        self._emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier, migrated=True)
+
+    def _send_run(self, req: Request, frames: list | None = None, **extra: Any) -> None:
+        q = self.sched.policy.quantum_for(req)
+        self._to_worker(req.worker, P.D_RUN, frames=frames, rid=req.pid, quantum_tokens=q.tokens, quantum_ms=q.ms,
+                        params=req.params, resume_ids=req.tokens, emitted_chars=len(req.text), **extra)  # fmt: skip
+
+    def _restart_on(self, req: Request) -> None:
+        """Run a request on its assigned worker from its streamed tokens (context lost)."""
+        req.tier, req.context_bytes = P.TIER_NONE, 0
+        req.restarts += 1
+        self._send_run(req)
 
     def _w_tokens(self, req: Request, msg: dict) -> None:
         ids = P.field(msg, "ids", list)

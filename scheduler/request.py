@@ -39,6 +39,8 @@ class Request:
     quanta: int = 0
     preemptions: int = 0
     restarts: int = 0
+    migrations: int = 0
+    migrate_from: str | None = None  # worker exporting this request's context right now
     preempt_pending: bool = False
     submitted_at: float = field(default_factory=time.monotonic)
     since: float = field(default_factory=time.monotonic)
@@ -69,6 +71,7 @@ class Request:
             "quanta": self.quanta,
             "preemptions": self.preemptions,
             "restarts": self.restarts,
+            "migrations": self.migrations,
             "wait_s": round(self.wait_s, 6),
             "run_s": round(self.run_s, 6),
             "context_switch_s": round(self.switch_s, 6),
