@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+import psutil
 import zmq
 
 from backends.batch import Batch
@@ -121,6 +122,8 @@ class Worker:
             "contexts": self.contexts.stats(),
             "prefill_tokens": self.engine.prefill_tokens,
             "decode_tokens": self.engine.decode_tokens,
+            "rss_bytes": psutil.Process().memory_info().rss,
+            "host_available_bytes": psutil.virtual_memory().available,
         }
 
     def dispatch(self, frames: list) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from contexts import disk
+from contexts import disk, pressure
 from contexts.cost import CostModel
 from contexts.kv import copy_to
 from contexts.snapshot import TIER_DEVICE, TIER_DISK, TIER_HOST, TIER_RECOMPUTE, TIERS, Snapshot
@@ -137,6 +137,7 @@ class ContextManager:
     def _enforce(self) -> list[Move]:
         moves = []
         for tier, budget in ((TIER_DEVICE, self.device_budget), (TIER_HOST, self.host_budget)):
+            budget = self._under_pressure(tier, budget)
             for key in self._lru(tier):
                 if self.used(tier) <= budget:
                     break
@@ -146,6 +147,12 @@ class ContextManager:
                 break
             moves += self._move(key, TIER_RECOMPUTE)
         return moves
+
+    def _under_pressure(self, tier: str, budget: int) -> int:
+        """The budget, lowered to what the machine can still give (psutil, torch.cuda)."""
+        on_device = tier == TIER_DEVICE and self.device.type == "cuda"
+        free = pressure.device_free(self.device) if on_device else pressure.host_free()
+        return pressure.effective(budget, self.used(tier), free)
 
     def _lru(self, tier: str) -> list[int]:
         return [k for _, k in sorted((s.last_used, k) for k, s in self._snaps.items() if s.tier == tier)]

@@ -69,3 +69,14 @@ def test_sampling_is_a_function_of_seed_and_step():
     c = [choose(logits, 0.9, 0.95, seed=6, step=i) for i in range(20)]
     assert a == b and a != c
     assert choose(logits, 0.0, 1.0, 0, 0) == int(torch.argmax(logits))
+
+
+def test_budgets_shrink_to_what_the_machine_has():
+    import psutil
+
+    from contexts import pressure
+
+    cm = ContextManager("cpu", device_budget=1 << 50, host_budget=1 << 50)
+    limit = cm._under_pressure("host", 1 << 50)
+    assert limit <= psutil.virtual_memory().total
+    assert pressure.effective(100, 10, None) == 100 and pressure.effective(100, 10, 5) == 15
