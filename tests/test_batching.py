@@ -108,3 +108,22 @@ def test_session_prefills_only_new_tokens_and_answers_the_same(tiny_model_dir, s
             assert s["prompt_tokens_reused"] >= plain[turn - 1].usage["prompt_tokens"]
     computed = sum(r.stats["prompt_tokens_computed"] for r in kept)
     assert computed < sum(r.usage["prompt_tokens"] for r in plain) * 0.7
+
+
+def test_long_prompt_does_not_stall_running_requests(tiny_model_dir, start_daemon):
+    """With chunked prefill, a running request streams while a long prompt is fed in pieces."""
+    d = start_daemon(tiny_model_dir, "--slots", "2", "--policy", "fifo", "--prefill-chunk", "16")
+    with d.client() as c:
+        runner = c.submit("keep talking", max_tokens=120)
+        events = c.events(runner)
+        while next(events).event != "token":
+            pass
+        long_prompt = " ".join(f"word{i}" for i in range(300))  # several hundred tokens: many chunks
+        big = c.submit(long_prompt, max_tokens=2)
+        big_events = list(c.events(big))
+        rest = list(events)
+    accepted_seq = big_events[0].seq
+    first_big_token = next(e.seq for e in big_events if e.event == "token")
+    streamed_meanwhile = [e for e in rest if e.event == "token" and accepted_seq < e.seq < first_big_token]
+    assert big_events[-1].event == "done" and big_events[-1].data["usage"]["prompt_tokens"] > 16 * 8
+    assert len(streamed_meanwhile) >= 8  # roughly one token of the runner per prefill chunk
