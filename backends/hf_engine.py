@@ -31,9 +31,9 @@ class HFEngine:
                 ids.update(source)
         return ids
 
-    def render(self, messages: list[dict]) -> list[int]:
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of a chat, with the generation prompt, via the model's chat template."""
-        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        enc = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
         ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
         return list(ids)
 

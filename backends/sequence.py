@@ -18,6 +18,7 @@ class Sequence:
     params: dict[str, Any]
     prompt_ids: list[int]
     stream: TextStream
+    constraint: Any = None  # backends.structured.Constraint: grammar state, part of the snapshot
     generated: list[int] = field(default_factory=list)
     replay: list[int] = field(default_factory=list)  # ids already emitted before a restart
     cache: DynamicCache | None = None

@@ -25,6 +25,7 @@ from backends.detok import TextStream
 from backends.hf_engine import HFEngine
 from backends.sampling import choose
 from backends.sequence import Sequence
+from backends.structured import Structurer, as_text_message, parse_tool_calls
 from contexts.kv import build_cache, cache_layers
 from contexts.manager import ContextManager
 from contexts.snapshot import Snapshot
@@ -50,6 +51,7 @@ class Worker:
             state_dir=args.state_dir,
         )
         self.batch = Batch(self.engine.model, self.engine.config)
+        self._structurer: Structurer | None = None
         self.running: dict[int, Sequence] = {}  # every request holding a slot
         self.prefilling: list[Sequence] = []  # slots still feeding their prompt, in order
         self.ctx = zmq.Context()
@@ -257,15 +259,28 @@ class Worker:
         self.stop = True
 
     # ---- slots --------------------------------------------------------------------------
+    @property
+    def structurer(self) -> Structurer:
+        """Built on first use (~0.5 s): plain chats never pay for it."""
+        if self._structurer is None:
+            self._structurer = Structurer(self.engine.tokenizer)
+        return self._structurer
+
     def _admit(self, rid: int, msg: dict, reuse: bool = True) -> Sequence:
         params = P.field(msg, "params", dict)
         resume = [int(t) for t in P.field(msg, "resume_ids", list, [])]
+        structured = params.get("tools") or params.get("response_format")
+        if structured:
+            messages, tools = self.structurer.messages(params)
+        else:
+            messages, tools = [as_text_message(m) for m in params["messages"]], None
         seq = Sequence(
             rid=rid,
             params=params,
-            prompt_ids=self.engine.render(params["messages"]),
+            prompt_ids=self.engine.render(messages, tools),
             stream=TextStream(self.engine.tokenizer, params.get("stop") or []),
             replay=resume,
+            constraint=self.structurer.constraint(params, resume) if structured else None,
         )
         for t in resume:  # rebuild the detokenizer state silently
             seq.stream.push(t)
@@ -369,11 +384,14 @@ class Worker:
         going: list[tuple[Sequence, int]] = []
         for seq in list(self.batch.seqs):
             p = seq.params
-            token = choose(seq.logits, p["temperature"], p["top_p"], seq.seed, len(seq.generated))
+            logits = seq.logits if seq.constraint is None else seq.constraint.apply(seq.logits)
+            token = choose(logits, p["temperature"], p["top_p"], seq.seed, len(seq.generated))
             seq.generated.append(token)
+            if seq.constraint is not None:
+                seq.constraint.accept(token)
             delta, stopped = seq.stream.push(token)
             reason = None
-            if stopped or token in self.engine.eos_ids:
+            if stopped or token in self.engine.eos_ids or (seq.constraint is not None and seq.constraint.done):
                 reason = "stop"
             elif seq.remaining <= 0:
                 reason = "length"
@@ -400,11 +418,14 @@ class Worker:
 
     def finish(self, seq: Sequence, reason: str, kept: bool = False) -> None:
         self.running.pop(seq.rid, None)
+        content, calls = parse_tool_calls(seq.stream.text, seq.params.get("tools"), seq.rid)
         self.send(
             P.W_FINISHED,
             rid=seq.rid,
-            finish_reason=reason,
+            finish_reason="tool_calls" if calls else reason,
             session_kept=kept,
+            content=content,
+            tool_calls=calls,
             usage={
                 "prompt_tokens": len(seq.prompt_ids),
                 "completion_tokens": len(seq.generated),

@@ -15,6 +15,7 @@ from ipc.protocol import (
 )
 
 ROLES = ("system", "user", "assistant", "tool")
+MAX_TOOLS = 128
 DEFAULT_MAX_TOKENS = 256
 
 
@@ -23,16 +24,7 @@ def parse_chat(msg: dict[str, Any]) -> dict[str, Any]:
     messages = field(msg, "messages", list)
     if not messages or len(messages) > MAX_MESSAGES:
         raise ProtocolError(E_BAD_FIELD, f"'messages' must hold 1..{MAX_MESSAGES} messages")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ProtocolError(E_BAD_FIELD, f"messages[{i}] must be a map")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise ProtocolError(E_BAD_FIELD, f"messages[{i}].role must be one of {ROLES}")
-        if not isinstance(content, str):
-            raise ProtocolError(E_BAD_FIELD, f"messages[{i}].content must be a string")
-        clean.append({"role": role, "content": content})
+    clean = [_message(i, m) for i, m in enumerate(messages)]
     stop = field(msg, "stop", (str, list), [])
     if isinstance(stop, str):
         stop = [stop]
@@ -53,4 +45,65 @@ def parse_chat(msg: dict[str, Any]) -> dict[str, Any]:
         "agent": agent,
         "session": session,
         "stream": bool(field(msg, "stream", bool, True)),
+        **_structured(msg),
     }
+
+
+def _message(i: int, m: Any) -> dict[str, Any]:
+    if not isinstance(m, dict):
+        raise ProtocolError(E_BAD_FIELD, f"messages[{i}] must be a map")
+    role, content = m.get("role"), m.get("content")
+    if role not in ROLES:
+        raise ProtocolError(E_BAD_FIELD, f"messages[{i}].role must be one of {ROLES}")
+    calls = m.get("tool_calls")
+    if calls is not None and (role != "assistant" or not isinstance(calls, list) or not all(map(_is_call, calls))):
+        raise ProtocolError(E_BAD_FIELD, f"messages[{i}].tool_calls must be assistant function calls")
+    if not isinstance(content, str) and not (content is None and calls):
+        raise ProtocolError(E_BAD_FIELD, f"messages[{i}].content must be a string")
+    out: dict[str, Any] = {"role": role, "content": content}
+    if calls:
+        out["tool_calls"] = calls
+    for key in ("tool_call_id", "name"):
+        if isinstance(m.get(key), str):
+            out[key] = m[key]
+    return out
+
+
+def _is_call(c: Any) -> bool:
+    fn = c.get("function") if isinstance(c, dict) else None
+    return isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments", ""), (str, dict))
+
+
+def _structured(msg: dict[str, Any]) -> dict[str, Any]:
+    """``tools``, ``tool_choice`` and ``response_format``, OpenAI-shaped."""
+    out: dict[str, Any] = {}
+    tools = field(msg, "tools", list, None)
+    if tools is not None:
+        if not 0 < len(tools) <= MAX_TOOLS:
+            raise ProtocolError(E_BAD_FIELD, f"'tools' must hold 1..{MAX_TOOLS} tools")
+        for i, t in enumerate(tools):
+            fn = t.get("function") if isinstance(t, dict) else None
+            named = isinstance(fn, dict) and isinstance(fn.get("name"), str)
+            if not named or t.get("type", "function") != "function":
+                raise ProtocolError(E_BAD_FIELD, f"tools[{i}] must be {{type: function, function: {{name, ...}}}}")
+            if not isinstance(fn.get("parameters", {}), dict):
+                raise ProtocolError(E_BAD_FIELD, f"tools[{i}].function.parameters must be a JSON schema map")
+        out["tools"] = tools
+    choice = msg.get("tool_choice")
+    if choice is not None:
+        named = isinstance(choice, dict) and isinstance((choice.get("function") or {}).get("name"), str)
+        if choice not in ("auto", "none", "required") and not named:
+            raise ProtocolError(E_BAD_FIELD, "'tool_choice' must be auto, none, required or {function: {name}}")
+        if (named or choice == "required") and tools is None:
+            raise ProtocolError(E_BAD_FIELD, "'tool_choice' needs 'tools'")
+        if named and choice["function"]["name"] not in {t["function"]["name"] for t in tools}:
+            raise ProtocolError(E_BAD_FIELD, "'tool_choice' names a function that is not in 'tools'")
+        out["tool_choice"] = choice
+    fmt = field(msg, "response_format", dict, None)
+    if fmt is not None:
+        kind = fmt.get("type")
+        schema = (fmt.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+        if kind not in ("text", "json_object", "json_schema") or (kind == "json_schema") != isinstance(schema, dict):
+            raise ProtocolError(E_BAD_FIELD, "'response_format' must be text, json_object or json_schema{schema}")
+        out["response_format"] = fmt
+    return out

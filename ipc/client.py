@@ -67,6 +67,8 @@ class ChatResult:
     stats: dict[str, Any]
     pid: int
     events: list[Event] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI-shaped, parsed by the worker
+    content: str | None = None  # the text without tool-call markup (None when it was all calls)
 
     @property
     def token_ids(self) -> list[int]:
@@ -79,6 +81,8 @@ class ChatResult:
             "finish_reason": self.finish_reason,
             "usage": self.usage,
             "stats": self.stats,
+            "content": self.content,
+            "tool_calls": self.tool_calls,
         }
 
 
@@ -99,7 +103,7 @@ def result_of(events: list[Event]) -> ChatResult:
         raise ClientError(last.data.get("code", P.E_INTERNAL), last.data.get("message", ""), last.text)
     d = last.data
     return ChatResult(d.get("text", ""), d.get("finish_reason", ""), d.get("usage", {}), d.get("stats", {}),
-                      d.get("pid", 0), events)  # fmt: skip
+                      d.get("pid", 0), events, d.get("tool_calls") or [], d.get("content"))  # fmt: skip
 
 
 def reply_data(msg: dict[str, Any]) -> dict[str, Any]:

@@ -471,6 +471,8 @@ class Daemon:
             P.EV_DONE,
             text=req.text,
             finish_reason=P.field(msg, "finish_reason", str),
+            content=P.field(msg, "content", str, None),
+            tool_calls=P.field(msg, "tool_calls", list, []),
             usage=P.field(msg, "usage", dict, {}),
             stats=P.field(msg, "stats", dict, {}),
         )
