@@ -76,8 +76,8 @@ def test_required_tool_call_is_well_formed(tiny_model_dir, start_daemon):
     d = start_daemon(tiny_model_dir, "--quantum-tokens", "2")
     with d.client() as c:
         r = c.chat("What is the weather in Paris?", tools=[WEATHER], tool_choice="required", max_tokens=60)
-        named = c.chat("Weather?", tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
-                       max_tokens=60)  # fmt: skip
+        pick = {"type": "function", "function": {"name": "get_weather"}}
+        named = c.chat("Weather?", tools=[WEATHER], tool_choice=pick, max_tokens=60)
         with pytest.raises(ClientError) as bad:
             c.chat("x", tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}})
     assert bad.value.code == "bad_field"
