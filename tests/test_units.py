@@ -80,3 +80,14 @@ def test_budgets_shrink_to_what_the_machine_has():
     limit = cm._under_pressure("host", 1 << 50)
     assert limit <= psutil.virtual_memory().total
     assert pressure.effective(100, 10, None) == 100 and pressure.effective(100, 10, 5) == 15
+
+
+def test_json_problem_names_what_is_wrong():
+    from backends.json_check import json_problem
+
+    schema = {"type": "json_schema", "json_schema": {"schema": {"type": "object", "required": ["a"]}}}
+    assert json_problem("anything", None) is None
+    assert "invalid JSON" in json_problem("The answer is 4", {"type": "json_object"})
+    assert "not an object" in json_problem("[1]", {"type": "json_object"})
+    assert "schema" in json_problem('{"b": 1}', schema)
+    assert json_problem('{"a": 1}', schema) is None
