@@ -129,3 +129,21 @@ PROMPTS = [
 
 def messages(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
+
+
+def hf_greedy(model_dir, prompts: list[str], max_tokens: int | list[int]) -> list[list[int]]:
+    """The reference: uninterrupted greedy generation by transformers' own ``generate``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    out = []
+    for p, n in zip(prompts, limits, strict=True):
+        ids = tok.apply_chat_template(messages(p), add_generation_prompt=True, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            gen = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)  # fmt: skip
+        out.append(gen[0, ids.shape[1] :].tolist())
+    return out

@@ -4,10 +4,8 @@ output is the same as alone (greedy, fp32, CPU), however often it is preempted."
 import asyncio
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import messages
+from tests.conftest import hf_greedy, messages
 
 PROMPTS = [
     "Hi",
@@ -28,16 +26,7 @@ MAX_TOKENS = [20, 12, 28, 9, 24, 16, 30, 22, 11, 26, 14, 18]
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    out = []
-    for p, n in zip(PROMPTS, MAX_TOKENS, strict=True):
-        ids = tok.apply_chat_template(messages(p), add_generation_prompt=True, return_tensors="pt")["input_ids"]
-        with torch.inference_mode():
-            gen = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)  # fmt: skip
-        out.append(gen[0, ids.shape[1] :].tolist())
-    return out
+    return hf_greedy(tiny_model_dir, PROMPTS, MAX_TOKENS)
 
 
 async def run_all(d):

@@ -7,10 +7,8 @@ recomputes nothing: prefill tokens computed == prompt tokens, one token per deco
 import asyncio
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import PROMPTS, messages
+from tests.conftest import PROMPTS, hf_greedy, messages
 
 MAX_TOKENS = 24
 SAMPLING = {"temperature": 0.9, "top_p": 0.95}
@@ -18,17 +16,7 @@ SAMPLING = {"temperature": 0.9, "top_p": 0.95}
 
 @pytest.fixture(scope="module")
 def greedy_reference(tiny_model_dir):
-    """Uninterrupted greedy generation by transformers' own ``generate``."""
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    refs = []
-    for p in PROMPTS:
-        ids = tok.apply_chat_template(messages(p), add_generation_prompt=True, return_tensors="pt")["input_ids"]
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)  # fmt: skip
-        refs.append(out[0, ids.shape[1] :].tolist())
-    return refs
+    return hf_greedy(tiny_model_dir, PROMPTS, MAX_TOKENS)
 
 
 async def run_all(daemon, sampling: bool):

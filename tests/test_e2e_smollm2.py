@@ -5,10 +5,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from tests.conftest import REPO, messages
+from tests.conftest import REPO, hf_greedy, messages
 
 pytestmark = pytest.mark.slow
 
@@ -26,13 +23,8 @@ def test_default_model_answers_and_preemption_changes_nothing(smollm2_dir, start
     assert "Paris" in results[0].text
     assert sum(r.stats["preemptions"] for r in results) >= 2
 
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
-    for q, r in zip(QUESTIONS, results, strict=True):
-        ids = tok.apply_chat_template(messages(q), add_generation_prompt=True, return_tensors="pt")["input_ids"]
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=24, do_sample=False)
-        assert r.token_ids == out[0, ids.shape[1] :].tolist()
+    for ref, r in zip(hf_greedy(smollm2_dir, QUESTIONS, 24), results, strict=True):
+        assert r.token_ids == ref
         assert r.stats["prompt_tokens_computed"] == r.usage["prompt_tokens"]
 
 

@@ -3,10 +3,7 @@ as raw tensor frames, and the output stays token-identical."""
 
 import asyncio
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from tests.conftest import messages
+from tests.conftest import hf_greedy, messages
 
 PROMPTS = [f"Request number {i}: tell me something." for i in range(6)]
 
@@ -19,13 +16,7 @@ def test_migrating_contexts_changes_nothing(tiny_model_dir, start_daemon):
             return await asyncio.gather(*(c.chat(messages(p), max_tokens=24) for p in PROMPTS))
 
     results = asyncio.run(go())
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    for p, r in zip(PROMPTS, results, strict=True):
-        ids = tok.apply_chat_template(messages(p), add_generation_prompt=True, return_tensors="pt")["input_ids"]
-        with torch.inference_mode():
-            ref = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()  # fmt: skip
+    for ref, r in zip(hf_greedy(tiny_model_dir, PROMPTS, 24), results, strict=True):
         assert r.token_ids == ref
         assert r.stats["prompt_tokens_computed"] == r.usage["prompt_tokens"]  # migration recomputed nothing
         assert r.stats["decode_tokens_computed"] == r.usage["completion_tokens"] - 1
