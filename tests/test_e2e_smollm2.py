@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+
 from tests.conftest import REPO, hf_greedy, messages
 
 pytestmark = pytest.mark.slow
