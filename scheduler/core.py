@@ -54,7 +54,7 @@ class Scheduler:
                 if req is None:
                     break
                 self.ready.remove(req)
-                if req.worker not in (None, w.name):
+                if req.worker not in (None, w.name) and req.tier != "none":  # a context to bring along
                     req.migrate_from = req.worker
                     req.migrations += 1
                 req.worker = w.name
