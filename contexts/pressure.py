@@ -8,6 +8,8 @@ reserve.  Host memory is read with psutil; device memory with ``torch.cuda.mem_g
 
 from __future__ import annotations
 
+import time
+
 import psutil
 import torch
 
@@ -15,8 +17,18 @@ HOST_RESERVE = 1 << 30  # leave this much RAM free for everything else
 DEVICE_RESERVE = 1 << 30
 
 
+_CACHE_S = 0.1
+_last: tuple[float, int] = (-1.0, 0)
+
+
 def host_free() -> int:
-    return max(psutil.virtual_memory().available - HOST_RESERVE, 0)
+    """Free RAM beyond the reserve, read at most every 100 ms (psutil costs ~30 us a call,
+    more than a whole device-tier switch)."""
+    global _last
+    now = time.monotonic()
+    if now - _last[0] > _CACHE_S:
+        _last = (now, max(psutil.virtual_memory().available - HOST_RESERVE, 0))
+    return _last[1]
 
 
 def device_free(device: torch.device) -> int | None:

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 log = logging.getLogger("quantad")
+
+
+# glibc returns large freed blocks to the kernel at once; every host-tier swap then page-faults
+# on a fresh 20-50 MiB buffer and runs at a third of memcpy speed (measured). Keeping freed
+# memory in the process lets the next swap reuse it. An operator's own setting wins.
+MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": "2000000000", "MALLOC_MMAP_THRESHOLD_": "1000000000"}
+
+
+def worker_env() -> dict[str, str]:
+    return {**MALLOC_ENV, **os.environ}
 
 
 class WorkerProcess:
@@ -20,7 +31,9 @@ class WorkerProcess:
 
     async def _spawn(self) -> None:
         # stdout/stderr are inherited: worker logs go where the daemon's go (journald).
-        self.proc = await asyncio.create_subprocess_exec(*self.command, stdin=asyncio.subprocess.DEVNULL)
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.command, stdin=asyncio.subprocess.DEVNULL, env=worker_env()
+        )
         log.info("event=worker_started worker=%s os_pid=%s", self.name, self.proc.pid)
 
     @property
