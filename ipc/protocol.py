@@ -72,6 +72,9 @@ E_DUPLICATE_ID = "duplicate_id"
 E_WORKER_FAILED = "worker_failed"
 E_SHUTTING_DOWN = "shutting_down"
 E_INTERNAL = "internal"
+E_REMOTE = "remote_error"  # an API endpoint failed (its status is in the message and ``status``)
+E_INVALID_OUTPUT = "invalid_output"  # an endpoint returned text that breaks the requested JSON format
+WORKER_CODES = (E_REMOTE, E_INVALID_OUTPUT)  # codes a worker may pass through to the agent
 
 # Context tiers reported by workers.
 TIER_DEVICE = "device"

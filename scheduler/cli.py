@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the scheduler daemon in the foreground")
     _endpoint_arg(s)
     s.add_argument("--worker-endpoint", help="endpoint workers connect to (default: derived from --endpoint)")
-    s.add_argument("--model", default="smollm2", help="model directory, .gguf file, or 'smollm2' (default, embedded)")
+    s.add_argument("--model", help="model directory, .gguf file, or 'smollm2' (default, embedded); "
+                   "with --backend openai, the remote model's name")  # fmt: skip
     s.add_argument("--quantum-ms", type=_positive(float), help=f"time quantum in ms (default {DEFAULT_QUANTUM_MS:g})")
     s.add_argument("--quantum-tokens", type=_positive(int), help="quantum in tokens (deterministic preemption points)")
     s.add_argument("--policy", default="rr", choices=["rr", "fifo"], help="scheduling policy (fifo = infinite quantum)")
@@ -80,6 +81,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens a worker feeds per step, so running requests keep streaming")  # fmt: skip
     s.add_argument("--max-restarts", type=int, default=5, help="restarts of a dying worker before giving up")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    a = s.add_argument_group("API backend (--backend openai)")
+    a.add_argument(
+        "--backend",
+        default="hf",
+        choices=["hf", "openai"],
+        help="hf: local HuggingFace workers; openai: workers streaming from an OpenAI-compatible API",
+    )
+    a.add_argument("--base-url", help="the API's base URL, e.g. http://127.0.0.1:8000/v1")
+    a.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="environment variable holding the API key (default: OPENAI_API_KEY, else a dummy key for local servers)",
+    )
+    a.add_argument("--api-key-file", metavar="FILE", help="file holding the API key")
+    a.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="the remote model's tokenizer: exact token counts, and "
+        "resuming through /v1/completions with the chat template rendered locally",
+    )
+    a.add_argument(
+        "--api-timeout-s",
+        type=_positive(float),
+        default=60.0,
+        help="longest silence of the API before a stream fails (connect: at most 10 s)",
+    )
+    a.add_argument("--api-retries", type=int, default=4, help="retries of a failed stream (exponential backoff)")
+    a.add_argument("--resume-method", default="auto", choices=["auto", "prefix", "completions", "none"],
+                   help="how preempted API requests resume; auto: detect once per endpoint")  # fmt: skip
 
     r = sub.add_parser("run", help="submit one chat and stream its answer")
     _endpoint_arg(r)
@@ -154,10 +184,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for ep in (endpoint, wep):
         prepare_ipc_dir(ep)
     ms = args.quantum_ms if args.quantum_ms or args.quantum_tokens else DEFAULT_QUANTUM_MS
+    if args.backend == "openai":
+        model, worker_args = args.model, api_worker_args(args)
+    else:
+        model, worker_args = resolve_model(args.model or "smollm2"), ["--snapshot-tier", args.snapshot_tier]
     cfg = DaemonConfig(
         endpoint=endpoint,
         worker_endpoint=wep,
-        model_dir=resolve_model(args.model),
+        model_dir=model,
+        backend=args.backend,
         policy=make_policy(args.policy, Quantum(tokens=args.quantum_tokens, ms=ms)),
         workers=args.workers,
         slots=args.slots,
@@ -170,10 +205,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_restarts=args.max_restarts,
         prefill_chunk=args.prefill_chunk,
         disk_budget=args.disk_budget,
-        worker_args=["--snapshot-tier", args.snapshot_tier],
+        worker_args=worker_args,
         state_dir=(args.state_dir or str(state_dir())) if args.disk_budget > 0 else None,
     )
     return serve(cfg)
+
+
+def api_worker_args(args: argparse.Namespace) -> list[str]:
+    """The API workers' flags.  The key itself never goes on a command line, only where to find it."""
+    if not args.base_url or not args.model:
+        raise SystemExit("quantad serve: --backend openai needs --base-url URL and --model NAME")
+    if args.api_key_file and not Path(args.api_key_file).is_file():
+        raise SystemExit(f"quantad serve: no API key file {args.api_key_file}")
+    out = ["--base-url", args.base_url, "--api-timeout-s", str(args.api_timeout_s),
+           "--api-retries", str(args.api_retries), "--resume-method", args.resume_method]  # fmt: skip
+    for flag, value in (("--api-key-env", args.api_key_env), ("--api-key-file", args.api_key_file),
+                        ("--tokenizer", args.tokenizer)):  # fmt: skip
+        if value:
+            out += [flag, str(Path(value).resolve()) if flag != "--api-key-env" else value]
+    return out
 
 
 # ---- clients ------------------------------------------------------------------------------
@@ -225,9 +275,11 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    cols = ("pid", "agent", "state", "worker", "quanta", "tokens", "context", "context_bytes", "age_s")
-    heads = ("PID", "AGENT", "STATE", "WORKER", "QUANTA", "TOKENS", "CONTEXT", "BYTES", "AGE")
-    rows = [heads] + [tuple(str(r.get(c) if r.get(c) is not None else "-") for c in cols) for r in data["requests"]]
+    cols = ("pid", "agent", "state", "worker", "quanta", "tokens", "context", "context_bytes", "preemptible", "age_s")
+    heads = ("PID", "AGENT", "STATE", "WORKER", "QUANTA", "TOKENS", "CONTEXT", "BYTES", "PREEMPT", "AGE")
+    shown = {True: "yes", False: "no", None: "-"}  # "no": runs to the end of its turn (the API cannot resume it)
+    rows = [heads] + [tuple(shown[r.get(c)] if isinstance(r.get(c), bool | None) else str(r.get(c))
+                            for c in cols) for r in data["requests"]]  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     for row in rows:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())

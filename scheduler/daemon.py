@@ -53,6 +53,7 @@ class DaemonConfig:
     disk_budget: int = 8 << 30
     state_dir: str | None = None
     worker_args: list[str] = field(default_factory=list)
+    backend: str = "hf"  # "openai": API workers; model_dir is then the remote model's name
 
 
 class Daemon:
@@ -121,6 +122,11 @@ class Daemon:
 
     def _worker_command(self, name: str) -> list[str]:
         c = self.cfg
+        if c.backend == "openai":
+            return [
+                sys.executable, "-m", "backends.openai_worker", "--endpoint", c.worker_endpoint, "--name", name,
+                "--model", c.model_dir, "--slots", str(c.slots), "--heartbeat-s", str(c.heartbeat_s), *c.worker_args,
+            ]  # fmt: skip
         return [
             sys.executable, "-m", "backends.worker",
             "--endpoint", c.worker_endpoint, "--name", name, "--model", c.model_dir,
@@ -332,6 +338,7 @@ class Daemon:
                 log.info("event=migrate pid=%s from=%s to=%s", req.pid, req.migrate_from, req.worker)
                 self._to_worker(req.migrate_from, P.D_EXPORT, rid=req.pid)
                 continue
+            req.preemptible = self.sched.workers[req.worker].info.get("preemptible", True)
             self._send_run(req)  # carries all a worker without the context needs to rebuild it
             if req.quanta > 0:  # after ``run``: if the agent is gone, the cancel follows the run
                 self._emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier)
@@ -394,7 +401,8 @@ class Daemon:
             self._lose_worker(name)  # it restarted: whatever it held is gone
         w.alive = True
         w.slots = P.field(msg, "slots", int, self.cfg.slots)
-        w.info = {"device": P.field(msg, "device", str, "?"), "pid": P.field(msg, "pid", int, 0)}
+        w.info = {"device": P.field(msg, "device", str, "?"), "pid": P.field(msg, "pid", int, 0),
+                  "preemptible": P.field(msg, "preemptible", bool, True)}  # fmt: skip
         log.info("event=worker_ready worker=%s device=%s slots=%s", name, w.info["device"], w.slots)
         if all(x.alive for x in self.sched.workers.values()) and not self.ready.is_set():
             self.ready.set()
@@ -420,7 +428,8 @@ class Daemon:
     def _send_run(self, req: Request, frames: list | None = None, **extra: Any) -> None:
         q = self.sched.policy.quantum_for(req)
         self._to_worker(req.worker, P.D_RUN, frames=frames, rid=req.pid, quantum_tokens=q.tokens, quantum_ms=q.ms,
-                        params=req.params, resume_ids=req.tokens, emitted_chars=len(req.text), **extra)  # fmt: skip
+                        params=req.params, resume_ids=req.tokens, emitted_chars=len(req.text), resume_text=req.text,
+                        resume_tokens=req.generated, **extra)  # fmt: skip
 
     def _restart_on(self, req: Request) -> None:
         """Run a request on its assigned worker from its streamed tokens (context lost)."""
@@ -431,15 +440,18 @@ class Daemon:
     def _w_tokens(self, req: Request, msg: dict) -> None:
         ids = P.field(msg, "ids", list)
         text = P.field(msg, "text", str, "")
-        if req.first_token_s is None and ids:
+        if req.first_token_s is None and (ids or text):
             req.first_token_s = time.monotonic() - req.submitted_at
         req.tokens.extend(int(t) for t in ids)
+        req.generated += P.field(msg, "n", int, len(ids))  # API workers count tokens without ids
         req.text += text
         if text or ids:
-            self._emit(req, P.EV_TOKEN, text=text, token_ids=ids, index=len(req.tokens))
+            self._emit(req, P.EV_TOKEN, text=text, token_ids=ids, index=req.generated)
 
     def _w_quantum_end(self, req: Request, msg: dict) -> None:
-        preempt = self.sched.quantum_end(req, P.field(msg, "emitted", int))
+        req.preemptible = P.field(msg, "preemptible", bool, req.preemptible)
+        preempt = self.sched.quantum_end(req, P.field(msg, "emitted", int)) and req.preemptible is not False
+        req.preempt_pending = preempt  # a request that cannot be resumed runs to the end of its turn
         if preempt:
             self._to_worker(req.worker, P.D_PREEMPT, rid=req.pid)
         else:
@@ -452,7 +464,7 @@ class Daemon:
         req.switch_s += float(P.field(msg, "switch_s", (int, float), 0.0))
         self.sched.preempt(req)
         log.info("event=preempted pid=%s tier=%s bytes=%s", req.pid, req.tier, req.context_bytes)
-        self._emit(req, P.EV_PREEMPTED, quantum=req.quanta, tokens=len(req.tokens), context=req.tier)
+        self._emit(req, P.EV_PREEMPTED, quantum=req.quanta, tokens=req.generated, context=req.tier)
         self._schedule()
 
     def _w_context(self, req: Request, msg: dict) -> None:
@@ -463,7 +475,7 @@ class Daemon:
         req.quanta += 1
         if P.field(msg, "session_kept", bool, False):
             self.sessions[req.params["session"]] = req.worker
-        log.info("event=done pid=%s tokens=%s quanta=%s preemptions=%s", req.pid, len(req.tokens),
+        log.info("event=done pid=%s tokens=%s quanta=%s preemptions=%s", req.pid, req.generated,
                  req.quanta, req.preemptions)  # fmt: skip
         self._terminal(
             req,
@@ -478,7 +490,9 @@ class Daemon:
         )
 
     def _w_failed(self, req: Request, msg: dict) -> None:
-        self._fail(req, P.E_WORKER_FAILED, P.field(msg, "message", str, "worker failed"))
+        code = P.field(msg, "code", str, P.E_WORKER_FAILED)
+        code = code if code in P.WORKER_CODES else P.E_WORKER_FAILED
+        self._fail(req, code, P.field(msg, "message", str, "worker failed"))
 
 
 def serve(cfg: DaemonConfig) -> int:

@@ -35,6 +35,8 @@ class Request:
     context_bytes: int = 0
     tokens: list[int] = field(default_factory=list)  # emitted ids (streamed to the agent)
     text: str = ""
+    generated: int = 0  # tokens streamed: len(tokens), or as counted by workers that send no ids (API workers)
+    preemptible: bool | None = None  # False: its worker cannot resume it, so it runs to the end of its turn
     checkpoint: int = 0  # tokens confirmed at the last quantum end
     quanta: int = 0
     preemptions: int = 0
@@ -87,7 +89,8 @@ class Request:
             "state": self.state.value,
             "worker": self.worker,
             "quanta": self.quanta,
-            "tokens": len(self.tokens),
+            "tokens": self.generated,
+            "preemptible": self.preemptible,
             "checkpoint": self.checkpoint,
             "context": self.tier,
             "context_bytes": self.context_bytes,
