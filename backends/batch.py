@@ -1,17 +1,18 @@
 """The running batch of a worker: one left-padded KV cache shared by every decoding slot.
 
 Requests join and leave between steps (continuous batching).  The batch cache has shape
-[B, heads, L, dim] per layer; a row shorter than L is left-padded and masked.  Joining
-pads once (the newcomer or the batch, whichever is shorter); leaving copies the row's
-real suffix out (that is the context snapshot) and drops the row.  Each decode step feeds
-one token per row with explicit position ids, so a row computes exactly what it would alone
-up to the rounding of batched matrix products (greedy fp32 output is unchanged; measured).
+[B, heads, L, dim] per layer; a row shorter than L is left-padded and masked.  Leaving copies
+the row's real suffix out (that is the context snapshot).  Joins and leaves are recorded and
+applied together just before the next step, in one copy of the batch's KV: with round robin
+at a short quantum, many rows change at every step, and rebuilding the batch once per change
+would copy it B times.  Each decode step feeds one token per row with explicit position ids, so
+a row computes exactly what it would alone up to the rounding of batched matrix products (greedy
+fp32 output is unchanged; measured).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
 from backends.sequence import Sequence
@@ -20,78 +21,115 @@ from contexts.kv import build_cache, cache_layers
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
-    return F.pad(t, (0, 0, n, 0)) if n > 0 else t
-
-
 class Batch:
     def __init__(self, model, config):
         self.model = model
         self.config = config
-        self.seqs: list[Sequence] = []
-        self.lengths: list[int] = []  # real (unpadded) KV length of each row
+        self._rows: list[Sequence] = []  # rows of ``cache``, in order
+        self._lengths: list[int] = []  # real (unpadded) KV length of each row of ``cache``
+        self._gone: set[int] = set()  # indices of rows of ``cache`` that have left
+        self._joining: list[tuple[Sequence, Layers]] = []  # to be appended at the next step
         self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # [B, L], 1 where a row has a real token
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        """The rows as the next step will run them (survivors first, then newcomers)."""
+        alive = [s for i, s in enumerate(self._rows) if i not in self._gone]
+        return alive + [s for s, _ in self._joining]
 
     def __len__(self) -> int:
-        return len(self.seqs)
+        return len(self._rows) - len(self._gone) + len(self._joining)
 
     def __contains__(self, seq: Sequence) -> bool:
         return any(s is seq for s in self.seqs)
 
     @property
     def width(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
+        return 0 if self.cache is None else cache_layers(self.cache)[0][0].shape[-2]
 
     def add(self, seq: Sequence, layers: Layers) -> None:
-        """Join with the sequence's own (unpadded, batch-1) KV tensors."""
-        n = layers[0][0].shape[-2]
-        row_mask = torch.ones(1, n, dtype=torch.long, device=layers[0][0].device)
-        if not self.seqs:
-            self.cache, self.mask = build_cache(layers, self.config), row_mask
-        else:
-            width = max(self.width, n)
-            grow, pad = width - self.width, width - n
-
-            def join(rows: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-                return torch.cat([_left_pad(rows, grow), _left_pad(new, pad)])
-
-            joined = [
-                (join(bk, k), join(bv, v)) for (bk, bv), (k, v) in zip(cache_layers(self.cache), layers, strict=True)
-            ]
-            self.cache = build_cache(joined, self.config)
-            self.mask = torch.cat([F.pad(self.mask, (grow, 0)), F.pad(row_mask, (pad, 0))])
-        self.seqs.append(seq)
-        self.lengths.append(n)
+        """Join with the sequence's own (unpadded, batch-1) KV tensors, from the next step on."""
+        self._joining.append((seq, layers))
 
     def remove(self, seq: Sequence, keep_kv: bool = True) -> Layers | None:
-        """Leave the batch; return the row's real KV as fresh contiguous tensors."""
-        i = next(j for j, s in enumerate(self.seqs) if s is seq)
-        start = self.width - self.lengths[i]
+        """Leave the batch; return the row's real KV as tensors of its own (a copy, or the joiner's own)."""
+        for j, (s, layers) in enumerate(self._joining):
+            if s is seq:
+                del self._joining[j]
+                return layers if keep_kv else None
+        i = next(j for j, s in enumerate(self._rows) if s is seq and j not in self._gone)
+        self._gone.add(i)
+        if not keep_kv:
+            return None
+        start = self.width - self._lengths[i]
         layers = cache_layers(self.cache)
-        del self.seqs[i], self.lengths[i]
-        if not self.seqs:  # the last row: hand its tensors over as they are (no copy)
-            self.cache = self.mask = None
-            return [(k[:, :, start:], v[:, :, start:]) for k, v in layers] if keep_kv else None
-        out = None
-        if keep_kv:
-            out = [(k[i : i + 1, :, start:].clone(), v[i : i + 1, :, start:].clone()) for k, v in layers]
-        keep = torch.tensor([j for j in range(len(layers[0][0])) if j != i], device=self.mask.device)
-        trim = self.width - max(self.lengths)  # columns that are padding in every remaining row
-        self.cache = build_cache(
-            [(k.index_select(0, keep)[:, :, trim:], v.index_select(0, keep)[:, :, trim:]) for k, v in layers],
-            self.config,
-        )
-        self.mask = self.mask.index_select(0, keep)[:, trim:]
-        return out
+        if len(self._gone) == len(self._rows) and not self._joining:  # the last row: no copy needed
+            out = [(k[i : i + 1, :, start:], v[i : i + 1, :, start:]) for k, v in layers]
+            self._reset()
+            return out
+        return [(k[i : i + 1, :, start:].clone(), v[i : i + 1, :, start:].clone()) for k, v in layers]
+
+    def _reset(self) -> None:
+        self._rows, self._lengths, self._gone, self.cache = [], [], set(), None
+
+    def _apply(self) -> None:
+        """Drop the rows that left and append the newcomers, copying the KV once."""
+        if not self._gone and not self._joining:
+            return
+        keep = [i for i in range(len(self._rows)) if i not in self._gone]
+        lengths = [self._lengths[i] for i in keep] + [layers[0][0].shape[-2] for _, layers in self._joining]
+        rows = [self._rows[i] for i in keep] + [s for s, _ in self._joining]
+        if not rows:
+            self._reset()
+            self._joining = []
+            return
+        if not self._gone and len(self._joining) == 1 and not self._rows:  # one newcomer: its tensors as they are
+            self.cache = build_cache(self._joining[0][1], self.config)
+        else:
+            width = max(lengths)
+            old = cache_layers(self.cache) if self.cache is not None else None
+            new_layers = []
+            for li in range(len(self._joining[0][1]) if self._joining else len(old)):
+                pair = []
+                for kv in (0, 1):
+                    ref = self._joining[0][1][li][kv] if self._joining else old[li][kv]
+                    out = torch.empty(len(rows), ref.shape[1], width, ref.shape[3], dtype=ref.dtype, device=ref.device)
+                    self._copy_rows(out, old[li][kv] if old is not None else None, keep, li, kv, width)
+                    pair.append(out)
+                new_layers.append(tuple(pair))
+            self.cache = build_cache(new_layers, self.config)
+        self._rows, self._lengths, self._gone, self._joining = rows, lengths, set(), []
+
+    def _copy_rows(self, out: torch.Tensor, old: torch.Tensor | None, keep: list[int], li: int, kv: int,
+                   width: int) -> None:  # fmt: skip
+        """Survivors (in runs of consecutive rows, one copy each), then each newcomer, right-aligned.
+
+        Padding columns are zeroed (masked out, but they must hold finite numbers: 0 x NaN is NaN).
+        """
+        j = 0
+        while j < len(keep):
+            run = 1
+            while j + run < len(keep) and keep[j + run] == keep[j] + run:
+                run += 1
+            n = max(self._lengths[i] for i in keep[j : j + run])
+            out[j : j + run, :, width - n :].copy_(old[keep[j] : keep[j] + run, :, old.shape[-2] - n :])
+            out[j : j + run, :, : width - n].zero_()
+            j += run
+        for r, (_, layers) in enumerate(self._joining, start=len(keep)):
+            t = layers[li][kv]
+            out[r : r + 1, :, width - t.shape[-2] :].copy_(t)
+            out[r : r + 1, :, : width - t.shape[-2]].zero_()
 
     @torch.inference_mode()
     def step(self, tokens: list[int]) -> torch.Tensor:
-        """Feed one token per row; return next-token logits [B, vocab]."""
-        device = self.mask.device
+        """Feed one token per row (in ``seqs`` order); return next-token logits [B, vocab]."""
+        self._apply()
+        lengths = torch.tensor(self._lengths)
+        device = cache_layers(self.cache)[0][0].device
+        width = self.width + 1
+        mask = (torch.arange(width) >= width - 1 - lengths.unsqueeze(1)).long().to(device)
         x = torch.tensor(tokens, device=device).unsqueeze(1)
-        pos = torch.tensor(self.lengths, device=device).unsqueeze(1)
-        self.mask = F.pad(self.mask, (0, 1), value=1)
-        out = self.model(input_ids=x, attention_mask=self.mask, position_ids=pos, cache=self.cache, use_cache=True)
-        self.lengths = [n + 1 for n in self.lengths]
+        pos = lengths.unsqueeze(1).to(device)
+        out = self.model(input_ids=x, attention_mask=mask, position_ids=pos, cache=self.cache, use_cache=True)
+        self._lengths = [n + 1 for n in self._lengths]
         return out.logits[:, -1, :]

@@ -50,6 +50,30 @@ class HFEngine:
         return cache, out.logits[:, -1, :]
 
     @torch.inference_mode()
+    def prefill_many(self, rows: list[list[int]]) -> list[tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]]:
+        """Prefill several fresh prompts in one left-padded forward (about twice the speed of one by one
+        here); return each row's own KV (its real suffix, copied out) and last logits.
+
+        Rows do not see each other (attention mask, explicit positions), so each row's KV and logits
+        equal a prefill alone up to the rounding of batched products (identical in fp32 on CPU, measured).
+        """
+        width = max(len(r) for r in rows)
+        pad = int(self.tokenizer.pad_token_id or 0)
+        x = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = self.new_cache()
+        out = self.model(input_ids=x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                         logits_to_keep=1)  # fmt: skip
+        self.prefill_tokens += sum(len(r) for r in rows)
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        return [
+            ([(k[i : i + 1, :, width - len(r) :].clone(), v[i : i + 1, :, width - len(r) :].clone()) for k, v in kv],
+             out.logits[i : i + 1, -1, :].clone())
+            for i, r in enumerate(rows)
+        ]  # fmt: skip
+
+    @torch.inference_mode()
     def decode(self, cache: DynamicCache, token: int) -> torch.Tensor:
         x = torch.tensor([[token]], device=self.device)
         out = self.model(input_ids=x, cache=cache, use_cache=True)

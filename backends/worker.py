@@ -98,13 +98,8 @@ class Worker:
         return bool(self.prefilling) or self._decoding()
 
     def tick(self) -> None:
-        """One scheduling step: a chunk of prefill, then one decode step for the whole batch."""
-        budget = self.prefill_chunk
-        while self.prefilling and budget > 0:
-            seq = self.prefilling[0]
-            before = seq.prefilled
-            self.guard(seq, self._prefill, budget)
-            budget -= max(seq.prefilled - before, 1)
+        """One scheduling step: a budget of prefill, then one decode step for the whole batch."""
+        self._prefill_line(self.prefill_chunk)
         if self._decoding():
             try:
                 self._decode()
@@ -112,6 +107,26 @@ class Worker:
                 log.exception("decode step failed")
                 for seq in list(self.batch.seqs):
                     self._fail(seq, exc)
+
+    def _fits_whole(self, seq: Sequence) -> bool:
+        """A new prompt short enough to prefill in one go (with others: see ``_prefill_fresh``)."""
+        return not seq.prefilled and seq.cache is None and len(seq.context_ids) <= self.prefill_chunk
+
+    def _prefill_line(self, budget: int) -> None:
+        """New short prompts together in one forward; the rest (long prompts, resumed prefixes) in chunks.
+
+        A short prompt is never split: when it does not fit what is left of the budget, it waits for
+        the next step, where it is prefilled whole (and batched with the others waiting).
+        """
+        budget = self._prefill_fresh(budget)
+        for seq in list(self.prefilling):
+            if budget <= 0:
+                break
+            if seq not in self.prefilling or (self._fits_whole(seq) and len(seq.context_ids) > budget):
+                continue
+            before = seq.prefilled
+            self.guard(seq, self._prefill, budget)
+            budget -= max(seq.prefilled - before, 1)
 
     def beat(self) -> None:
         self._last_beat = time.monotonic()
@@ -378,6 +393,36 @@ class Worker:
         self.prefilling.remove(seq)
         seq.logits, layers, seq.cache = logits, cache_layers(seq.cache), None
         self.batch.add(seq, layers)
+
+    def _prefill_fresh(self, budget: int) -> int:
+        """Prefill the new prompts at the head of the line that fit the budget together, in one forward."""
+        group: list[Sequence] = []
+        for seq in self.prefilling:
+            n = len(seq.context_ids)
+            if not self._fits_whole(seq):
+                continue
+            if n > budget:
+                break
+            group.append(seq)
+            budget -= n
+        if len(group) < 2:
+            return budget + sum(len(s.context_ids) for s in group)  # one alone takes the usual path
+        t0 = time.perf_counter()
+        try:
+            rows = self.engine.prefill_many([s.context_ids for s in group])
+        except Exception as exc:
+            log.exception("batched prefill failed")
+            for seq in group:
+                self._fail(seq, exc)
+            return budget
+        self.contexts.observe_prefill(sum(len(s.context_ids) for s in group), time.perf_counter() - t0)
+        for seq, (layers, logits) in zip(group, rows, strict=True):
+            n = len(seq.context_ids)
+            seq.prefilled, seq.prefill_computed = n, seq.prefill_computed + n
+            self.prefilling.remove(seq)
+            seq.logits = logits
+            self.batch.add(seq, layers)
+        return budget
 
     def _decode(self) -> None:
         """Choose each row's next token, stream it, then feed all continuing rows in one step."""

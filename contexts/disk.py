@@ -2,29 +2,48 @@
 
 Files are data only (safetensors, never pickle).  A file may be truncated by a crash, corrupted
 on disk or replaced behind our back, so ``read`` trusts nothing: size, format, layer count,
-names, shapes, dtypes and a blake2b checksum of the tensor bytes must all match what was
-written, or it raises ``CorruptSnapshot`` and the caller recomputes instead.
+names, shapes, dtypes, offsets and an xxh3-128 checksum of the tensor bytes must all match what
+was written, or it raises ``CorruptSnapshot`` and the caller recomputes instead.
+
+Speed matters here (a context switch waits on it), so the file is written and read straight from
+and into the tensors' own memory: the safetensors header is built here (the format is a length,
+a JSON header and the raw bytes; ``safetensors.safe_open`` reads our files), nothing is
+serialised into an intermediate buffer, and the checksum is xxh3 (tens of GB/s) rather than a
+cryptographic hash: it guards against damage, not against an attacker who can write our state
+directory.
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
+import json
 import logging
 import os
+import struct
 from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+import xxhash
 
 FORMAT = "quantad-ctx"
-VERSION = "1"
+VERSION = "2"
 PREFIX, SUFFIX, TMP = "ctx-", ".safetensors", ".tmp"
+MAX_HEADER = 1 << 20  # a header larger than this is not one of ours
 
 log = logging.getLogger("quantad.contexts")
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
+
+DTYPES = {  # torch dtype <-> safetensors dtype name
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+}
+NAMES_TO_DTYPES = {v: k for k, v in DTYPES.items()}
 
 
 class CorruptSnapshot(Exception):
@@ -37,8 +56,19 @@ class DiskFile:
 
     path: str
     nbytes: int  # the file's size from os.stat after it was written
-    digest: str  # blake2b of the tensor bytes, also stored in the file's metadata
-    layout: dict[str, tuple[tuple[int, ...], torch.dtype]]  # name -> (shape, dtype), in checksum order
+    digest: str  # xxh3-128 of the tensor bytes, also stored in the file's metadata
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]]  # name -> (shape, dtype), in file order
+
+
+@dataclass
+class Encoded:
+    """A file's bytes as pieces: the header, then each tensor's memory (no copy)."""
+
+    header: bytes
+    tensors: list[torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.header) + sum(t.numel() * t.element_size() for t in self.tensors)
 
 
 def path_for(state_dir: str, key: int) -> str:
@@ -46,77 +76,145 @@ def path_for(state_dir: str, key: int) -> str:
 
 
 def tensor_names(n_layers: int, has_logits: bool) -> list[str]:
-    """Names in the fixed order the checksum covers them."""
+    """Names in the fixed order the file stores and the checksum covers them."""
     names = [f"{kv}.{i}" for i in range(n_layers) for kv in ("k", "v")]
     return names + (["logits"] if has_logits else [])
 
 
+def _bytes(t: torch.Tensor) -> memoryview:
+    """A contiguous tensor's memory as bytes, without a copy (any dtype, bfloat16 included)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
 def checksum(tensors: list[torch.Tensor]) -> str:
-    h = hashlib.blake2b(digest_size=32)
+    h = xxhash.xxh3_128()
     for t in tensors:
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+        h.update(_bytes(t.contiguous()))
     return h.hexdigest()
 
 
-def encode(layers: Layers, logits: torch.Tensor | None, tokens: int) -> tuple[bytes, DiskFile]:
-    """The file's exact bytes, and its record (``path`` and ``nbytes`` filled in by the writer)."""
+def _header(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
+    """The safetensors header: 8-byte length, then JSON padded with spaces to 8-byte alignment."""
+    entries: dict[str, object] = {"__metadata__": meta}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        entries[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def encode(layers: Layers, logits: torch.Tensor | None, tokens: int) -> tuple[Encoded, DiskFile]:
+    """The file's contents, and its record (``path`` and ``nbytes`` filled in by the writer)."""
     flat = [t for kv in layers for t in kv] + ([logits] if logits is not None else [])
     names = tensor_names(len(layers), logits is not None)
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in zip(names, flat, strict=True)}
+    for n, t in tensors.items():
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{n}: dtype {t.dtype} has no safetensors name here")
     digest = checksum(list(tensors.values()))
     meta = {"format": FORMAT, "version": VERSION, "layers": str(len(layers)), "tokens": str(tokens), "checksum": digest}
     layout = {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}
-    return save(tensors, metadata=meta), DiskFile(path="", nbytes=0, digest=digest, layout=layout)
+    return Encoded(_header(tensors, meta), list(tensors.values())), DiskFile("", 0, digest, layout)
 
 
-def write_atomic(path: str, data: bytes) -> int:
-    """Temp file, fsync, rename, fsync the directory: a crash leaves the old state or the new, never half.
+def _write_all(fd: int, data: memoryview | bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
+
+def write_atomic(path: str, data: Encoded) -> int:
+    """Temp file, fsync, rename: a reader sees the old state or the new, never half.
+
+    The directory is not fsynced: snapshots do not outlive the process that wrote them (a
+    restarted worker deletes them all, see ``clean``), so the rename need not be durable.
     Returns the size of the file as the filesystem reports it.
     """
     tmp = path + TMP
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            _write_all(fd, data.header)
+            for t in data.tensors:
+                _write_all(fd, _bytes(t))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         remove(tmp)
         raise
-    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
     return os.stat(path).st_size
 
 
-def read(file: DiskFile) -> tuple[Layers, torch.Tensor | None]:
-    """The tensors exactly as written, or ``CorruptSnapshot``."""
+def _read_exact(f, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise CorruptSnapshot(f"truncated: {len(data)} of {n} bytes")
+    return data
+
+
+def _read_into(f, view: memoryview, name: str) -> None:
+    while view:
+        got = f.readinto(view)
+        if not got:
+            raise CorruptSnapshot(f"{name}: truncated")
+        view = view[got:]
+
+
+def _check_header(file: DiskFile, entries: dict, data_bytes: int) -> int:
+    """Validates a parsed header against the record; returns the layer count."""
+    meta = entries.pop("__metadata__", None) or {}
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CorruptSnapshot(f"not a {FORMAT} v{VERSION} file")
+    if meta.get("checksum") != file.digest:
+        raise CorruptSnapshot("checksum in metadata differs from what was written")
     names = list(file.layout)
+    n_layers = int(meta.get("layers", ""))
+    if tensor_names(n_layers, "logits" in names) != names or list(entries) != names:
+        raise CorruptSnapshot("layers or tensor names differ from what was written")
+    offset = 0
+    for name, (shape, dtype) in file.layout.items():
+        e = entries[name]
+        n = torch.Size(shape).numel() * dtype.itemsize
+        if e.get("dtype") != DTYPES[dtype] or tuple(e.get("shape", ())) != shape:
+            raise CorruptSnapshot(f"{name}: {e.get('shape')} {e.get('dtype')}, expected {shape} {DTYPES[dtype]}")
+        if e.get("data_offsets") != [offset, offset + n]:
+            raise CorruptSnapshot(f"{name}: data offsets {e.get('data_offsets')} differ from what was written")
+        offset += n
+    if offset != data_bytes:
+        raise CorruptSnapshot(f"{data_bytes} bytes of tensor data, expected {offset}")
+    return n_layers
+
+
+def read(file: DiskFile) -> tuple[Layers, torch.Tensor | None]:
+    """The tensors exactly as written, or ``CorruptSnapshot``.
+
+    Reads into fresh tensors we own (an mmapped tensor would fault if the file changed later).
+    """
     try:
-        size = os.stat(file.path).st_size
-        if size != file.nbytes:
-            raise CorruptSnapshot(f"size {size} != {file.nbytes} written")
-        # ``pread`` copies into memory we own: an mmap'd tensor would fault if the file changed later.
-        with safe_open(file.path, framework="pt", backend="pread") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-                raise CorruptSnapshot(f"not a {FORMAT} v{VERSION} file")
-            n_layers = int(meta.get("layers", ""))
-            if tensor_names(n_layers, "logits" in names) != names or set(f.keys()) != set(names):
-                raise CorruptSnapshot("layers or tensor names differ from what was written")
-            if meta.get("checksum") != file.digest:
-                raise CorruptSnapshot("checksum in metadata differs from what was written")
-            tensors = {n: f.get_tensor(n) for n in names}
-    except (OSError, SafetensorError, ValueError, TypeError) as exc:
+        with open(file.path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != file.nbytes:
+                raise CorruptSnapshot(f"size {size} != {file.nbytes} written")
+            (n,) = struct.unpack("<Q", _read_exact(f, 8))
+            if n > min(MAX_HEADER, size - 8):
+                raise CorruptSnapshot(f"header length {n} is not plausible")
+            entries = json.loads(_read_exact(f, n))
+            if not isinstance(entries, dict):
+                raise CorruptSnapshot("the header is not a JSON object")
+            n_layers = _check_header(file, entries, size - 8 - n)
+            tensors = {}
+            for name, (shape, dtype) in file.layout.items():
+                t = torch.empty(shape, dtype=dtype)
+                _read_into(f, _bytes(t), name)
+                tensors[name] = t
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, struct.error) as exc:
         raise CorruptSnapshot(f"{type(exc).__name__}: {exc}") from exc
-    for n, (shape, dtype) in file.layout.items():
-        if tuple(tensors[n].shape) != shape or tensors[n].dtype != dtype:
-            raise CorruptSnapshot(f"{n}: {tuple(tensors[n].shape)} {tensors[n].dtype}, expected {shape} {dtype}")
-    if checksum([tensors[n] for n in names]) != file.digest:
+    if checksum(list(tensors.values())) != file.digest:
         raise CorruptSnapshot("checksum of the tensor bytes does not match")
     layers = [(tensors[f"k.{i}"], tensors[f"v.{i}"]) for i in range(n_layers)]
     return layers, tensors.get("logits")

@@ -41,6 +41,7 @@ class Snapshot:
     extra: dict = field(default_factory=dict)
     tokens: int = 0
     file: DiskFile | None = None
+    _nbytes: int | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.tokens and self.layers:
@@ -51,8 +52,15 @@ class Snapshot:
         """Bytes held in this snapshot's tier (for the disk tier, the file's real size)."""
         if self.layers is None:
             return self.file.nbytes if self.file is not None else 0
-        n = sum(tensor_bytes(k) + tensor_bytes(v) for k, v in self.layers)
-        return n + (tensor_bytes(self.logits) if self.logits is not None else 0)
+        if self._nbytes is None:  # budgets sum this on every switch: count once per set of tensors
+            n = sum(tensor_bytes(k) + tensor_bytes(v) for k, v in self.layers)
+            self._nbytes = n + (tensor_bytes(self.logits) if self.logits is not None else 0)
+        return self._nbytes
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("layers", "logits"):  # tensors are replaced, never resized in place
+            object.__setattr__(self, "_nbytes", None)
+        object.__setattr__(self, name, value)
 
     def tensors(self) -> list[torch.Tensor]:
         if self.layers is None:

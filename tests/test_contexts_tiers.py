@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from contexts import disk
 from contexts.cost import CostModel
 from contexts.kv import build_cache, cache_layers
 from contexts.manager import ContextManager
@@ -84,7 +85,7 @@ def test_disk_file_is_checksummed_safetensors(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         assert sorted(f.keys()) == sorted(["logits"] + [f"{kv}.{i}" for i in range(3) for kv in "kv"])
-    assert meta["layers"] == "3" and meta["version"] == "1" and len(meta["checksum"]) == 64
+    assert meta["layers"] == "3" and meta["version"] == disk.VERSION and len(meta["checksum"]) == 32
     assert cm.stats()["tiers"]["disk"] == {"count": 1, "bytes": os.stat(path).st_size}
 
 
