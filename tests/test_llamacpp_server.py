@@ -226,6 +226,27 @@ def test_json_is_enforced_and_not_preempted(llama, smollm2_dir, start_daemon, ki
     assert text == ref.choices[0].message.content
 
 
+def test_a_grammar_on_a_completions_resume_starts_a_second_json_value(llama, smollm2_dir):
+    """Why JSON requests are not preemptible: ``/v1/completions`` takes a ``grammar``, but it
+    constrains only the new tokens, from the start of a JSON value, not from the resume point."""
+    from llama_cpp.llama_grammar import JSON_GBNF
+
+    from backends.continuation import LocalTemplate
+
+    chat = messages(JSON_PROMPT)
+    prompt = LocalTemplate(str(smollm2_dir)).render(chat)
+    with llama.client() as c:
+        r = c.chat.completions.create(model=llama.model, messages=chat, max_tokens=80, temperature=0.0,
+                                      response_format={"type": "json_object"})  # fmt: skip
+        whole = r.choices[0].message.content
+        part = whole[: whole.index('"') + 3]  # cut inside the first key
+        rest = c.completions.create(model=llama.model, prompt=prompt + part, max_tokens=80, temperature=0.0,
+                                    extra_body={"grammar": JSON_GBNF}).choices[0].text  # fmt: skip
+    assert json.loads(whole) and rest.lstrip().startswith("{")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(part + rest)
+
+
 def test_json_requests_are_continuable_by_no_text_method():
     from backends.continuation import COMPLETIONS, PREFIX, TextContext
 
