@@ -24,7 +24,7 @@ COMPLETIONS = "completions"
 NONE = "none"
 METHODS = (PREFIX, COMPLETIONS, NONE)
 
-# Parameters the completions endpoint cannot carry: such requests only resume by ``prefix``.
+# Parameters the completions endpoint cannot carry: sent on chat streams only.
 CHAT_ONLY = ("tools", "tool_choice", "response_format")
 JSON_FORMATS = ("json_object", "json_schema")
 

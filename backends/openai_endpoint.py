@@ -77,7 +77,7 @@ class Endpoint:
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
         self.template = template
         self.method: str | None = None if method == "auto" else method  # None: not known yet
-        self.inline_schema = False  # JSON schemas go as {"type": "json_object", "schema": ...}
+        self.schema_as_json_object = False  # JSON schemas go as {"type": "json_object", "schema": ...}
         self._lock = asyncio.Lock()
 
     async def open(self, kind: str, kw: dict[str, Any]):
@@ -87,7 +87,7 @@ class Endpoint:
         inline = inline_schema(kw.get("response_format"))
         if inline is None:
             return await self.client.chat.completions.create(**kw)
-        if self.inline_schema:
+        if self.schema_as_json_object:
             return await self.client.chat.completions.create(**kw | {"response_format": inline})
         try:
             return await self.client.chat.completions.create(**kw)
@@ -97,7 +97,7 @@ class Endpoint:
             if exc.status_code not in (*REFUSED, 500) or "response_format" not in str(exc.message):
                 raise
         stream = await self.client.chat.completions.create(**kw | {"response_format": inline})
-        self.inline_schema = True
+        self.schema_as_json_object = True
         log.info("event=schema_form endpoint=%s form=json_object+schema", self.base_url)
         return stream
 
