@@ -41,7 +41,12 @@ class Sim:
             self.left[req.pid] = self.sched.policy.quantum_for(req).tokens or 10**9
 
     def step(self) -> None:
-        """One token for every running request; quantum ends and finishes as a worker reports them."""
+        """One token for every running request; quantum ends and finishes as a worker reports them.
+
+        As with a batched worker, every quantum end of a step reaches the daemon before the
+        ``preempted`` answers to the preemptions it orders.
+        """
+        yielding = []
         for pid in sorted(self.sched.workers["w0"].running):
             req = self.sched.table[pid]
             req.generated += 1
@@ -52,9 +57,11 @@ class Sim:
                 self.done.append(pid)
             elif self.left[pid] == 0:
                 if self.sched.quantum_end(req, req.generated):
-                    self.sched.preempt(req)
+                    yielding.append(req)
                 else:
                     self.left[pid] = self.sched.policy.quantum_for(req).tokens or 10**9
+        for req in yielding:
+            self.sched.preempt(req)
         self._start()
 
     def run(self, until=lambda: False, limit: int = 10_000) -> None:
@@ -172,6 +179,23 @@ def test_plas_session_is_its_own_program_and_decay():
     assert pol.attained["session:s1"] < pol.input_weight * a.prompt_tokens + 2 * 12  # halved at least once
 
 
+def test_mlfq_with_two_slots_frees_only_what_waiters_need():
+    sim = Sim("mlfq", quantum_tokens=2, slots=2)
+    a, b = sim.submit(20), sim.submit(20)
+    sim.run(until=lambda: a.generated >= 2)
+    assert a.preemptions == b.preemptions == 0  # nobody waited: both went on, one level down
+    c = sim.submit(4)
+    sim.run()
+    assert sim.done[0] == c.pid and a.preemptions + b.preemptions == 1
+
+
+def test_serve_rejects_bad_policy_options(tmp_path):
+    out = quantad("serve", "--policy", "mlfq", "--policy-opt", "bogus=1", "--endpoint", f"ipc://{tmp_path}/a.sock")
+    assert out.returncode != 0 and "no option 'bogus'" in out.stderr
+    out = quantad("serve", "--policy", "lottery", "--endpoint", f"ipc://{tmp_path}/a.sock")
+    assert out.returncode != 0 and "invalid choice" in out.stderr
+
+
 def test_policy_options_are_checked():
     with pytest.raises(ValueError, match="no option"):
         make_policy("mlfq", Quantum(tokens=2), {"bogus": "1"})
@@ -189,7 +213,7 @@ def done_order(events: dict) -> list:
 
 
 def test_daemon_mlfq_short_job_first_and_demotions(tiny_model_dir, start_daemon):
-    d = start_daemon(tiny_model_dir, "--policy", "mlfq", "--quantum-tokens", "2")
+    d = start_daemon(tiny_model_dir, "--policy", "mlfq", "--quantum-tokens", "2", "--policy-opt", "boost_quanta=1000")
     with d.client(timeout=120) as c:
         long_a, long_b = submit_in_order(c, [("long A", 40), ("long B", 40)])
         short = c.submit(messages("short C"), max_tokens=4, temperature=0.0)
