@@ -471,7 +471,7 @@ class Daemon:
 
     def _w_quantum_end(self, req: Request, msg: dict) -> None:
         req.preemptible = P.field(msg, "preemptible", bool, req.preemptible)
-        req.prompt_tokens = P.field(msg, "prompt_tokens", int, req.prompt_tokens)  # exact, from the tokenizer
+        req.prompt_tokens = max(0, P.field(msg, "prompt_tokens", int, req.prompt_tokens))  # exact, from the tokenizer
         preempt = self.sched.quantum_end(req, P.field(msg, "emitted", int)) and req.preemptible is not False
         req.preempt_pending = preempt  # a request that cannot be resumed runs to the end of its turn
         if preempt:
@@ -497,7 +497,7 @@ class Daemon:
         req.quanta += 1
         usage = P.field(msg, "usage", dict, {})
         if isinstance(usage.get("prompt_tokens"), int) and not isinstance(usage["prompt_tokens"], bool):
-            req.prompt_tokens = usage["prompt_tokens"]
+            req.prompt_tokens = max(0, usage["prompt_tokens"])
         if P.field(msg, "session_kept", bool, False):
             self.sessions[req.params["session"]] = req.worker
         log.info("event=done pid=%s tokens=%s quanta=%s preemptions=%s", req.pid, req.generated,
