@@ -459,7 +459,7 @@ class Worker:
             seq.quantum_used += 1
             if seq.quantum_over():
                 seq.paused = True
-                self.send(P.W_QUANTUM_END, rid=seq.rid, emitted=len(seq.generated))
+                self.send(P.W_QUANTUM_END, rid=seq.rid, emitted=len(seq.generated), prompt_tokens=len(seq.prompt_ids))
 
     def finish(self, seq: Sequence, reason: str, kept: bool = False) -> None:
         self.running.pop(seq.rid, None)

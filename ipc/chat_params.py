@@ -9,6 +9,8 @@ from ipc.protocol import (
     MAX_MESSAGES,
     MAX_STOP,
     MAX_TOKENS_LIMIT,
+    NICE_MAX,
+    NICE_MIN,
     ProtocolError,
     field,
     number,
@@ -44,6 +46,7 @@ def parse_chat(msg: dict[str, Any]) -> dict[str, Any]:
         "stop": stop,
         "agent": agent,
         "session": session,
+        "nice": number(msg, "nice", NICE_MIN, NICE_MAX, 0, integer=True),
         "stream": bool(field(msg, "stream", bool, True)),
         **_structured(msg),
     }

@@ -188,6 +188,10 @@ class Client:
     def kill(self, pid: int) -> dict[str, Any]:
         return self.call(P.OP_KILL, pid=pid)
 
+    def nice(self, pid: int, nice: int) -> dict[str, Any]:
+        """Change a live request's nice value (-20..19, lower runs first); returns ``{pid, nice, old}``."""
+        return self.call(P.OP_NICE, pid=pid, nice=nice)
+
     def submit(self, messages: Messages, **params: Any) -> Any:
         """Send a chat and return its id; read its events with ``events(id)``."""
         params.setdefault("agent", self.agent or None)
@@ -279,6 +283,10 @@ class AsyncClient:
 
     async def kill(self, pid: int) -> dict[str, Any]:
         return await self.call(P.OP_KILL, pid=pid)
+
+    async def nice(self, pid: int, nice: int) -> dict[str, Any]:
+        """Change a live request's nice value (-20..19, lower runs first); returns ``{pid, nice, old}``."""
+        return await self.call(P.OP_NICE, pid=pid, nice=nice)
 
     async def _events(self, cid: Any, q: asyncio.Queue) -> AsyncIterator[Event]:
         try:

@@ -31,7 +31,10 @@ OP_PS = "ps"
 OP_KILL = "kill"
 OP_PING = "ping"
 OP_CANCEL = "cancel"
-AGENT_OPS = (OP_CHAT, OP_PS, OP_KILL, OP_PING, OP_CANCEL)
+OP_NICE = "nice"
+AGENT_OPS = (OP_CHAT, OP_PS, OP_KILL, OP_PING, OP_CANCEL, OP_NICE)
+
+NICE_MIN, NICE_MAX = -20, 19  # a request's nice value, as in Unix: lower runs first
 
 # Daemon -> agent events.
 EV_ACCEPTED = "accepted"

@@ -1,4 +1,4 @@
-"""The ``quantad`` command: serve, run, ps, kill, demo."""
+"""The ``quantad`` command: serve, run, ps, kill, nice, demo."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from ipc import protocol as P
 from ipc.client import Cancelled, Client, ClientError, result_of
 from ipc.endpoints import agent_endpoint, state_dir, worker_endpoint
+from scheduler.policy import POLICY_NAMES
 
 DEFAULT_QUANTUM_MS = 100.0
 
@@ -62,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "with --backend openai, the remote model's name")  # fmt: skip
     s.add_argument("--quantum-ms", type=_positive(float), help=f"time quantum in ms (default {DEFAULT_QUANTUM_MS:g})")
     s.add_argument("--quantum-tokens", type=_positive(int), help="quantum in tokens (deterministic preemption points)")
-    s.add_argument("--policy", default="rr", choices=["rr", "fifo"], help="scheduling policy (fifo = infinite quantum)")
+    s.add_argument("--policy", default="rr", choices=POLICY_NAMES,
+                   help="scheduling policy: rr, fifo (infinite quantum), mlfq (feedback queue with skip-join), "
+                   "fair (virtual token counters across agents), plas (least attained service per program); "
+                   "see docs/policies.md")  # fmt: skip
+    s.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a policy parameter, e.g. levels=6 for mlfq (repeatable; see docs/policies.md)")  # fmt: skip
     s.add_argument("--workers", type=_positive(int), default=1, help="worker processes to start")
     s.add_argument("--slots", type=_positive(int), default=1, help="requests each worker runs at once")
     s.add_argument("--device", default="cpu", help="torch device for workers (cpu, cuda, cuda:1)")
@@ -123,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int)
     r.add_argument("--stop", action="append", help="stop string (repeatable)")
     r.add_argument("--agent", default="cli", help="agent name shown in ps")
+    r.add_argument("--nice", type=int, help="priority -20..19 as in Unix: lower runs first (default 0)")
     r.add_argument("--json", action="store_true", help="print the final result as one JSON object")
     r.add_argument("--events", action="store_true", help="print scheduling events (preempted/resumed) on stderr")
 
@@ -134,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     _endpoint_arg(k)
     k.add_argument("pid", type=int)
 
+    n = sub.add_parser("nice", help="change the nice value (-20..19, lower runs first) of a live request")
+    _endpoint_arg(n)
+    n.add_argument("pid", type=int)
+    n.add_argument("nice", type=int, help="new nice value, -20..19")
+    n.add_argument("--json", action="store_true", help="print the answer as one JSON object")
+
     d = sub.add_parser("demo", help="start a daemon, run concurrent requests, show them interleave")
     d.add_argument("--model", default="smollm2")
     d.add_argument("--quantum-tokens", type=_positive(int), default=5)
@@ -143,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"serve": cmd_serve, "run": cmd_run, "ps": cmd_ps, "kill": cmd_kill, "demo": cmd_demo}[args.cmd](args)
+        commands = {"serve": cmd_serve, "run": cmd_run, "ps": cmd_ps, "kill": cmd_kill, "nice": cmd_nice,
+                    "demo": cmd_demo}  # fmt: skip
+        return commands[args.cmd](args)
     except TimeoutError as exc:
         print(f"quantad: {exc} (is 'quantad serve' running?)", file=sys.stderr)
         return 3
@@ -184,6 +199,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for ep in (endpoint, wep):
         prepare_ipc_dir(ep)
     ms = args.quantum_ms if args.quantum_ms or args.quantum_tokens else DEFAULT_QUANTUM_MS
+    try:
+        policy = make_policy(args.policy, Quantum(tokens=args.quantum_tokens, ms=ms), policy_opts(args.policy_opt))
+    except ValueError as exc:
+        raise SystemExit(f"quantad serve: {exc}") from None
     if args.backend == "openai":
         model, worker_args = args.model, api_worker_args(args)
     else:
@@ -193,7 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker_endpoint=wep,
         model_dir=model,
         backend=args.backend,
-        policy=make_policy(args.policy, Quantum(tokens=args.quantum_tokens, ms=ms)),
+        policy=policy,
         workers=args.workers,
         slots=args.slots,
         device=args.device,
@@ -209,6 +228,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state_dir=(args.state_dir or str(state_dir())) if args.disk_budget > 0 else None,
     )
     return serve(cfg)
+
+
+def policy_opts(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--policy-opt wants KEY=VALUE, got {item!r}")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
 
 
 def api_worker_args(args: argparse.Namespace) -> list[str]:
@@ -233,7 +262,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         c.ping()  # fail fast, with a clear message, when no daemon listens
         events = []
         for ev in c.chat(messages, stream=True, max_tokens=args.max_tokens, temperature=args.temperature,
-                         top_p=args.top_p, seed=args.seed, stop=args.stop, session=args.session):  # fmt: skip
+                         top_p=args.top_p, seed=args.seed, stop=args.stop, session=args.session,
+                         nice=args.nice):  # fmt: skip
             events.append(ev)
             if ev.event == P.EV_TOKEN and not args.json:
                 sys.stdout.write(ev.text)
@@ -275,8 +305,9 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    cols = ("pid", "agent", "state", "worker", "quanta", "tokens", "context", "context_bytes", "preemptible", "age_s")
-    heads = ("PID", "AGENT", "STATE", "WORKER", "QUANTA", "TOKENS", "CONTEXT", "BYTES", "PREEMPT", "AGE")
+    cols = ("pid", "agent", "state", "nice", "priority", "worker", "quanta", "tokens", "context", "context_bytes",
+            "preemptible", "age_s")  # fmt: skip
+    heads = ("PID", "AGENT", "STATE", "NI", "PRI", "WORKER", "QUANTA", "TOKENS", "CONTEXT", "BYTES", "PREEMPT", "AGE")
     shown = {True: "yes", False: "no", None: "-"}  # "no": runs to the end of its turn (the API cannot resume it)
     rows = [heads] + [tuple(shown[r.get(c)] if isinstance(r.get(c), bool | None) else str(r.get(c))
                             for c in cols) for r in data["requests"]]  # fmt: skip
@@ -290,6 +321,16 @@ def cmd_kill(args: argparse.Namespace) -> int:
     with Client(args.endpoint) as c:
         c.kill(args.pid)
     print(f"killed {args.pid}")
+    return 0
+
+
+def cmd_nice(args: argparse.Namespace) -> int:
+    with Client(args.endpoint) as c:
+        data = c.nice(args.pid, args.nice)
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(f"{data['pid']}: old priority {data['old']}, new priority {data['nice']}")
     return 0
 
 

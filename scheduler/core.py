@@ -38,6 +38,7 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.table[req.pid] = req
         req.move(State.READY)
+        self.policy.admit(req)
         self.policy.enqueue(self.ready, req)
 
     def schedule(self) -> list[Request]:
@@ -48,6 +49,10 @@ class Scheduler:
         slot: that context migrates (``migrate_from`` is set) rather than waiting.
         """
         started = []
+        for w in self.workers.values():  # the service given so far ranks the waiting (fair, plas)
+            for pid in w.running:
+                if pid in self.table:
+                    self.policy.charge(self.table[pid])
         for w in self.workers.values():
             while w.free > 0:
                 req = self.policy.pick(self.ready, w.name) or self._migrant(w.name)
@@ -58,6 +63,7 @@ class Scheduler:
                     req.migrate_from = req.worker
                     req.migrations += 1
                 req.worker = w.name
+                req.started = True
                 req.move(State.RUNNING)
                 w.running.add(req.pid)
                 started.append(req)
@@ -70,36 +76,54 @@ class Scheduler:
                 return req
         return None
 
-    def waiting_for(self, worker: str) -> int:
-        """How many queued requests could take a slot on ``worker``."""
-        return sum(r.worker in (None, worker) for r in self.ready)
+    def waiting_for(self, worker: str, running: Request | None = None) -> int:
+        """How many queued requests could take a slot on ``worker`` (from ``running``, if given)."""
+        return sum(
+            r.worker in (None, worker) and (running is None or self.policy.may_preempt(running, r)) for r in self.ready
+        )
 
     def quantum_end(self, req: Request, emitted: int) -> bool:
         """Checkpoint a finished quantum; True when the request must yield its slot.
 
-        Yield only while more requests wait for this worker than slots are already being
-        given up on it, so several quanta ending in one batched step free just enough slots.
+        Yield only while more requests that the policy lets preempt this one wait for this
+        worker than slots are already being given up on it, so several quanta ending in one
+        batched step free just enough slots.
         """
         req.quanta += 1
         req.checkpoint = emitted
+        self.policy.charge(req)
+        self.policy.quantum_used(req)
         w = self.workers[req.worker]
         yielding = sum(self.table[pid].preempt_pending for pid in w.running if pid in self.table)
-        req.preempt_pending = self.waiting_for(req.worker) > yielding
+        req.preempt_pending = self.waiting_for(req.worker, req) > yielding
         return req.preempt_pending
 
     def preempt(self, req: Request) -> None:
         """The worker has saved the context: back to the tail of the run queue."""
         self._release(req)
+        self.policy.charge(req)
         req.preempt_pending = False
         req.preemptions += 1
         req.move(State.READY)
         self.policy.enqueue(self.ready, req)
 
-    def finish(self, req: Request, state: State) -> None:
+    def finish(self, req: Request, state: State) -> dict:
+        """Leave the run queue and the policy; returns the policy's last view of the request (for its stats)."""
         self._release(req)
         if req in self.ready:
             self.ready.remove(req)
+        view: dict = {}
+        if not req.finished:
+            self.policy.charge(req)
+            view = {"nice": req.nice, "prompt_tokens": req.prompt_tokens, **self.policy.info(req)}
+            self.policy.release(req)
         req.move(state)
+        return view
+
+    def renice(self, req: Request, nice: int) -> None:
+        """Change a live request's nice value; it counts from the next pick or quantum end."""
+        self.policy.charge(req)  # service so far is weighed with the old value
+        req.nice = nice
 
     def worker_lost(self, name: str) -> list[Request]:
         """Requests that ran on or kept context in a dead worker restart from their checkpoint."""

@@ -214,6 +214,7 @@ class Daemon:
                 P.OP_KILL: self._op_kill,
                 P.OP_CANCEL: self._op_cancel,
                 P.OP_PING: self._op_ping,
+                P.OP_NICE: self._op_nice,
             }.get(msg["op"])
             if handler is None:
                 raise P.ProtocolError(P.E_UNKNOWN_OP, f"unknown op {msg['op']!r}; known: {', '.join(P.AGENT_OPS)}")
@@ -243,7 +244,8 @@ class Daemon:
         self._schedule()
 
     def _op_ps(self, addr: bytes, cid: Any, msg: dict) -> None:
-        rows = [r.row() for r in self.sched.table.values() if not r.finished]
+        policy = self.sched.policy
+        rows = [r.row() | policy.info(r) for r in self.sched.table.values() if not r.finished]
         workers = [
             {"name": w.name, "alive": w.alive, "slots": w.slots, "running": sorted(w.running), **w.info}
             for w in self.sched.workers.values()
@@ -257,6 +259,17 @@ class Daemon:
             raise P.ProtocolError(P.E_NOT_FOUND, f"no live request with pid {pid}")
         self._cancel(req, "killed")
         self._reply(addr, cid, {"killed": pid})
+
+    def _op_nice(self, addr: bytes, cid: Any, msg: dict) -> None:
+        pid = P.field(msg, "pid", int)
+        nice = P.number(msg, "nice", P.NICE_MIN, P.NICE_MAX, ..., integer=True)
+        req = self.sched.table.get(pid)
+        if req is None or req.finished:
+            raise P.ProtocolError(P.E_NOT_FOUND, f"no live request with pid {pid}")
+        old = req.nice
+        self.sched.renice(req, nice)
+        log.info("event=renice pid=%s old=%s nice=%s", pid, old, nice)
+        self._reply(addr, cid, {"pid": pid, "nice": nice, "old": old})
 
     def _op_cancel(self, addr: bytes, cid: Any, msg: dict) -> None:
         req = self.by_client.get((addr, cid))
@@ -297,6 +310,8 @@ class Daemon:
             for req in [r for r in self.sched.table.values() if r.agent_addr == addr and not r.finished]:
                 self._cancel(req, "agent disconnected", notify=False)
             return False
+        finally:
+            self.agents.get(zmq.EVENTS)  # re-arm the pending receive: see _to_worker
 
     def _emit(self, req: Request, event: str, **fields: Any) -> None:
         if not req.params["stream"] and event in (P.EV_TOKEN, P.EV_PREEMPTED, P.EV_RESUMED):
@@ -305,10 +320,10 @@ class Daemon:
 
     def _terminal(self, req: Request, state: State, event: str, **fields: Any) -> None:
         """The one terminal reply of a request: leave the tables, then tell the agent."""
-        self.sched.finish(req, state)
+        policy_view = self.sched.finish(req, state)
         self.by_client.pop((req.agent_addr, req.client_id), None)
         self.sched.forget(req)
-        fields["stats"] = req.stats() | fields.get("stats", {})
+        fields["stats"] = req.stats() | policy_view | fields.get("stats", {})
         self._emit(req, event, **fields)
         self._schedule()
 
@@ -350,6 +365,12 @@ class Daemon:
                                             copy=False)  # fmt: skip
         except zmq.ZMQError as exc:
             log.warning("event=worker_unreachable worker=%s op=%s errno=%s", name, op, exc.errno)
+        finally:
+            # A send on the synchronous shadow may consume the edge of the socket's (edge-triggered) FD
+            # that announced an incoming message; reading EVENTS through the asyncio socket makes its
+            # pending receive look again, or that message would wait for the next edge (seen: a chat
+            # left unread until the agent timed out).
+            self.workers_sock.get(zmq.EVENTS)
 
     # ---- worker side --------------------------------------------------------------------
     async def _worker_loop(self) -> None:
@@ -450,6 +471,7 @@ class Daemon:
 
     def _w_quantum_end(self, req: Request, msg: dict) -> None:
         req.preemptible = P.field(msg, "preemptible", bool, req.preemptible)
+        req.prompt_tokens = max(0, P.field(msg, "prompt_tokens", int, req.prompt_tokens))  # exact, from the tokenizer
         preempt = self.sched.quantum_end(req, P.field(msg, "emitted", int)) and req.preemptible is not False
         req.preempt_pending = preempt  # a request that cannot be resumed runs to the end of its turn
         if preempt:
@@ -473,6 +495,9 @@ class Daemon:
 
     def _w_finished(self, req: Request, msg: dict) -> None:
         req.quanta += 1
+        usage = P.field(msg, "usage", dict, {})
+        if isinstance(usage.get("prompt_tokens"), int) and not isinstance(usage["prompt_tokens"], bool):
+            req.prompt_tokens = max(0, usage["prompt_tokens"])
         if P.field(msg, "session_kept", bool, False):
             self.sessions[req.params["session"]] = req.worker
         log.info("event=done pid=%s tokens=%s quanta=%s preemptions=%s", req.pid, req.generated,
@@ -485,7 +510,7 @@ class Daemon:
             finish_reason=P.field(msg, "finish_reason", str),
             content=P.field(msg, "content", str, None),
             tool_calls=P.field(msg, "tool_calls", list, []),
-            usage=P.field(msg, "usage", dict, {}),
+            usage=usage,
             stats=P.field(msg, "stats", dict, {}),
         )
 

@@ -1,16 +1,21 @@
 """Scheduling policies behind one small interface.
 
-A policy answers three questions: how long a quantum is, where a request joins the
-run queue, and which waiting request a free slot takes.  FIFO is round robin with an
-infinite quantum, as in an OS.
+A policy answers: how long a quantum is, where a request joins the run queue, which
+waiting request a free slot takes, and whether a waiting request may take the slot of
+one whose quantum just ended.  It also hears about service (tokens) as it is given, so
+policies that rank by service received (fair, plas) can keep their counters.  FIFO is
+round robin with an infinite quantum, as in an OS.  See docs/policies.md.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from scheduler.request import Request
+
+POLICY_NAMES = ("rr", "fifo", "mlfq", "fair", "plas")
 
 
 @dataclass(frozen=True)
@@ -22,26 +27,89 @@ class Quantum:
     def infinite(self) -> bool:
         return self.tokens is None and self.ms is None
 
+    def scaled(self, factor: int) -> Quantum:
+        """This quantum ``factor`` times as long (MLFQ's lower levels)."""
+        tokens = None if self.tokens is None else self.tokens * factor
+        return Quantum(tokens, None if self.ms is None else self.ms * factor)
+
+
+def nice_weight(nice: int) -> float:
+    """Share weight of a nice value, as in Linux CFS: nice 0 weighs 1, each step is a factor 1.25."""
+    return 1.25 ** (-nice)
+
 
 class Policy:
+    """Round robin by default; ``priority`` orders waiting requests (lower runs first).
+
+    Options (``quantad serve --policy-opt KEY=VALUE``) are the keyword arguments of a
+    policy's constructor; every policy takes ``input_weight`` and ``output_weight``, the
+    service charged per prompt token and per generated token.
+    """
+
     name = "base"
 
-    def __init__(self, quantum: Quantum):
+    def __init__(self, quantum: Quantum, input_weight: float = 1.0, output_weight: float = 2.0):
+        if input_weight < 0 or output_weight < 0:
+            raise ValueError("input_weight and output_weight must be >= 0")
         self.quantum = quantum
+        self.input_weight = float(input_weight)
+        self.output_weight = float(output_weight)
 
+    # ---- the interface the scheduler calls ------------------------------------------------
     def quantum_for(self, req: Request) -> Quantum:
         return self.quantum
 
+    def admit(self, req: Request) -> None:
+        """A new request enters the system (before its first ``enqueue``)."""
+
     def enqueue(self, ready: deque[Request], req: Request) -> None:
-        """Put a new or preempted request in the run queue."""
+        """Put a new or preempted request in the run queue (the tail: round robin within a priority)."""
         ready.append(req)
 
     def pick(self, ready: deque[Request], worker: str) -> Request | None:
-        """The first waiting request that may run on ``worker``."""
+        """The waiting request of best ``priority`` that may run on ``worker``; ties go by queue order."""
+        best: Request | None = None
+        best_key: tuple | None = None
         for req in ready:
             if req.worker in (None, worker):
-                return req
-        return None
+                key = self.priority(req)
+                if best_key is None or key < best_key:
+                    best, best_key = req, key
+        return best
+
+    def may_preempt(self, running: Request, waiting: Request) -> bool:
+        """At ``running``'s quantum end: may ``waiting`` take its slot?  Yes when its priority is at least as high."""
+        return self.priority(waiting) <= self.priority(running)
+
+    def charge(self, req: Request) -> None:
+        """Account the service ``req`` received since the last charge."""
+        total = self.service(req)
+        delta, req.charged = total - req.charged, total
+        if delta:
+            self.account(req, delta)
+
+    def quantum_used(self, req: Request) -> None:
+        """``req`` used up a whole quantum (it may or may not be preempted now)."""
+
+    def release(self, req: Request) -> None:
+        """``req`` left the system (done, failed, cancelled)."""
+
+    def info(self, req: Request) -> dict[str, Any]:
+        """What ``ps`` and the final stats show of this policy's view of ``req``."""
+        return {"priority": req.nice, "level": None, "service": round(req.charged, 3)}
+
+    # ---- hooks for subclasses ---------------------------------------------------------------
+    def priority(self, req: Request) -> tuple:
+        """Lower runs first.  Round robin and FIFO: the nice value, so a lower nice is picked first."""
+        return (req.nice,)
+
+    def service(self, req: Request) -> float:
+        """Service received, in weighted tokens: the prompt once it was dispatched, plus every generated token."""
+        prompt = req.prompt_tokens if req.started else 0
+        return self.input_weight * prompt + self.output_weight * req.generated
+
+    def account(self, req: Request, delta: float) -> None:
+        """``delta`` more service went to ``req``."""
 
 
 class RoundRobin(Policy):
@@ -51,15 +119,48 @@ class RoundRobin(Policy):
 class Fifo(Policy):
     name = "fifo"
 
-    def __init__(self, quantum: Quantum):
-        super().__init__(Quantum())
+    def __init__(self, quantum: Quantum, **opts: Any):
+        super().__init__(Quantum(), **opts)
 
 
-POLICIES: dict[str, type[Policy]] = {"rr": RoundRobin, "fifo": Fifo}
+def policy_class(name: str) -> type[Policy]:
+    from scheduler.fair import VirtualTokenCounter
+    from scheduler.mlfq import Mlfq
+    from scheduler.plas import Plas
 
-
-def make_policy(name: str, quantum: Quantum) -> Policy:
+    classes: dict[str, type[Policy]] = {"rr": RoundRobin, "fifo": Fifo, "mlfq": Mlfq, "fair": VirtualTokenCounter,
+                                        "plas": Plas}  # fmt: skip
     try:
-        return POLICIES[name](quantum)
+        return classes[name]
     except KeyError:
-        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}") from None
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}") from None
+
+
+def make_policy(name: str, quantum: Quantum, opts: dict[str, str] | None = None) -> Policy:
+    """Build a policy by name; ``opts`` are KEY=VALUE strings, converted to the type of each default."""
+    cls = policy_class(name)
+    return cls(quantum, **_convert(cls, opts or {}))
+
+
+def _convert(cls: type[Policy], opts: dict[str, str]) -> dict[str, Any]:
+    import inspect
+
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.default is not inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD:
+                defaults[p.name] = p.default
+    out: dict[str, Any] = {}
+    for key, text in opts.items():
+        if key not in defaults:
+            known = ", ".join(sorted(defaults)) or "none"
+            raise ValueError(f"policy {cls.name!r} has no option {key!r} (options: {known})")
+        kind = type(defaults[key])
+        try:
+            out[key] = kind(text)
+        except ValueError:
+            raise ValueError(f"policy option {key}={text!r} must be {kind.__name__}") from None
+    return out

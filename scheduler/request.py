@@ -21,6 +21,16 @@ class State(enum.StrEnum):
 TERMINAL = (State.DONE, State.FAILED, State.CANCELLED)
 
 
+def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """A prompt's length in tokens before any tokenizer saw it (the daemon has none).
+
+    About 4 characters a token for English text, plus a few template tokens per message;
+    policies use it until the worker reports the exact count.
+    """
+    chars = sum(len(m.get("content") or "") for m in messages if isinstance(m, dict))
+    return max(1, (chars + 3) // 4 + 5 * len(messages))
+
+
 @dataclass
 class Request:
     """One chat syscall.  Holds what is needed to restart it from scratch on any worker."""
@@ -50,10 +60,23 @@ class Request:
     run_s: float = 0.0
     switch_s: float = 0.0
     first_token_s: float | None = None
+    nice: int = 0  # -20..19, lower runs first (changed live by the ``nice`` op)
+    prompt_tokens: int = 0  # estimated from the text at accept; exact once a worker reports it
+    started: bool = False  # dispatched at least once: its prompt counts as service received
+    charged: float = 0.0  # service already accounted to the policy (weighted tokens)
+
+    def __post_init__(self) -> None:
+        self.nice = int(self.params.get("nice", 0))
+        if not self.prompt_tokens:
+            self.prompt_tokens = estimate_prompt_tokens(self.params.get("messages", []))
 
     @property
     def agent(self) -> str:
         return self.params.get("agent", "")
+
+    @property
+    def session(self) -> str:
+        return self.params.get("session", "")
 
     @property
     def finished(self) -> bool:
@@ -86,7 +109,9 @@ class Request:
         return {
             "pid": self.pid,
             "agent": self.agent,
+            "session": self.session,
             "state": self.state.value,
+            "nice": self.nice,
             "worker": self.worker,
             "quanta": self.quanta,
             "tokens": self.generated,
