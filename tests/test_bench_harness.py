@@ -189,3 +189,26 @@ def test_bench_peer_row(tiny_model_dir, tmp_path):
     assert peer["metrics"]["overall"]["ok"] == 6
     assert all(r["tokens"] == r["max_tokens"] and r["first_token_s"] is not None for r in peer["records"])
     assert "| transformers serve (peer) |" in (out / "results.md").read_text()
+
+
+def test_min_tokens_validation():
+    from ipc import protocol as P
+    from ipc.chat_params import parse_chat
+
+    base = {"op": "chat", "id": 1, "messages": messages("hi"), "max_tokens": 8}
+    assert parse_chat(base)["min_tokens"] == 0
+    assert parse_chat(base | {"min_tokens": 8})["min_tokens"] == 8
+    for bad in (9, -1, 2.5, "4"):
+        with pytest.raises(P.ProtocolError) as err:
+            parse_chat(base | {"min_tokens": bad})
+        assert err.value.code == P.E_BAD_FIELD
+
+
+def test_harness_imports_no_torch():
+    code = (
+        "import sys, benchmarks.harness.runner, benchmarks.harness.plots, benchmarks.harness.cli;"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'backends', 'contexts')];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -80,7 +80,8 @@ class QuantadTarget:
         rec.submit_s = clock.now()
         stream = await self.client.chat(
             messages, stream=True, max_tokens=call.max_tokens, min_tokens=call.min_tokens or None,
-            temperature=self.temperature, seed=self.seed + call.idx, agent=call.agent, session=call.session or None,
+            temperature=self.temperature, seed=(self.seed * 1_000_003 + call.idx) % 2**63, agent=call.agent,
+            session=call.session or None,
         )  # fmt: skip
         async for ev in stream:
             t_in = time.perf_counter()

@@ -55,7 +55,10 @@ def _bar(cfg: BenchConfig, **kw: Any):
 
 async def _run_target(target, workload: Workload, cfg: BenchConfig, desc: str) -> tuple[list, dict]:
     for _ in range(cfg.warmup):  # the first forward pass of a process pays one-off setup
-        await target.call(WARMUP, [{"role": "user", "content": WARMUP.prompt}], new_record(WARMUP), _Zero())
+        rec = new_record(WARMUP)
+        await target.call(WARMUP, [{"role": "user", "content": WARMUP.prompt}], rec, _Zero())
+        if rec.error is not None:
+            raise ServerError(f"the warm-up request failed: {rec.error}")
     costs: dict[str, Any] = {}
     if isinstance(target, QuantadTarget):
         costs["ping_ms"] = await target.ping_ms()
@@ -159,8 +162,10 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                 try:
                     recs, costs = asyncio.run(_peer_point(peer, model_dir, workload, cfg))
                     points.append(_point("peer", "", "peer", recs, costs, cfg))
-                except TimeoutError:
-                    points.append(_point("peer", "", "peer", error=f"timed out after {cfg.timeout_s:g} s"))
+                except (ServerError, TimeoutError) as exc:
+                    msg = str(exc) or f"timed out after {cfg.timeout_s:g} s"
+                    print(f"quantad bench: peer failed: {msg}", file=sys.stderr)
+                    points.append(_point("peer", "", "peer", error=msg))
                 finally:
                     peer.stop()
             bar.update()
