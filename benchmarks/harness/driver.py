@@ -134,16 +134,18 @@ class OpenAITarget:
     def _extra(self, call: Call) -> dict[str, Any]:
         """Lengths as for quantad: ``transformers serve`` takes a whole generation config per request.
 
-        With min_tokens = max_tokens the config names no EOS, so exactly ``max_tokens`` come back.
+        Its continuous batching honours a request's ``max_new_tokens`` and ``eos_token_id`` but
+        not ``min_new_tokens``; with min_tokens = max_tokens the EOS id is -1 (none), so exactly
+        ``max_tokens`` come back.  A smaller min_tokens cannot be enforced there (noted in results).
         """
         if not call.min_tokens:
             return {}
+        exact = call.min_tokens >= call.max_tokens
         gc: dict[str, Any] = {"max_new_tokens": call.max_tokens, "min_new_tokens": call.min_tokens,
-                              "do_sample": self.temperature > 0}  # fmt: skip
+                              "do_sample": self.temperature > 0,
+                              "eos_token_id": -1 if exact else self.eos_token_id}  # fmt: skip
         if self.temperature > 0:
             gc["temperature"] = self.temperature
-        if call.min_tokens < call.max_tokens and self.eos_token_id is not None:
-            gc["eos_token_id"] = self.eos_token_id
         return {"extra_body": {"generation_config": json.dumps(gc)}}
 
     async def call(self, call: Call, messages: list[dict[str, str]], rec: Record, clock: Clock) -> str:
