@@ -212,3 +212,14 @@ def test_harness_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_bench_against_a_running_daemon(tiny_model_dir, start_daemon, tmp_path):
+    d = start_daemon(tiny_model_dir, "--policy", "fifo")
+    cfg = BenchConfig(workload="uniform", uniform_tokens=(3, 6), requests=4, rate=50.0, prompt_words=8,
+                      endpoint=d.endpoint, peer=False, progress=False, out=str(tmp_path / "ep"))  # fmt: skip
+    result = run(cfg)
+    (p,) = result["points"]
+    assert p["error"] is None and (p["policy"], p["quantum"], p["label"]) == ("fifo", "running", "fifo")
+    assert p["metrics"]["overall"]["ok"] == 4
+    assert (tmp_path / "ep" / "jct_vs_quantum.png").exists()
