@@ -31,6 +31,12 @@ class HFEngine:
                 ids.update(source)
         return ids
 
+    def without_eos(self, logits: torch.Tensor) -> torch.Tensor:
+        """A copy of ``logits`` in which no end-of-sequence token can be chosen (``min_tokens``)."""
+        out = logits.clone()
+        out[..., sorted(self.eos_ids)] = float("-inf")
+        return out
+
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of a chat, with the generation prompt, via the model's chat template."""
         enc = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)

@@ -48,6 +48,11 @@ class Sequence:
         return str(self.params.get("session") or "")
 
     @property
+    def min_tokens(self) -> int:
+        """Tokens to generate before EOS and stop strings may end the request (0: none)."""
+        return int(self.params.get("min_tokens") or 0)
+
+    @property
     def remaining(self) -> int:
         return int(self.params["max_tokens"]) - len(self.generated)
 

@@ -297,8 +297,8 @@ class Worker:
             replay=resume,
             constraint=self.structurer.constraint(params, resume) if structured else None,
         )
-        for t in resume:  # rebuild the detokenizer state silently
-            seq.stream.push(t)
+        for i, t in enumerate(resume):  # rebuild the detokenizer state silently
+            seq.stream.push(t, stops=i + 1 >= seq.min_tokens)
         seq.generated = list(resume)
         seq.stream.emitted = min(P.field(msg, "emitted_chars", int, 0), len(seq.stream.text))
         if seq.session and reuse and not resume:
@@ -430,11 +430,13 @@ class Worker:
         for seq in list(self.batch.seqs):
             p = seq.params
             logits = seq.logits if seq.constraint is None else seq.constraint.apply(seq.logits)
+            if seq.constraint is None and len(seq.generated) < seq.min_tokens:
+                logits = self.engine.without_eos(logits)
             token = choose(logits, p["temperature"], p["top_p"], seq.seed, len(seq.generated))
             seq.generated.append(token)
             if seq.constraint is not None:
                 seq.constraint.accept(token)
-            delta, stopped = seq.stream.push(token)
+            delta, stopped = seq.stream.push(token, stops=len(seq.generated) >= seq.min_tokens)
             reason = None
             if stopped or token in self.engine.eos_ids or (seq.constraint is not None and seq.constraint.done):
                 reason = "stop"

@@ -37,9 +37,14 @@ def parse_chat(msg: dict[str, Any]) -> dict[str, Any]:
     session = field(msg, "session", str, "")
     if len(agent) > 128 or len(session) > 128:
         raise ProtocolError(E_BAD_FIELD, "'agent' and 'session' are at most 128 characters")
+    max_tokens = number(msg, "max_tokens", 1, MAX_TOKENS_LIMIT, DEFAULT_MAX_TOKENS, integer=True)
+    min_tokens = number(msg, "min_tokens", 0, MAX_TOKENS_LIMIT, 0, integer=True)
+    if min_tokens > max_tokens:
+        raise ProtocolError(E_BAD_FIELD, f"'min_tokens' ({min_tokens}) must not exceed 'max_tokens' ({max_tokens})")
     return {
         "messages": clean,
-        "max_tokens": number(msg, "max_tokens", 1, MAX_TOKENS_LIMIT, DEFAULT_MAX_TOKENS, integer=True),
+        "max_tokens": max_tokens,
+        "min_tokens": min_tokens,
         "temperature": float(number(msg, "temperature", 0.0, 100.0, 0.0)),
         "top_p": float(number(msg, "top_p", 1e-6, 1.0, 1.0)),
         "seed": seed,

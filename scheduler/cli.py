@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -150,14 +151,59 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="start a daemon, run concurrent requests, show them interleave")
     d.add_argument("--model", default="smollm2")
     d.add_argument("--quantum-tokens", type=_positive(int), default=5)
+    _bench_parser(sub)
     return ap
+
+
+def _bench_parser(sub) -> None:
+    b = sub.add_parser(
+        "bench",
+        help="sweep quanta and policies over a workload; write results.json, results.md and plots",
+        description="Start a daemon per (policy, quantum) point (or use --endpoint), drive a seeded workload "
+        "with AsyncClient, and compare with FIFO and a transformers-serve peer. See benchmarks/README.md.",
+    )
+    b.add_argument("--quanta", default="25,100,400,1600,inf", help="quanta in ms, comma-separated; inf = FIFO")
+    b.add_argument("--policies", default="fifo,rr", help="policy names passed to 'quantad serve --policy'")
+    b.add_argument("--workload", default="heavy-tail", choices=["heavy-tail", "agents", "uniform"])
+    b.add_argument("--requests", type=_positive(int), default=40, help="model calls in the workload")
+    b.add_argument("--rate", type=_positive(float), default=1.0, help="open-loop arrivals per second")
+    b.add_argument("--burstiness", type=_positive(float), default=1.0,
+                   help="coefficient of variation of arrival gaps: 1 Poisson, >1 bursty (gamma process)")  # fmt: skip
+    b.add_argument("--model", default="smollm2", help="as for 'quantad serve --model' (the peer serves it too)")
+    b.add_argument("--out", default="bench-results", help="directory for results.json, results.md, *.png, logs/")
+    b.add_argument("--endpoint", help="use this running daemon instead of starting one per point "
+                   "(one point: the daemon's own policy and quantum)")  # fmt: skip
+    b.add_argument("--seed", type=int, default=0, help="workload seed")
+    b.add_argument("--slots", type=_positive(int), default=4, help="'quantad serve --slots' of each point")
+    b.add_argument("--workers", type=_positive(int), default=1, help="'quantad serve --workers' of each point")
+    b.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the workload against 'transformers serve --continuous-batching'")  # fmt: skip
+    b.add_argument("--min-tokens", default="max",
+                   help="'max': min_tokens = max_tokens (exact lengths); 0: may stop early; N: at least N")  # fmt: skip
+    b.add_argument("--short-tokens", default="8,32", help="heavy-tail: output tokens of short requests, LO,HI")
+    b.add_argument("--long-tokens", default="200,400", help="heavy-tail and greedy agents: long outputs, LO,HI")
+    b.add_argument("--long-fraction", type=float, default=0.1, help="heavy-tail: share of long requests")
+    b.add_argument("--uniform-tokens", default="16,128", help="uniform: output tokens, LO,HI")
+    b.add_argument("--long-threshold", type=_positive(int), default=100, help="output tokens from which a call is long")
+    b.add_argument("--prompt-words", type=_positive(int), default=40, help="median prompt length in words (lognormal)")
+    b.add_argument("--agents", type=_positive(int), default=4, help="agents (agents workload) or client ids")
+    b.add_argument("--greedy-agents", type=int, help="agents workload: greedy agents (default: half)")
+    b.add_argument("--greedy-parallel", type=_positive(int), default=2, help="concurrent loops per greedy agent")
+    b.add_argument("--think-s", type=float, default=0.5, help="agents: mean think time of polite agents")
+    b.add_argument("--tool-s", type=float, default=0.3, help="agents: mean tool wait after each call")
+    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--warmup", type=int, default=1, help="untimed requests per server before each point")
+    b.add_argument("--timeout-s", type=_positive(float), default=1800.0, help="limit per point")
+    b.add_argument("--serve-arg", action="append", default=[], metavar="FLAG",
+                   help="extra 'quantad serve' flag per point (repeatable): --serve-arg=--prefill-chunk=8")  # fmt: skip
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"serve": cmd_serve, "run": cmd_run, "ps": cmd_ps, "kill": cmd_kill, "nice": cmd_nice,
-                    "demo": cmd_demo}  # fmt: skip
+                    "demo": cmd_demo, "bench": cmd_bench}  # fmt: skip
         return commands[args.cmd](args)
     except TimeoutError as exc:
         print(f"quantad: {exc} (is 'quantad serve' running?)", file=sys.stderr)
@@ -199,6 +245,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for ep in (endpoint, wep):
         prepare_ipc_dir(ep)
     ms = args.quantum_ms if args.quantum_ms or args.quantum_tokens else DEFAULT_QUANTUM_MS
+    if ms is not None and math.isinf(ms):  # --quantum-ms inf: no time limit (rr then runs as FIFO)
+        ms = None
     try:
         policy = make_policy(args.policy, Quantum(tokens=args.quantum_tokens, ms=ms), policy_opts(args.policy_opt))
     except ValueError as exc:
@@ -338,6 +386,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from scheduler.demo import run_demo
 
     return run_demo(args.model, args.quantum_tokens)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The harness lives in ``benchmarks.harness`` and is imported only here."""
+    try:
+        from benchmarks.harness.cli import bench_config
+        from benchmarks.harness.runner import run
+    except ImportError as exc:
+        print(f"quantad bench: the benchmark harness is not installed ({exc}); run it from a source checkout "
+              "with the 'bench' extra", file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        cfg = bench_config(args)
+    except ValueError as exc:
+        print(f"quantad bench: {exc}", file=sys.stderr)
+        return 2
+    result = run(cfg)
+    print(Path(cfg.out, "results.md").read_text())
+    failed = [p["label"] for p in result["points"] if p.get("error")]
+    if failed:
+        print(f"quantad bench: failed points: {', '.join(failed)} (see results.md and logs/)", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

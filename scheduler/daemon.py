@@ -355,6 +355,8 @@ class Daemon:
                 continue
             req.preemptible = self.sched.workers[req.worker].info.get("preemptible", True)
             self._send_run(req)  # carries all a worker without the context needs to rebuild it
+            if req.quanta > 0 and req.tier != P.TIER_NONE:
+                req.note_moved(req.tier, req.context_bytes)  # restored from there
             if req.quanta > 0:  # after ``run``: if the agent is gone, the cancel follows the run
                 self._emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier)
 
@@ -443,6 +445,7 @@ class Daemon:
             log.warning("event=migrate_fallback pid=%s why=%r", req.pid, exc.message)
             self._restart_on(req)
             return
+        req.note_moved("network", sum(len(f) for f in frames))  # migrated between workers
         self._send_run(req, frames=frames, migrate=state, tensors=specs)
         self._emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier, migrated=True)
 
@@ -484,6 +487,7 @@ class Daemon:
         req.tier = P.field(msg, "tier", str)
         req.context_bytes = P.field(msg, "bytes", int, 0)
         req.switch_s += float(P.field(msg, "switch_s", (int, float), 0.0))
+        req.note_moved(req.tier, req.context_bytes)
         self.sched.preempt(req)
         log.info("event=preempted pid=%s tier=%s bytes=%s", req.pid, req.tier, req.context_bytes)
         self._emit(req, P.EV_PREEMPTED, quantum=req.quanta, tokens=req.generated, context=req.tier)
@@ -492,6 +496,7 @@ class Daemon:
     def _w_context(self, req: Request, msg: dict) -> None:
         req.tier = P.field(msg, "tier", str)
         req.context_bytes = P.field(msg, "bytes", int, 0)
+        req.note_moved(req.tier, req.context_bytes)
 
     def _w_finished(self, req: Request, msg: dict) -> None:
         req.quanta += 1

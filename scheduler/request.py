@@ -65,6 +65,9 @@ class Request:
     started: bool = False  # dispatched at least once: its prompt counts as service received
     charged: float = 0.0  # service already accounted to the policy (weighted tokens)
 
+    queue_s: float | None = None  # accept to first dispatch to a worker
+    moved: dict[str, int] = field(default_factory=dict)  # context bytes saved into / restored from each tier
+
     def __post_init__(self) -> None:
         self.nice = int(self.params.get("nice", 0))
         if not self.prompt_tokens:
@@ -89,7 +92,13 @@ class Request:
             self.wait_s += now - self.since
         elif self.state is State.RUNNING:
             self.run_s += now - self.since
+        if state is State.RUNNING and self.queue_s is None:
+            self.queue_s = now - self.submitted_at
         self.state, self.since = state, now
+
+    def note_moved(self, tier: str, nbytes: int) -> None:
+        """Count context bytes a switch moved into or out of ``tier``."""
+        self.moved[tier] = self.moved.get(tier, 0) + max(int(nbytes), 0)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -102,6 +111,8 @@ class Request:
             "context_switch_s": round(self.switch_s, 6),
             "ttft_s": None if self.first_token_s is None else round(self.first_token_s, 6),
             "total_s": round(time.monotonic() - self.submitted_at, 6),
+            "queue_s": None if self.queue_s is None else round(self.queue_s, 6),
+            "context_bytes_moved": dict(self.moved),
         }
 
     def row(self) -> dict[str, Any]:

@@ -1,0 +1,229 @@
+"""``results.json`` and ``results.md``: every point's figures, and the issue's targets as ratios."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _f(x: Any, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _get(p: dict, path: str) -> Any:
+    v: Any = p.get("metrics", {})
+    for k in path.split("."):
+        v = v.get(k) if isinstance(v, dict) else None
+    return v
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def targets(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets, computed from this run (None where the run lacks the points)."""
+    ok = [p for p in points if not p.get("error") and p["target"] == "quantad"]
+    fifo = next((p for p in ok if p["policy"] == "fifo"), None) or next(
+        (p for p in ok if p["policy"] == "rr" and p["quantum"] == "inf"), None
+    )
+
+    def best(policy: str) -> dict | None:
+        cands = [p for p in ok if p["policy"] == policy and p["quantum"] != "inf" and _get(p, "overall.jct_s.mean")]
+        return min(cands, key=lambda p: _get(p, "overall.jct_s.mean"), default=None)
+
+    rr, mlfq = best("rr"), best("mlfq")
+    fair = [p for p in ok if p["policy"] == "fair"]
+    out: dict[str, Any] = {"fifo": fifo and fifo["label"], "best_rr": rr and rr["label"]}
+    if rr and fifo:
+        out["rr_mean_jct_over_fifo"] = _ratio(_get(rr, "overall.jct_s.mean"), _get(fifo, "overall.jct_s.mean"))
+        out["rr_p99_ttft_short_over_fifo"] = _ratio(
+            _get(rr, "by_class.short.ttft_s.p99"), _get(fifo, "by_class.short.ttft_s.p99")
+        )
+        out["rr_tokens_per_s_over_fifo"] = _ratio(
+            _get(rr, "throughput.tokens_per_s"), _get(fifo, "throughput.tokens_per_s")
+        )
+    if mlfq:
+        out["best_mlfq"] = mlfq["label"]
+        out["mlfq_mean_jct_over_rr"] = rr and _ratio(_get(mlfq, "overall.jct_s.mean"), _get(rr, "overall.jct_s.mean"))
+    if fair:
+        out["fair_jain_min"] = min((_get(p, "fairness.jain_rate") or 0.0) for p in fair)
+    if fifo:
+        out["fifo_jain"] = _get(fifo, "fairness.jain_rate")
+    peer = next((p for p in points if p["target"] == "peer" and not p.get("error")), None)
+    if peer and rr:
+        out["rr_mean_jct_over_peer"] = _ratio(_get(rr, "overall.jct_s.mean"), _get(peer, "overall.jct_s.mean"))
+        out["rr_tokens_per_s_over_peer"] = _ratio(
+            _get(rr, "throughput.tokens_per_s"), _get(peer, "throughput.tokens_per_s")
+        )
+    return out
+
+
+_CHECKS = [  # (key, goal text, passes)
+    ("rr_mean_jct_over_fifo", "<= 0.333", lambda x: x <= 1 / 3),
+    ("rr_p99_ttft_short_over_fifo", "<= 0.2", lambda x: x <= 0.2),
+    ("rr_tokens_per_s_over_fifo", ">= 0.95", lambda x: x >= 0.95),
+    ("mlfq_mean_jct_over_rr", "< 1", lambda x: x < 1),
+    ("fair_jain_min", "> 0.95", lambda x: x > 0.95),
+]
+
+
+def _targets_md(t: dict[str, Any]) -> list[str]:
+    lines = ["## Targets", "", f"FIFO point: {t.get('fifo') or '-'}; best RR quantum (by mean JCT): "
+             f"{t.get('best_rr') or '-'}; best MLFQ: {t.get('best_mlfq') or '-'}.", "",
+             "| ratio | this run | goal | met |", "|---|---|---|---|"]  # fmt: skip
+    for key, goal, passes in _CHECKS:
+        v = t.get(key)
+        met = "-" if v is None else ("yes" if passes(v) else "no")
+        lines.append(f"| {key} | {_f(v, 3) if v is not None else 'n/a (not in this run)'} | {goal} | {met} |")
+    for key in ("fifo_jain", "rr_mean_jct_over_peer", "rr_tokens_per_s_over_peer"):
+        if t.get(key) is not None:
+            lines.append(f"| {key} | {_f(t[key], 3)} | (context) | |")
+    return lines
+
+
+_COLS = [
+    ("point", None),
+    ("ok/n", None),
+    ("mean JCT s", "overall.jct_s.mean"),
+    ("p50 JCT", "overall.jct_s.p50"),
+    ("p99 JCT", "overall.jct_s.p99"),
+    ("mean TTFT s", "overall.ttft_s.mean"),
+    ("p99 TTFT short", "by_class.short.ttft_s.p99"),
+    ("TPOT ms", "overall.tpot_s.mean"),
+    ("queue s", "overall.queue_s.mean"),
+    ("tok/s", "throughput.tokens_per_s"),
+    ("req/s", "throughput.requests_per_s"),
+    ("preempt", "preemptions.total"),
+    ("switch s (share)", None),
+    ("Jain", "fairness.jain_rate"),
+    ("client ms/req", "overhead.client_cpu_s_per_request"),
+]
+
+
+def _row(p: dict[str, Any]) -> list[str]:
+    if p.get("error"):
+        first = p["error"].splitlines()[0]
+        return [p["label"], "0/0", f"error: {first}"] + [""] * (len(_COLS) - 3)
+    out = []
+    for name, path in _COLS:
+        if name == "point":
+            out.append(p["label"])
+        elif name == "ok/n":
+            out.append(f"{_get(p, 'overall.ok')}/{_get(p, 'overall.requests')}")
+        elif name == "switch s (share)":
+            out.append(f"{_f(_get(p, 'switch.seconds'), 3)} ({_f(100 * (_get(p, 'switch.share') or 0), 1)}%)")
+        elif name == "TPOT ms":
+            v = _get(p, path)
+            out.append(_f(None if v is None else v * 1000, 1))
+        elif name == "client ms/req":
+            out.append(_f(_get(p, path) * 1000, 2))
+        else:
+            out.append(_f(_get(p, path), 3 if name == "Jain" else 2))
+    return out
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    cfg, points = result["config"], result["points"]
+    lines = [
+        f"# quantad bench: {cfg['workload']}",
+        "",
+        f"{result['started']}; model `{cfg['model']}`; {cfg['requests']} requests; rate {cfg['rate']}/s "
+        f"(burstiness CV {cfg['burstiness']}); slots {cfg['slots']}; seed {cfg['seed']}; min_tokens "
+        f"{cfg['min_tokens']}; CPU pressure during the run {result.get('cpu_pressure') or 'n/a'}.",
+        "",
+        "Times in seconds from the client's side (JCT: submit to done; TTFT: submit to first token); "
+        "queue: accept to first dispatch (daemon); switch: worker time saving and restoring contexts, share of "
+        "the makespan; Jain: fairness of token rate across agents while each had calls outstanding; client "
+        "ms/req: the harness process's CPU time per request (its own overhead).",
+        "",
+        *_table([c for c, _ in _COLS], [_row(p) for p in points]),
+        "",
+        "## By class",
+        "",
+        *_table(
+            ["point", "class", "n", "mean JCT", "p90 JCT", "p99 JCT", "mean TTFT", "p99 TTFT", "TPOT ms"],
+            [
+                [
+                    p["label"],
+                    c,
+                    str(m["ok"]),
+                    _f(m["jct_s"]["mean"]),
+                    _f(m["jct_s"]["p90"]),
+                    _f(m["jct_s"]["p99"]),
+                    _f(m["ttft_s"]["mean"]),
+                    _f(m["ttft_s"]["p99"]),
+                    _f(None if m["tpot_s"]["mean"] is None else m["tpot_s"]["mean"] * 1000, 1),
+                ]  # fmt: skip
+                for p in points
+                if not p.get("error")
+                for c, m in p["metrics"]["by_class"].items()
+            ],
+        ),
+        "",
+        "## Context bytes moved per tier",
+        "",
+        *_table(
+            ["point", "bytes by tier"],
+            [
+                [
+                    p["label"],
+                    ", ".join(
+                        f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(p["metrics"]["context_bytes_moved"].items())
+                    )
+                    or "-",
+                ]  # fmt: skip
+                for p in points
+                if not p.get("error") and p["target"] == "quantad"
+            ],
+        ),
+        "",
+        "## Harness overhead",
+        "",
+        f"Client CPU per request {_f(result['overhead'].get('client_cpu_ms_per_request'))} ms, driver code per "
+        f"request {_f(result['overhead'].get('driver_ms_per_request'), 3)} ms, daemon ping round trip "
+        f"{_f(result['overhead'].get('ping_ms'), 3)} ms (median), worst lateness of a planned submit "
+        f"{_f(result['overhead'].get('max_submit_lateness_s'), 3)} s; against a mean JCT of "
+        f"{_f(result['overhead'].get('mean_jct_s'))} s.",
+        "",
+        *_targets_md(result["targets"]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def overhead(points: list[dict[str, Any]]) -> dict[str, Any]:
+    q = [p for p in points if not p.get("error") and p["target"] == "quantad"]
+    if not q:
+        return {}
+
+    def mean(path: str) -> float | None:
+        xs = [v for p in q if (v := _get(p, path)) is not None]
+        return sum(xs) / len(xs) if xs else None
+
+    return {
+        "client_cpu_ms_per_request": (mean("overhead.client_cpu_s_per_request") or 0) * 1000,
+        "driver_ms_per_request": (mean("overhead.driver_s_per_request") or 0) * 1000,
+        "ping_ms": mean("overhead.ping_ms"),
+        "max_submit_lateness_s": max(_get(p, "overhead.max_submit_lateness_s") or 0 for p in q),
+        "mean_jct_s": mean("overall.jct_s.mean"),
+    }
+
+
+def write(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    js, md = out / "results.json", out / "results.md"
+    js.write_text(json.dumps(result, indent=1, default=str))
+    md.write_text(markdown(result))
+    return js, md

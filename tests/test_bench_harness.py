@@ -1,0 +1,225 @@
+"""``quantad bench``: workloads, metrics math, min_tokens, and short sweeps on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from benchmarks.harness.config import BenchConfig, parse_quanta
+from benchmarks.harness.metrics import jain, percentile, union_length
+from benchmarks.harness.runner import run, sweep_points
+from benchmarks.harness.workloads import make_workload
+from ipc.client import ClientError
+from tests.conftest import REPO, messages
+
+# Small and fast on the tiny model: short answers, a few requests, every point a few seconds.
+QUICK = ("--requests", "6", "--rate", "20", "--short-tokens", "3,6", "--long-tokens", "16,24",
+         "--long-fraction", "0.4", "--long-threshold", "10", "--prompt-words", "8", "--slots", "2",
+         "--no-progress")  # fmt: skip
+FIELDS = ("overall", "by_class", "throughput", "preemptions", "switch", "context_bytes_moved", "fairness", "overhead")
+
+
+def bench(tiny_model_dir, out, *flags: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "scheduler", "bench", "--model", str(tiny_model_dir), "--out", str(out), *flags]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+# ---- pure units -------------------------------------------------------------------------
+def test_workloads_are_seeded_and_reproducible():
+    for kind in ("heavy-tail", "agents", "uniform"):
+        cfg = BenchConfig(workload=kind, requests=30, seed=7)
+        assert make_workload(cfg) == make_workload(cfg)
+        assert make_workload(cfg) != make_workload(replace(cfg, seed=8))
+        assert len(make_workload(cfg).all_calls) == 30
+
+
+def test_heavy_tail_lengths_and_arrivals():
+    cfg = BenchConfig(workload="heavy-tail", requests=400, rate=4.0, burstiness=3.0, seed=1)
+    w = make_workload(cfg)
+    long = [c for c in w.calls if c.cls == "long"]
+    assert 0 < len(long) < len(w.calls) / 4  # a few long ones among many short
+    assert all(200 <= c.max_tokens <= 400 for c in long)
+    assert all(8 <= c.max_tokens <= 32 for c in w.calls if c.cls == "short")
+    assert all(c.min_tokens == c.max_tokens for c in w.calls)  # --min-tokens max: exact lengths
+    arrivals = [c.arrival_s for c in w.calls]
+    assert arrivals == sorted(arrivals) and arrivals[0] == 0.0
+    free = make_workload(replace(cfg, min_tokens="0"))
+    assert all(c.min_tokens == 0 for c in free.calls)
+
+
+def test_agents_workload_ids_and_sessions():
+    cfg = BenchConfig(workload="agents", requests=20, agents=4, greedy_parallel=2, seed=3)
+    w = make_workload(cfg)
+    assert w.closed and len(w.all_calls) == 20
+    assert {lp.agent for lp in w.loops} == {"agent0", "agent1", "agent2", "agent3"}
+    greedy = [lp for lp in w.loops if lp.kind == "greedy"]
+    assert {lp.agent for lp in greedy} == {"agent0", "agent1"} and len(greedy) == 4  # two loops each
+    assert len({lp.session for lp in w.loops}) == len(w.loops)
+    for lp in w.loops:
+        assert [c.turn for c in lp.calls] == list(range(len(lp.calls)))
+        assert all(c.session == lp.session and c.agent == lp.agent for c in lp.calls)
+        assert all(c.cls == ("long" if lp.kind == "greedy" else "short") for c in lp.calls)
+        assert all(c.think_s == 0 for c in lp.calls) or lp.kind == "polite"
+    assert len({c.idx for c in w.all_calls}) == 20
+
+
+def test_jain_index_and_percentiles():
+    assert jain([5, 5, 5, 5]) == pytest.approx(1.0)
+    assert jain([1, 0, 0, 0]) == pytest.approx(0.25)
+    assert jain([1, 2, 3]) == pytest.approx(36 / 42)
+    assert jain([]) is None
+    assert percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
+    assert percentile([7], 99) == 7 and percentile([], 50) is None
+    assert union_length([(0, 2), (1, 3), (5, 6)]) == pytest.approx(4.0)
+
+
+def test_sweep_points_and_quanta():
+    assert parse_quanta("25, 100,inf") == [25.0, 100.0, math.inf]
+    with pytest.raises(ValueError):
+        parse_quanta("0")
+    cfg = BenchConfig(policies=["fifo", "rr", "mlfq"], quanta=[25.0, math.inf])
+    assert sweep_points(cfg) == [("fifo", math.inf), ("rr", 25.0), ("mlfq", 25.0), ("mlfq", math.inf)]
+    assert ("rr", math.inf) in sweep_points(replace(cfg, policies=["rr"]))
+
+
+# ---- min_tokens -------------------------------------------------------------------------
+def test_min_tokens_overrides_stop_strings_and_keeps_output(tiny_model_dir, start_daemon):
+    d = start_daemon(tiny_model_dir, "--quantum-tokens", "4")
+    with d.client() as c:
+        free = c.chat(messages("Say hello."), max_tokens=16, temperature=0.0)
+        assert free.usage["completion_tokens"] == 16
+        stop = free.text.strip()[:2]
+        assert stop
+        stopped = c.chat(messages("Say hello."), max_tokens=16, temperature=0.0, stop=[stop])
+        assert stopped.finish_reason == "stop" and stopped.usage["completion_tokens"] < 16
+        forced = c.chat(messages("Say hello."), max_tokens=16, min_tokens=16, temperature=0.0, stop=[stop])
+        assert forced.usage["completion_tokens"] == 16 and forced.finish_reason == "length"
+        assert forced.token_ids == free.token_ids and forced.text == free.text  # nothing else changes
+        with pytest.raises(ClientError) as err:
+            c.chat(messages("Say hello."), max_tokens=4, min_tokens=5)
+        assert err.value.code == "bad_field"
+
+
+def test_min_tokens_suppresses_eos(tiny_model_dir):
+    """With EOS made the certain choice, min_tokens still gets its tokens (checked in the worker's engine)."""
+    import torch
+
+    from backends.hf_engine import HFEngine
+
+    engine = HFEngine(str(tiny_model_dir))
+    logits = torch.zeros(1, engine.config.vocab_size)
+    logits[0, sorted(engine.eos_ids)] = 100.0
+    out = engine.without_eos(logits)
+    assert int(torch.argmax(out)) not in engine.eos_ids
+    assert int(torch.argmax(logits)) in engine.eos_ids  # the original is untouched (it is part of a snapshot)
+
+
+# ---- sweeps on the tiny model -----------------------------------------------------------
+def test_bench_heavy_tail_rr_fifo_writes_results(tiny_model_dir, tmp_path):
+    out = tmp_path / "ht"
+    r = bench(tiny_model_dir, out, "--workload", "heavy-tail", "--quanta", "30,inf", "--policies", "fifo,rr",
+              "--no-peer", *QUICK)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert [p["label"] for p in data["points"]] == ["fifo", "rr q=30"]
+    for p in data["points"]:
+        assert p["error"] is None
+        assert all(k in p["metrics"] for k in FIELDS)
+        assert p["metrics"]["overall"]["requests"] == p["metrics"]["overall"]["ok"] == 6
+        assert sorted(r["idx"] for r in p["records"]) == list(range(6))
+        assert all(r["tokens"] == r["max_tokens"] for r in p["records"])  # min_tokens: exact lengths
+        assert all("queue_s" in r["stats"] and "context_bytes_moved" in r["stats"] for r in p["records"])
+    assert data["points"][0]["metrics"]["preemptions"]["total"] == 0  # FIFO never preempts
+    assert {"rr_mean_jct_over_fifo", "rr_p99_ttft_short_over_fifo", "rr_tokens_per_s_over_fifo"} <= set(data["targets"])
+    assert data["overhead"]["client_cpu_ms_per_request"] > 0
+    md = (out / "results.md").read_text()
+    assert "## Targets" in md and "rr_mean_jct_over_fifo" in md and "| rr q=30 |" in md
+    for png in ("cdf_jct", "cdf_ttft", "jct_vs_quantum", "throughput_vs_quantum", "switching_vs_quantum"):
+        assert (out / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| fifo |" in r.stdout  # the table is printed too
+
+
+def test_bench_agents_workload_records_agents_and_sessions(tiny_model_dir, tmp_path):
+    cfg = BenchConfig(workload="agents", policies=["rr"], quanta=[30.0], requests=8, agents=2, greedy_parallel=1,
+                      short_tokens=(3, 6), long_tokens=(12, 16), long_threshold=10, prompt_words=8, think_s=0.05,
+                      tool_s=0.05, slots=1, peer=False, progress=False, model=str(tiny_model_dir),
+                      out=str(tmp_path / "ag"))  # fmt: skip
+    result = run(cfg)
+    (p,) = result["points"]
+    assert p["error"] is None and p["label"] == "rr q=30"
+    recs = p["records"]
+    assert len(recs) == 8 and all(r["error"] is None for r in recs)
+    assert {r["agent"] for r in recs} == {"agent0", "agent1"}
+    assert {r["session"] for r in recs} == {"agent0-loop0", "agent1-loop0"}
+    for session in ("agent0-loop0", "agent1-loop0"):
+        turns = sorted((r["turn"], r["submit_s"], r["done_s"]) for r in recs if r["session"] == session)
+        assert [t for t, _, _ in turns] == [0, 1, 2, 3]
+        assert all(turns[i][2] <= turns[i + 1][1] for i in range(3))  # a loop waits for each answer
+    assert p["metrics"]["fairness"]["agents"] == 2 and p["metrics"]["fairness"]["jain_rate"] is not None
+    assert (tmp_path / "ag" / "results.md").exists()
+
+
+def test_bench_uniform_reports_a_rejected_policy(tiny_model_dir, tmp_path):
+    out = tmp_path / "un"
+    r = bench(tiny_model_dir, out, "--workload", "uniform", "--uniform-tokens", "3,8", "--quanta", "30,inf",
+              "--policies", "fifo,nosuch", "--no-peer", *QUICK)  # fmt: skip
+    assert r.returncode == 1
+    assert "rejected policy 'nosuch'" in r.stderr
+    data = json.loads((out / "results.json").read_text())
+    fifo, bad, bad_inf = data["points"]
+    assert fifo["error"] is None and fifo["metrics"]["overall"]["ok"] == 6
+    assert "rejected policy 'nosuch'" in bad["error"] and bad_inf["error"] == bad["error"]
+    assert "error: quantad serve rejected policy 'nosuch'" in (out / "results.md").read_text()
+
+
+def test_bench_peer_row(tiny_model_dir, tmp_path):
+    """The same workload against ``transformers serve --continuous-batching`` is its own row."""
+    out = tmp_path / "peer"
+    r = bench(tiny_model_dir, out, "--workload", "heavy-tail", "--quanta", "30", "--policies", "fifo",
+              "--peer", *QUICK)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    fifo, peer = data["points"]
+    assert peer["target"] == "peer" and peer["error"] is None
+    assert peer["metrics"]["overall"]["ok"] == 6
+    assert all(r["tokens"] == r["max_tokens"] and r["first_token_s"] is not None for r in peer["records"])
+    assert "| transformers serve (peer) |" in (out / "results.md").read_text()
+
+
+def test_min_tokens_validation():
+    from ipc import protocol as P
+    from ipc.chat_params import parse_chat
+
+    base = {"op": "chat", "id": 1, "messages": messages("hi"), "max_tokens": 8}
+    assert parse_chat(base)["min_tokens"] == 0
+    assert parse_chat(base | {"min_tokens": 8})["min_tokens"] == 8
+    for bad in (9, -1, 2.5, "4"):
+        with pytest.raises(P.ProtocolError) as err:
+            parse_chat(base | {"min_tokens": bad})
+        assert err.value.code == P.E_BAD_FIELD
+
+
+def test_harness_imports_no_torch():
+    code = (
+        "import sys, benchmarks.harness.runner, benchmarks.harness.plots, benchmarks.harness.cli;"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'backends', 'contexts')];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_bench_against_a_running_daemon(tiny_model_dir, start_daemon, tmp_path):
+    d = start_daemon(tiny_model_dir, "--policy", "fifo")
+    cfg = BenchConfig(workload="uniform", uniform_tokens=(3, 6), requests=4, rate=50.0, prompt_words=8,
+                      endpoint=d.endpoint, peer=False, progress=False, out=str(tmp_path / "ep"))  # fmt: skip
+    result = run(cfg)
+    (p,) = result["points"]
+    assert p["error"] is None and (p["policy"], p["quantum"], p["label"]) == ("fifo", "running", "fifo")
+    assert p["metrics"]["overall"]["ok"] == 4
+    assert (tmp_path / "ep" / "jct_vs_quantum.png").exists()
