@@ -110,3 +110,13 @@ def setup(level: str | int = "INFO", fmt: str | None = None, **static: str) -> N
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level)
+    sys.excepthook = _log_uncaught  # a crash is one event too, not a multi-line traceback
+
+
+def _log_uncaught(kind, value, tb) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+        return
+    logging.getLogger("quantad").critical(
+        "event=crash error=%r", f"{kind.__name__}: {value}", exc_info=(kind, value, tb)
+    )

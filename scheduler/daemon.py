@@ -27,6 +27,7 @@ import zmq.asyncio
 
 from ipc import protocol as P
 from ipc.chat_params import parse_chat
+from ipc.logfmt import under_journald
 from ipc.tensor_frames import check
 from scheduler import sd_notify
 from scheduler.config import ConfigError, Effective
@@ -565,7 +566,8 @@ class Daemon:
             self.ready.set()
             log.info("event=ready endpoint=%s", self.cfg.endpoint)
             sd_notify.notify("READY=1", self._status())
-            print(f"quantad: ready on {self.cfg.endpoint}", file=sys.stderr, flush=True)
+            if not under_journald():  # for a person (and scripts) watching a terminal
+                print(f"quantad: ready on {self.cfg.endpoint}", file=sys.stderr, flush=True)
         self._schedule()
 
     def _w_exported(self, req: Request, msg: dict, frames: list) -> None:

@@ -17,9 +17,13 @@ log = logging.getLogger("quantad")
 MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": "2000000000", "MALLOC_MMAP_THRESHOLD_": "1000000000"}
 
 
+# Progress bars redraw one line with carriage returns: in a daemon's log (journald) they are noise.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+
+
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The daemon's environment, less systemd's notify variables (only the daemon talks to systemd)."""
-    env = {**MALLOC_ENV, **os.environ, **(extra or {})}
+    env = {**MALLOC_ENV, **QUIET_ENV, **os.environ, **(extra or {})}
     for var in NOTIFY_VARS:
         env.pop(var, None)
     return env
