@@ -198,7 +198,7 @@ class Daemon:
                 self._fail(req, P.E_SHUTTING_DOWN, "the daemon is shutting down; 'text' holds the partial answer")
         for name in self.procs:
             self._to_worker(name, P.D_SHUTDOWN)
-        left = max(0.5, grace - (time.monotonic() - t0))
+        left = max(0.05, grace - 0.1 - (time.monotonic() - t0))  # then SIGKILL: exit within the grace period
         await asyncio.gather(*(p.stop(left) for p in self.procs.values()))
         log.info("event=stopped after_s=%.3f rc=%s", time.monotonic() - t0, 0 if self.fatal is None else 1)
         return 0 if self.fatal is None else 1
@@ -371,7 +371,7 @@ class Daemon:
                 raise P.ProtocolError(P.E_UNKNOWN_OP, f"unknown op {msg['op']!r}; known: {', '.join(P.AGENT_OPS)}")
             handler(addr, cid, msg)
         except P.ProtocolError as exc:
-            log.info("event=bad_input code=%s message=%r", exc.code, exc.message)
+            log.info("event=bad_input id=%r code=%s message=%r", cid, exc.code, exc.message)
             self._send_agent(addr, {"event": P.EV_ERROR, "id": cid, "code": exc.code, "message": exc.message})
 
     def _op_chat(self, addr: bytes, cid: Any, msg: dict) -> None:
