@@ -27,6 +27,7 @@ from backends.continuation import METHODS, NONE, Attempt, LocalTemplate, ReplayD
 from backends.json_check import json_problem
 from backends.openai_endpoint import Endpoint, RemoteError, api_key, classify
 from ipc import protocol as P
+from ipc.logfmt import setup as setup_logging
 
 log = logging.getLogger("quantad.api")
 
@@ -370,7 +371,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"worker={args.name} level=%(levelname)s %(message)s")
+    setup_logging(logging.INFO, worker=args.name)  # the daemon's format ($QUANTAD_LOG_FORMAT), journald-aware
     for noisy in ("httpx", "httpx2", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when workers stop

@@ -31,6 +31,7 @@ from contexts.manager import ContextManager
 from contexts.snapshot import Snapshot
 from contexts.wire import from_frames, to_frames
 from ipc import protocol as P
+from ipc.logfmt import setup as setup_logging
 
 log = logging.getLogger("quantad.worker")
 
@@ -509,7 +510,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"worker={args.name} level=%(levelname)s %(message)s")
+    setup_logging(logging.INFO, worker=args.name)  # the daemon's format ($QUANTAD_LOG_FORMAT), journald-aware
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when workers stop
     worker = Worker(args)
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stop", True))

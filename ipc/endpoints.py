@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+SYSTEM_SOCKET = Path("/run/quantad/agents.sock")  # the systemd service's (RuntimeDirectory=quantad)
+
 
 def runtime_dir() -> Path:
-    base = os.environ.get("QUANTAD_RUNTIME_DIR")
-    if base:
-        return Path(base)
+    """``$QUANTAD_RUNTIME_DIR``, else systemd's ``$RUNTIME_DIRECTORY``, else ``$XDG_RUNTIME_DIR/quantad``."""
+    for var in ("QUANTAD_RUNTIME_DIR", "RUNTIME_DIRECTORY"):
+        if os.environ.get(var):
+            return Path(os.environ[var].split(":")[0])
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
         return Path(xdg) / "quantad"
@@ -25,8 +28,14 @@ def state_dir() -> Path:
     return Path(base) / "quantad"
 
 
-def agent_endpoint(explicit: str | None = None) -> str:
-    return explicit or os.environ.get("QUANTAD_ENDPOINT") or f"ipc://{runtime_dir() / 'agents.sock'}"
+def agent_endpoint(explicit: str | None = None, client: bool = True) -> str:
+    """Clients with no daemon of their own reach the system service's socket when it exists."""
+    if explicit or os.environ.get("QUANTAD_ENDPOINT"):
+        return explicit or os.environ["QUANTAD_ENDPOINT"]
+    mine = runtime_dir() / "agents.sock"
+    if client and not mine.exists() and SYSTEM_SOCKET.exists() and not os.environ.get("QUANTAD_RUNTIME_DIR"):
+        return f"ipc://{SYSTEM_SOCKET}"
+    return f"ipc://{mine}"
 
 
 def worker_endpoint(agent: str) -> str:

@@ -13,6 +13,9 @@ from pathlib import Path
 from ipc import protocol as P
 from ipc.client import Cancelled, Client, ClientError, result_of
 from ipc.endpoints import agent_endpoint, state_dir, worker_endpoint
+from ipc.logfmt import FORMATS
+from ipc.logfmt import setup as setup_logging
+from scheduler import config as C
 from scheduler.policy import POLICY_NAMES
 
 DEFAULT_QUANTUM_MS = 100.0
@@ -51,13 +54,31 @@ def _endpoint_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help=f"TOML config file (default: $QUANTAD_CONFIG, else "
+                   f"{C.DEFAULT_FILE} when it exists)")  # fmt: skip
+
+
+def serve_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The ``serve`` sub-parser, the one source of every configurable option."""
+    parser = parser or build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["serve"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="quantad", description="Preemptive, OS-style scheduler daemon for LLM generation."
     )
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("serve", help="run the scheduler daemon in the foreground")
+    s = sub.add_parser(
+        "serve",
+        help="run the scheduler daemon in the foreground",
+        description="Every --some-flag is also the key some_flag of the TOML config file and the environment "
+        "variable QUANTAD_SOME_FLAG; precedence: flag > environment > file > default.",
+    )
+    _config_arg(s)
     _endpoint_arg(s)
     s.add_argument("--worker-endpoint", help="endpoint workers connect to (default: derived from --endpoint)")
     s.add_argument("--model", help="model directory, .gguf file, or 'smollm2' (default, embedded); "
@@ -88,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens a worker feeds per step, so running requests keep streaming")  # fmt: skip
     s.add_argument("--max-restarts", type=int, default=5, help="restarts of a dying worker before giving up")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    s.add_argument("--log-format", default="kv", choices=list(FORMATS),
+                   help="one line per event: key=value or JSON (journald: no timestamp, <N> priority)")  # fmt: skip
+    s.add_argument("--grace-s", type=_positive(float), default=30.0,
+                   help="SIGTERM/SIGINT: how long running requests may finish before they are cut")  # fmt: skip
     a = s.add_argument_group("API backend (--backend openai)")
     a.add_argument(
         "--backend",
@@ -148,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("nice", type=int, help="new nice value, -20..19")
     n.add_argument("--json", action="store_true", help="print the answer as one JSON object")
 
+    c = sub.add_parser("config", help="check the configuration, or show the effective values and their sources")
+    csub = c.add_subparsers(dest="config_cmd", required=True, metavar="ACTION")
+    check = csub.add_parser("check", help="validate the config file and QUANTAD_* variables (exit 0 or 1)")
+    _config_arg(check)
+    shown = csub.add_parser("show", help="effective serve options and where each came from")
+    _config_arg(shown)
+    shown.add_argument("--json", action="store_true")
+
     d = sub.add_parser("demo", help="start a daemon, run concurrent requests, show them interleave")
     d.add_argument("--model", default="smollm2")
     d.add_argument("--quantum-tokens", type=_positive(int), default=5)
@@ -200,10 +233,20 @@ def _bench_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd == "serve":
+        sp = serve_parser(parser)
+        given = C.given_flags(sp, argv[argv.index("serve") + 1 :])
+        try:
+            args = effective_options(sp, given, args.config)
+        except C.ConfigError as exc:
+            print("quantad serve: bad configuration:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
+            return 2
+    commands = {"serve": cmd_serve, "run": cmd_run, "ps": cmd_ps, "kill": cmd_kill, "nice": cmd_nice,
+                "demo": cmd_demo, "bench": cmd_bench, "config": cmd_config}  # fmt: skip
     try:
-        commands = {"serve": cmd_serve, "run": cmd_run, "ps": cmd_ps, "kill": cmd_kill, "nice": cmd_nice,
-                    "demo": cmd_demo, "bench": cmd_bench}  # fmt: skip
         return commands[args.cmd](args)
     except TimeoutError as exc:
         print(f"quantad: {exc} (is 'quantad serve' running?)", file=sys.stderr)
@@ -216,6 +259,43 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+# ---- configuration ------------------------------------------------------------------------
+def effective_options(sp: argparse.ArgumentParser, given: argparse.Namespace, config: str | None) -> argparse.Namespace:
+    """Flags over environment over file over defaults; the result also carries how to re-read it (SIGHUP)."""
+    path = C.config_path(config)
+    eff = C.resolve(sp, given, path)
+    ns = argparse.Namespace(**vars(eff.values), cmd="serve", config=str(path) if path else None)
+    ns.effective = eff
+    ns.reload_options = lambda: C.resolve(sp, given, path)
+    return ns
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    path = C.config_path(args.config)
+    try:
+        eff = C.resolve(serve_parser(), argparse.Namespace(), path)
+    except C.ConfigError as exc:
+        print("quantad config: invalid:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
+        return 1
+    if args.config_cmd == "show":
+        print(C.show(eff, args.json))
+    else:
+        from_file = sum(src.startswith("file:") for src in eff.sources.values())
+        from_env = sum(src.startswith("env:") for src in eff.sources.values())
+        print(f"quantad config: OK ({path or 'no config file'}: {from_file} keys set; {from_env} from QUANTAD_*)")
+    return 0
+
+
+def policy_from(ns: argparse.Namespace):
+    """The policy named by the options; a time quantum of 100 ms unless a quantum is given."""
+    from scheduler.policy import Quantum, make_policy
+
+    ms = ns.quantum_ms if ns.quantum_ms or ns.quantum_tokens else DEFAULT_QUANTUM_MS
+    if ms is not None and math.isinf(ms):  # --quantum-ms inf: no time limit (rr then runs as FIFO)
+        ms = None
+    return make_policy(ns.policy, Quantum(tokens=ns.quantum_tokens, ms=ms), policy_opts(ns.policy_opt))
 
 
 # ---- serve --------------------------------------------------------------------------------
@@ -237,18 +317,16 @@ def prepare_ipc_dir(endpoint: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from scheduler.daemon import DaemonConfig, serve
-    from scheduler.policy import Quantum, make_policy
 
-    logging.basicConfig(level=args.log_level, format="quantad level=%(levelname)s %(message)s", stream=sys.stderr)
-    endpoint = agent_endpoint(args.endpoint)
+    setup_logging(args.log_level, args.log_format)
+    if args.config:
+        logging.getLogger("quantad").info("event=config file=%s", args.config)
+    endpoint = agent_endpoint(args.endpoint, client=False)
     wep = args.worker_endpoint or worker_endpoint(endpoint)
     for ep in (endpoint, wep):
         prepare_ipc_dir(ep)
-    ms = args.quantum_ms if args.quantum_ms or args.quantum_tokens else DEFAULT_QUANTUM_MS
-    if ms is not None and math.isinf(ms):  # --quantum-ms inf: no time limit (rr then runs as FIFO)
-        ms = None
     try:
-        policy = make_policy(args.policy, Quantum(tokens=args.quantum_tokens, ms=ms), policy_opts(args.policy_opt))
+        policy = policy_from(args)
     except ValueError as exc:
         raise SystemExit(f"quantad serve: {exc}") from None
     if args.backend == "openai":
@@ -274,6 +352,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         disk_budget=args.disk_budget,
         worker_args=worker_args,
         state_dir=(args.state_dir or str(state_dir())) if args.disk_budget > 0 else None,
+        grace_s=args.grace_s,
+        log_format=args.log_format,
+        options=getattr(args, "effective", None),
+        reload_options=getattr(args, "reload_options", None),
+        build_policy=policy_from,
     )
     return serve(cfg)
 

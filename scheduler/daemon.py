@@ -9,6 +9,7 @@ and every token already streamed, so nothing emitted is lost or repeated.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
 import logging
@@ -17,6 +18,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,13 +27,21 @@ import zmq.asyncio
 
 from ipc import protocol as P
 from ipc.chat_params import parse_chat
+from ipc.logfmt import under_journald
 from ipc.tensor_frames import check
+from scheduler import sd_notify
+from scheduler.config import ConfigError, Effective
 from scheduler.core import Scheduler, WorkerSlots
 from scheduler.policy import Policy
 from scheduler.request import Request, State
 from scheduler.workers import WorkerProcess
 
 log = logging.getLogger("quantad")
+
+# Options a SIGHUP applies live; any other change is logged and waits for a restart.
+POLICY_KEYS = {"quantum_ms", "quantum_tokens", "policy"}
+LIVE_KEYS = POLICY_KEYS | {"log_level", "liveness_s", "max_restarts", "grace_s"}
+STATUS_PERIOD_S = 1.0
 
 
 @dataclass
@@ -54,6 +64,11 @@ class DaemonConfig:
     state_dir: str | None = None
     worker_args: list[str] = field(default_factory=list)
     backend: str = "hf"  # "openai": API workers; model_dir is then the remote model's name
+    grace_s: float = 30.0  # SIGTERM: how long running requests may go on before they are cut
+    log_format: str = "kv"  # passed on to the workers
+    options: Effective | None = None  # the resolved serve options (for SIGHUP's diff)
+    reload_options: Callable[[], Effective] | None = None  # re-reads the config file on SIGHUP
+    build_policy: Callable[[argparse.Namespace], Policy] | None = None
 
 
 class Daemon:
@@ -71,7 +86,9 @@ class Daemon:
         self.pids = itertools.count(1)
         self.seq = itertools.count(1)
         self.stopping = asyncio.Event()
+        self.drained = asyncio.Event()  # draining: no request left, or a second signal
         self.ready = asyncio.Event()
+        self._flushing = False
         self.last_seen: dict[str, float] = {}
         self.fatal: str | None = None
         self.dead: set[str] = set()
@@ -98,18 +115,25 @@ class Daemon:
             os.umask(old)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stopping.set)
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        env = {"QUANTAD_LOG_FORMAT": self.cfg.log_format}
         for i in range(self.cfg.workers):
             name = f"w{i}"
             self.sched.workers[name] = WorkerSlots(name, self.cfg.slots)
-            self.procs[name] = WorkerProcess(name, self._worker_command(name))
+            self.procs[name] = WorkerProcess(name, self._worker_command(name), env)
             self.procs[name].start()
         tasks = [
             asyncio.create_task(self._agent_loop()),
             asyncio.create_task(self._worker_loop()),
             asyncio.create_task(self._supervise()),
+            asyncio.create_task(self._status_loop()),
         ]
+        period = sd_notify.watchdog_period()
+        if period is not None:
+            tasks.append(asyncio.create_task(self._watchdog(period)))
         log.info("event=listening endpoint=%s workers=%s", self.cfg.endpoint, self.cfg.workers)
+        sd_notify.notify(self._status())
         await self.stopping.wait()
         rc = await self._shutdown()
         for t in tasks:
@@ -138,20 +162,144 @@ class Daemon:
             *c.worker_args,
         ]  # fmt: skip
 
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        """The first SIGTERM/SIGINT drains; a second one cuts the drain short."""
+        if self.stopping.is_set():
+            log.info("event=drain_cut signal=%s", sig.name)
+            self.drained.set()
+            return
+        log.info("event=signal signal=%s", sig.name)
+        self.stopping.set()
+
     async def _shutdown(self) -> int:
-        log.info("event=stopping")
+        """Drain: refuse new chats, answer the queue, let running requests finish within the grace period.
+
+        Queued requests get an ``error`` (code ``shutting_down``) with their partial text at
+        once; running ones go on, no longer preempted, until they end or the grace period
+        (less a reserve for stopping the workers) runs out, then get the same error.
+        """
+        t0 = time.monotonic()
+        grace = self.cfg.grace_s
+        sd_notify.notify("STOPPING=1", self._status("stopping"))
+        live = [r for r in self.sched.table.values() if not r.finished]
+        log.info("event=draining grace_s=%s running=%s queued=%s", grace,
+                 sum(r.state is State.RUNNING for r in live), len(self.sched.ready))  # fmt: skip
+        self._flush_queue()
+        if self.fatal is None:
+            self._check_drained()
+            reserve = min(2.0, grace / 4)
+            try:
+                await asyncio.wait_for(self.drained.wait(), max(0.0, grace - reserve - (time.monotonic() - t0)))
+            except TimeoutError:
+                pass
         for req in list(self.sched.table.values()):
             if not req.finished:
-                self._fail(req, P.E_SHUTTING_DOWN, "the daemon is shutting down")
+                log.info("event=drain_cut_request pid=%s tokens=%s", req.pid, req.generated)
+                self._fail(req, P.E_SHUTTING_DOWN, "the daemon is shutting down; 'text' holds the partial answer")
         for name in self.procs:
             self._to_worker(name, P.D_SHUTDOWN)
-        await asyncio.gather(*(p.stop(5.0) for p in self.procs.values()))
+        left = max(0.05, grace - 0.1 - (time.monotonic() - t0))  # then SIGKILL: exit within the grace period
+        await asyncio.gather(*(p.stop(left) for p in self.procs.values()))
+        log.info("event=stopped after_s=%.3f rc=%s", time.monotonic() - t0, 0 if self.fatal is None else 1)
         return 0 if self.fatal is None else 1
+
+    def _flush_queue(self) -> None:
+        """While draining, nothing new starts: every queued request gets its terminal reply now."""
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            for req in list(self.sched.ready):
+                if not req.finished:
+                    log.info("event=drain_queued pid=%s tokens=%s", req.pid, req.generated)
+                    self._fail(req, P.E_SHUTTING_DOWN, "the daemon is shutting down; 'text' holds the partial answer")
+        finally:
+            self._flushing = False
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self.stopping.is_set() and not any(not r.finished for r in self.sched.table.values()):
+            self.drained.set()
+
+    # ---- systemd ------------------------------------------------------------------------
+    def _status(self, phase: str | None = None) -> str:
+        live = [r for r in self.sched.table.values() if not r.finished]
+        running = sum(r.state is State.RUNNING for r in live)
+        alive = sum(w.alive for w in self.sched.workers.values())
+        if phase is None:
+            phase = "draining" if self.stopping.is_set() else "serving" if self.ready.is_set() else "starting"
+        return (f"STATUS={phase}: {running} running, {len(live) - running} queued, "
+                f"workers {alive}/{len(self.sched.workers)} up")  # fmt: skip
+
+    async def _status_loop(self) -> None:
+        last = None
+        while True:
+            status = self._status()
+            if status != last:
+                sd_notify.notify(status)
+                last = status
+            await asyncio.sleep(STATUS_PERIOD_S)
+
+    async def _watchdog(self, period: float) -> None:
+        """Pings from the scheduler's own loop: if the loop wedges, the pings stop and systemd acts."""
+        log.info("event=watchdog period_s=%.3f", period)
+        while True:
+            sd_notify.notify("WATCHDOG=1")
+            await asyncio.sleep(period)
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the configuration; a bad file is rejected whole and the old settings stay."""
+        sd_notify.notify("RELOADING=1", sd_notify.monotonic_usec(), "STATUS=reloading configuration")
+        try:
+            if self.cfg.reload_options is None or self.cfg.options is None:
+                log.warning("event=reload_unsupported")
+            else:
+                self._apply(self.cfg.reload_options())
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("event=reload_rejected problem=%r", problem)
+        except Exception:
+            log.exception("event=internal_error side=reload")
+        sd_notify.notify("READY=1", self._status())
+
+    def _apply(self, new: Effective) -> None:
+        old = self.cfg.options
+        changes = new.changed_from(old)
+        kept = dict(vars(old.values))
+        sources = dict(old.sources)
+        for key, (before, after) in sorted(changes.items()):
+            if key in LIVE_KEYS:
+                kept[key], sources[key] = after, new.sources.get(key, "?")
+                log.info("event=config_changed key=%s old=%r new=%r source=%s", key, before, after, sources[key])
+            else:
+                log.warning("event=config_changed key=%s old=%r new=%r applied=no reason=needs_restart",
+                            key, before, after)  # fmt: skip
+        values = argparse.Namespace(**kept)
+        self.cfg.options = Effective(values, sources, new.file)
+        if POLICY_KEYS & changes.keys() and self.cfg.build_policy is not None:
+            self.sched.policy = self.cfg.build_policy(values)
+            for req in self.sched.table.values():  # the new policy starts from what is live now
+                if not req.finished:
+                    self.sched.policy.admit(req)
+            for req in self.sched.table.values():  # running requests take the new quantum now
+                if req.state is State.RUNNING and req.worker is not None and req.migrate_from is None:
+                    q = self.sched.policy.quantum_for(req)
+                    self._to_worker(req.worker, P.D_CONTINUE, rid=req.pid, quantum_tokens=q.tokens, quantum_ms=q.ms)
+        if "log_level" in changes:
+            logging.getLogger().setLevel(values.log_level)
+        for key in ("liveness_s", "max_restarts", "grace_s"):
+            if key in changes:
+                setattr(self.cfg, key, getattr(values, key))
+        q = self.sched.policy.quantum
+        log.info("event=reloaded changed=%s policy=%s quantum_tokens=%s quantum_ms=%s", len(changes),
+                 self.sched.policy.name, q.tokens, q.ms)  # fmt: skip
 
     async def _supervise(self) -> None:
         """Notice dead or silent workers, re-queue their requests, restart them."""
         while True:
             await asyncio.sleep(self.cfg.heartbeat_s / 2)
+            if self.stopping.is_set():
+                return  # draining: workers are about to stop; the grace deadline answers what they held
             now = time.monotonic()
             for name, proc in self.procs.items():
                 w = self.sched.workers[name]
@@ -160,10 +308,17 @@ class Daemon:
                 if not (exited or silent) or name in self.dead:
                     continue
                 log.warning("event=worker_lost worker=%s exit=%s silent=%s", name, proc.returncode, silent)
+                if not self.ready.is_set():  # start-up failed (bad model, device, memory): restarts will not help
+                    self.fatal = f"worker {name} exited with status {proc.returncode} during start-up"
+                    log.error("event=fatal reason=%r", self.fatal)
+                    self.stopping.set()
+                    return
                 if not exited:
                     await proc.kill()  # a wedged worker must not hold its routing id
                 self._lose_worker(name)
-                if proc.restarts < self.cfg.max_restarts:
+                if self.stopping.is_set():
+                    self.dead.add(name)
+                elif proc.restarts < self.cfg.max_restarts:
                     await proc.restart()
                 else:
                     self.dead.add(name)
@@ -220,7 +375,7 @@ class Daemon:
                 raise P.ProtocolError(P.E_UNKNOWN_OP, f"unknown op {msg['op']!r}; known: {', '.join(P.AGENT_OPS)}")
             handler(addr, cid, msg)
         except P.ProtocolError as exc:
-            log.info("event=bad_input code=%s message=%r", exc.code, exc.message)
+            log.info("event=bad_input id=%r code=%s message=%r", cid, exc.code, exc.message)
             self._send_agent(addr, {"event": P.EV_ERROR, "id": cid, "code": exc.code, "message": exc.message})
 
     def _op_chat(self, addr: bytes, cid: Any, msg: dict) -> None:
@@ -239,7 +394,7 @@ class Daemon:
             req.worker = home  # affinity: that worker holds the session's context
         self.by_client[(addr, cid)] = req
         self.sched.add(req)
-        log.info("event=accepted pid=%s agent=%r max_tokens=%s", req.pid, req.agent, params["max_tokens"])
+        log.info("event=accepted pid=%s id=%r agent=%r max_tokens=%s", req.pid, cid, req.agent, params["max_tokens"])
         self._emit(req, P.EV_ACCEPTED, pid=req.pid)
         self._schedule()
 
@@ -250,7 +405,9 @@ class Daemon:
             {"name": w.name, "alive": w.alive, "slots": w.slots, "running": sorted(w.running), **w.info}
             for w in self.sched.workers.values()
         ]
-        self._reply(addr, cid, {"requests": rows, "workers": workers, "policy": self.sched.policy.name})
+        q = self.sched.policy.quantum
+        self._reply(addr, cid, {"requests": rows, "workers": workers, "policy": self.sched.policy.name,
+                                "quantum": {"tokens": q.tokens, "ms": q.ms}})  # fmt: skip
 
     def _op_kill(self, addr: bytes, cid: Any, msg: dict) -> None:
         pid = P.field(msg, "pid", int)
@@ -326,6 +483,7 @@ class Daemon:
         fields["stats"] = req.stats() | policy_view | fields.get("stats", {})
         self._emit(req, event, **fields)
         self._schedule()
+        self._check_drained()
 
     def _cancel(self, req: Request, why: str, notify: bool = True) -> None:
         if req.finished:
@@ -348,6 +506,9 @@ class Daemon:
 
     # ---- scheduling ---------------------------------------------------------------------
     def _schedule(self) -> None:
+        if self.stopping.is_set():
+            self._flush_queue()
+            return
         for req in self.sched.schedule():
             if req.migrate_from is not None:  # its context comes from another worker first
                 log.info("event=migrate pid=%s from=%s to=%s", req.pid, req.migrate_from, req.worker)
@@ -430,7 +591,9 @@ class Daemon:
         if all(x.alive for x in self.sched.workers.values()) and not self.ready.is_set():
             self.ready.set()
             log.info("event=ready endpoint=%s", self.cfg.endpoint)
-            print(f"quantad: ready on {self.cfg.endpoint}", file=sys.stderr, flush=True)
+            sd_notify.notify("READY=1", self._status())
+            if not under_journald():  # for a person (and scripts) watching a terminal
+                print(f"quantad: ready on {self.cfg.endpoint}", file=sys.stderr, flush=True)
         self._schedule()
 
     def _w_exported(self, req: Request, msg: dict, frames: list) -> None:

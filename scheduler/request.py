@@ -64,7 +64,6 @@ class Request:
     prompt_tokens: int = 0  # estimated from the text at accept; exact once a worker reports it
     started: bool = False  # dispatched at least once: its prompt counts as service received
     charged: float = 0.0  # service already accounted to the policy (weighted tokens)
-
     queue_s: float | None = None  # accept to first dispatch to a worker
     moved: dict[str, int] = field(default_factory=dict)  # context bytes saved into / restored from each tier
 

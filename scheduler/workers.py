@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 
+from scheduler.sd_notify import NOTIFY_VARS
+
 log = logging.getLogger("quantad")
 
 
@@ -15,14 +17,23 @@ log = logging.getLogger("quantad")
 MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": "2000000000", "MALLOC_MMAP_THRESHOLD_": "1000000000"}
 
 
-def worker_env() -> dict[str, str]:
-    return {**MALLOC_ENV, **os.environ}
+# Progress bars redraw one line with carriage returns: in a daemon's log (journald) they are noise.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+
+
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The daemon's environment, less systemd's notify variables (only the daemon talks to systemd)."""
+    env = {**MALLOC_ENV, **QUIET_ENV, **os.environ, **(extra or {})}
+    for var in NOTIFY_VARS:
+        env.pop(var, None)
+    return env
 
 
 class WorkerProcess:
-    def __init__(self, name: str, command: list[str]):
+    def __init__(self, name: str, command: list[str], env: dict[str, str] | None = None):
         self.name = name
         self.command = command
+        self.env = env
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
 
@@ -32,7 +43,7 @@ class WorkerProcess:
     async def _spawn(self) -> None:
         # stdout/stderr are inherited: worker logs go where the daemon's go (journald).
         self.proc = await asyncio.create_subprocess_exec(
-            *self.command, stdin=asyncio.subprocess.DEVNULL, env=worker_env()
+            *self.command, stdin=asyncio.subprocess.DEVNULL, env=worker_env(self.env)
         )
         log.info("event=worker_started worker=%s os_pid=%s", self.name, self.proc.pid)
 
