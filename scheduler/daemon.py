@@ -39,7 +39,7 @@ from scheduler.workers import WorkerProcess
 log = logging.getLogger("quantad")
 
 # Options a SIGHUP applies live; any other change is logged and waits for a restart.
-POLICY_KEYS = {"quantum_ms", "quantum_tokens", "policy"}
+POLICY_KEYS = {"quantum_ms", "quantum_tokens", "policy", "policy_opt"}
 LIVE_KEYS = POLICY_KEYS | {"log_level", "liveness_s", "max_restarts", "grace_s"}
 STATUS_PERIOD_S = 1.0
 
