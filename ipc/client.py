@@ -112,6 +112,22 @@ def reply_data(msg: dict[str, Any]) -> dict[str, Any]:
     return msg.get("data", {})
 
 
+def frame_of(msg: dict[str, Any]) -> bytes:
+    """Pack a message, refusing here what the daemon cannot take.
+
+    A frame over ``MAX_FRAME`` would make ZeroMQ drop the whole connection (``MAXMSGSIZE``),
+    losing every request in flight on it; a value msgpack cannot encode (an int over 64 bits)
+    is the caller's error too.  Both raise ``ClientError`` before anything is sent.
+    """
+    try:
+        frame = P.pack(msg)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ClientError(P.E_BAD_FIELD, f"message cannot be encoded: {exc}") from None
+    if len(frame) > P.MAX_FRAME:
+        raise ClientError(P.E_TOO_LARGE, f"message of {len(frame)} bytes exceeds {P.MAX_FRAME}")
+    return frame
+
+
 def _dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
@@ -155,7 +171,7 @@ class Client:
 
     def send(self, msg: dict[str, Any]) -> Any:
         msg.setdefault("id", self._ids.next())
-        self._sock.send(P.pack(msg))
+        self._sock.send(frame_of(msg))
         return msg["id"]
 
     def recv(self, cid: Any, timeout: float | None = ...) -> dict[str, Any]:
@@ -191,6 +207,14 @@ class Client:
     def nice(self, pid: int, nice: int) -> dict[str, Any]:
         """Change a live request's nice value (-20..19, lower runs first); returns ``{pid, nice, old}``."""
         return self.call(P.OP_NICE, pid=pid, nice=nice)
+
+    def stats(self) -> dict[str, Any]:
+        """Daemon-wide counters, queue length, tokens/s and listening endpoints (protocol 3.7)."""
+        return self.call(P.OP_STATS)
+
+    def workers(self) -> dict[str, Any]:
+        """Per worker: liveness, heartbeat age, slots, device, model, memory per tier, restarts (3.8)."""
+        return self.call(P.OP_WORKERS)
 
     def submit(self, messages: Messages, **params: Any) -> Any:
         """Send a chat and return its id; read its events with ``events(id)``."""
@@ -254,8 +278,9 @@ class AsyncClient:
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read())
         msg.setdefault("id", self._ids.next())
+        frame = frame_of(msg)
         q = self._queues[msg["id"]] = asyncio.Queue()
-        await self._sock.send(P.pack(msg))
+        await self._sock.send(frame)
         return q
 
     async def _get(self, q: asyncio.Queue, timeout: float | None) -> dict[str, Any]:
@@ -287,6 +312,30 @@ class AsyncClient:
     async def nice(self, pid: int, nice: int) -> dict[str, Any]:
         """Change a live request's nice value (-20..19, lower runs first); returns ``{pid, nice, old}``."""
         return await self.call(P.OP_NICE, pid=pid, nice=nice)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.call(P.OP_STATS)
+
+    async def workers(self) -> dict[str, Any]:
+        return await self.call(P.OP_WORKERS)
+
+    async def submit(self, messages: Messages, *, stream: bool = True, **params: Any) -> Any:
+        """Send a chat and return its id; read its events with ``events(id)``, stop it with ``cancel(id)``.
+
+        ``stream=False`` asks the daemon for no ``token``/``preempted``/``resumed`` events.
+        """
+        params.setdefault("agent", self.agent or None)
+        msg = chat_message(self._ids.next(), messages, stream=stream, **params)
+        await self._send(msg)
+        return msg["id"]
+
+    def events(self, cid: Any) -> AsyncIterator[Event]:
+        """The events of a chat sent with ``submit``, up to and including its terminal one."""
+        return self._events(cid, self._queues[cid])
+
+    async def cancel(self, cid: Any) -> None:
+        """Cancel a chat of this client; its ``cancelled`` event (if still read) is the answer."""
+        await self._sock.send(P.pack({"op": P.OP_CANCEL, "id": cid}))
 
     async def _events(self, cid: Any, q: asyncio.Queue) -> AsyncIterator[Event]:
         try:

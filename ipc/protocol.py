@@ -32,7 +32,9 @@ OP_KILL = "kill"
 OP_PING = "ping"
 OP_CANCEL = "cancel"
 OP_NICE = "nice"
-AGENT_OPS = (OP_CHAT, OP_PS, OP_KILL, OP_PING, OP_CANCEL, OP_NICE)
+OP_STATS = "stats"
+OP_WORKERS = "workers"
+AGENT_OPS = (OP_CHAT, OP_PS, OP_KILL, OP_PING, OP_CANCEL, OP_NICE, OP_STATS, OP_WORKERS)
 
 NICE_MIN, NICE_MAX = -20, 19  # a request's nice value, as in Unix: lower runs first
 
@@ -85,6 +87,7 @@ TIER_HOST = "host"
 TIER_DISK = "disk"
 TIER_RECOMPUTE = "recompute"
 TIER_NONE = "none"
+TIERS = (TIER_DEVICE, TIER_HOST, TIER_DISK, TIER_RECOMPUTE)  # where a saved context can be
 
 
 class ProtocolError(Exception):

@@ -1,4 +1,4 @@
-"""The ``quantad`` command: serve, run, ps, kill, nice, demo."""
+"""The ``quantad`` command: serve, run, ps, top, workers, kill, nice, config, demo, bench."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from ipc.endpoints import agent_endpoint, state_dir, worker_endpoint
 from ipc.logfmt import FORMATS
 from ipc.logfmt import setup as setup_logging
 from scheduler import config as C
+from scheduler import netaddr, views
 from scheduler.policy import POLICY_NAMES
 
 DEFAULT_QUANTUM_MS = 100.0
@@ -44,6 +46,12 @@ def _positive(kind):
         return value
 
     return parse
+
+
+def _port(text: str) -> int:
+    if not text.strip().isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
+    return int(text)
 
 
 def _endpoint_arg(p: argparse.ArgumentParser) -> None:
@@ -142,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--api-retries", type=int, default=4, help="retries of a failed stream (exponential backoff)")
     a.add_argument("--resume-method", default="auto", choices=["auto", "prefix", "completions", "none"],
                    help="how preempted API requests resume; auto: detect once per endpoint")  # fmt: skip
+    h = s.add_argument_group("HTTP listeners (both off by default)")
+    h.add_argument("--http", type=netaddr.host_port, metavar="HOST:PORT",
+                   help="serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health) on HOST:PORT; "
+                   "loopback only unless --http-allow-remote; port 0 picks a free port")  # fmt: skip
+    h.add_argument("--http-allow-remote", action="store_true",
+                   help="let --http listen on a non-loopback address (set a token too)")  # fmt: skip
+    h.add_argument("--http-token-file", metavar="FILE",
+                   help="file holding the bearer token that /v1/* requests must send")  # fmt: skip
+    h.add_argument("--http-token-env", metavar="VAR", help="environment variable holding that token")
+    h.add_argument("--metrics-port", type=_port, metavar="PORT",
+                   help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (0: a free port)")  # fmt: skip
 
     r = sub.add_parser("run", help="submit one chat and stream its answer")
     _endpoint_arg(r)
@@ -162,6 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ps", help="list requests like ps")
     _endpoint_arg(p)
     p.add_argument("--json", action="store_true")
+
+    t = sub.add_parser("top", help="live view of requests, workers, queue, tokens/s and memory (q quits)",
+                       description="Redraws every --interval seconds; q quits. --once prints one screen and "
+                       "--json one snapshot (the stats, workers and ps answers) for scripts.")  # fmt: skip
+    _endpoint_arg(t)
+    t.add_argument("--interval", type=_positive(float), default=1.0, metavar="S", help="seconds between refreshes")
+    t.add_argument("--once", action="store_true", help="print one screen and exit")
+    t.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit")
+
+    w = sub.add_parser("workers", help="per worker: liveness, heartbeat age, slots, device, model, memory, restarts")
+    _endpoint_arg(w)
+    w.add_argument("--json", action="store_true")
 
     k = sub.add_parser("kill", help="cancel a request by pid")
     _endpoint_arg(k)
@@ -245,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             print("quantad serve: bad configuration:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
             return 2
     commands = {"serve": cmd_serve, "run": cmd_run, "ps": cmd_ps, "kill": cmd_kill, "nice": cmd_nice,
-                "demo": cmd_demo, "bench": cmd_bench, "config": cmd_config}  # fmt: skip
+                "demo": cmd_demo, "bench": cmd_bench, "config": cmd_config, "top": cmd_top,
+                "workers": cmd_workers}  # fmt: skip
     try:
         return commands[args.cmd](args)
     except TimeoutError as exc:
@@ -327,12 +359,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prepare_ipc_dir(ep)
     try:
         policy = policy_from(args)
+        http, token = http_options(args)
     except ValueError as exc:
-        raise SystemExit(f"quantad serve: {exc}") from None
+        print(f"quantad serve: {exc}", file=sys.stderr)
+        return 2
     if args.backend == "openai":
         model, worker_args = args.model, api_worker_args(args)
+        name, aliases = model, ()
     else:
         model, worker_args = resolve_model(args.model or "smollm2"), ["--snapshot-tier", args.snapshot_tier]
+        name, aliases = Path(model).name, (args.model or "smollm2", model)
     cfg = DaemonConfig(
         endpoint=endpoint,
         worker_endpoint=wep,
@@ -357,8 +393,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options=getattr(args, "effective", None),
         reload_options=getattr(args, "reload_options", None),
         build_policy=policy_from,
+        model_name=name,
+        model_aliases=aliases,
+        http=http,
+        http_token=token,
+        metrics_port=args.metrics_port,
     )
     return serve(cfg)
+
+
+def http_options(args: argparse.Namespace) -> tuple[tuple[str, int] | None, str | None]:
+    """Where the HTTP front listens and its token; a non-loopback address needs --http-allow-remote."""
+    token = None
+    if args.http_token_file:
+        try:
+            token = Path(args.http_token_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read --http-token-file {args.http_token_file}: {exc.strerror}") from None
+    elif args.http_token_env:
+        token = os.environ.get(args.http_token_env, "").strip()
+    if token == "":
+        raise ValueError("the HTTP bearer token is empty (--http-token-file / --http-token-env)")
+    if not args.http:
+        return None, token
+    host, port = netaddr.split(args.http)
+    if not netaddr.is_loopback(host):
+        if not args.http_allow_remote:
+            raise ValueError(f"--http {args.http} is not a loopback address; pass --http-allow-remote to listen "
+                             "there (with --http-token-file)")  # fmt: skip
+        if token is None:
+            logging.getLogger("quantad").warning("event=http_remote_without_token address=%s", args.http)
+    return (host, port), token
 
 
 def policy_opts(items: list[str]) -> dict[str, str]:
@@ -436,16 +501,24 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    cols = ("pid", "agent", "state", "nice", "priority", "worker", "quanta", "tokens", "context", "context_bytes",
-            "preemptible", "age_s")  # fmt: skip
-    heads = ("PID", "AGENT", "STATE", "NI", "PRI", "WORKER", "QUANTA", "TOKENS", "CONTEXT", "BYTES", "PREEMPT", "AGE")
-    shown = {True: "yes", False: "no", None: "-"}  # "no": runs to the end of its turn (the API cannot resume it)
-    rows = [heads] + [tuple(shown[r.get(c)] if isinstance(r.get(c), bool | None) else str(r.get(c))
-                            for c in cols) for r in data["requests"]]  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
-    for row in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    print("\n".join(views.ps_table(data["requests"])))
     return 0
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    with Client(args.endpoint) as c:
+        data = c.workers()
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print("\n".join(views.workers_table(data["workers"])))
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from scheduler import top
+
+    return top.run(args.endpoint, args.interval, once=args.once, as_json=args.json)
 
 
 def cmd_kill(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from ipc.tensor_frames import check
 from scheduler import sd_notify
 from scheduler.config import ConfigError, Effective
 from scheduler.core import Scheduler, WorkerSlots
+from scheduler.counters import Counters
 from scheduler.policy import Policy
 from scheduler.request import Request, State
 from scheduler.workers import WorkerProcess
@@ -69,6 +70,11 @@ class DaemonConfig:
     options: Effective | None = None  # the resolved serve options (for SIGHUP's diff)
     reload_options: Callable[[], Effective] | None = None  # re-reads the config file on SIGHUP
     build_policy: Callable[[argparse.Namespace], Policy] | None = None
+    model_name: str = ""  # what /v1/models calls the model (a directory's name, or the remote name)
+    model_aliases: tuple[str, ...] = ()  # other names an HTTP request may give (--model as given, the path)
+    http: tuple[str, int] | None = None  # OpenAI-compatible HTTP front (host, port); None: off
+    http_token: str | None = None  # bearer token the HTTP front requires
+    metrics_port: int | None = None  # Prometheus /metrics on 127.0.0.1; None: off
 
 
 class Daemon:
@@ -94,6 +100,10 @@ class Daemon:
         self.dead: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
         self.sessions: dict[str, str] = {}  # session id -> worker keeping its context
+        self.counters = Counters()
+        self.finish_hooks: list[Callable[[Request], None]] = []  # called once per request, at its end
+        self.urls: dict[str, str | None] = {"http": None, "metrics": None}
+        self._fronts: list[Any] = []  # the HTTP front and the metrics server, when on
 
     def _socket(self, max_size: int) -> zmq.asyncio.Socket:
         s = self.ctx.socket(zmq.ROUTER)
@@ -113,6 +123,15 @@ class Daemon:
             self.workers_sock.bind(self.cfg.worker_endpoint)
         finally:
             os.umask(old)
+        try:
+            await self._start_fronts()
+        except OSError as exc:  # port taken, address not here: fail before any worker starts
+            log.error("event=fatal reason=%r", f"cannot listen: {exc}")
+            await self._stop_fronts()
+            self.agents.close(0)
+            self.workers_sock.close(0)
+            self.ctx.term()
+            return 1
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
@@ -136,6 +155,7 @@ class Daemon:
         sd_notify.notify(self._status())
         await self.stopping.wait()
         rc = await self._shutdown()
+        await self._stop_fronts()  # after the drain: HTTP streams have had their terminal events
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -143,6 +163,31 @@ class Daemon:
         self.workers_sock.close(0)
         self.ctx.term()
         return rc
+
+    async def _start_fronts(self) -> None:
+        """The optional HTTP listeners; imported only when asked for, so a plain daemon starts as before."""
+        c = self.cfg
+        if c.metrics_port is not None:
+            from scheduler.metrics import MetricsServer
+
+            self._fronts.append(MetricsServer(self, c.metrics_port))
+            self.urls["metrics"] = await self._fronts[-1].start()
+            log.info("event=metrics_listening url=%s", self.urls["metrics"])
+        if c.http is not None:
+            from scheduler.http_front import HttpFront
+
+            names = (c.model_name, *c.model_aliases)
+            self._fronts.append(HttpFront(c.endpoint, c.http[0], c.http[1], names, c.http_token))
+            self.urls["http"] = await self._fronts[-1].start()
+            log.info("event=http_listening url=%s auth=%s", self.urls["http"], "bearer" if c.http_token else "none")
+
+    async def _stop_fronts(self) -> None:
+        for front in reversed(self._fronts):
+            try:
+                await front.stop()
+            except Exception:
+                log.exception("event=internal_error side=front_stop")
+        self._fronts.clear()
 
     def _worker_command(self, name: str) -> list[str]:
         c = self.cfg
@@ -234,6 +279,7 @@ class Daemon:
     async def _status_loop(self) -> None:
         last = None
         while True:
+            self.counters.sample()
             status = self._status()
             if status != last:
                 sd_notify.notify(status)
@@ -370,6 +416,8 @@ class Daemon:
                 P.OP_CANCEL: self._op_cancel,
                 P.OP_PING: self._op_ping,
                 P.OP_NICE: self._op_nice,
+                P.OP_STATS: self._op_stats,
+                P.OP_WORKERS: self._op_workers,
             }.get(msg["op"])
             if handler is None:
                 raise P.ProtocolError(P.E_UNKNOWN_OP, f"unknown op {msg['op']!r}; known: {', '.join(P.AGENT_OPS)}")
@@ -394,6 +442,7 @@ class Daemon:
             req.worker = home  # affinity: that worker holds the session's context
         self.by_client[(addr, cid)] = req
         self.sched.add(req)
+        self.counters.accepted += 1
         log.info("event=accepted pid=%s id=%r agent=%r max_tokens=%s", req.pid, cid, req.agent, params["max_tokens"])
         self._emit(req, P.EV_ACCEPTED, pid=req.pid)
         self._schedule()
@@ -408,6 +457,67 @@ class Daemon:
         q = self.sched.policy.quantum
         self._reply(addr, cid, {"requests": rows, "workers": workers, "policy": self.sched.policy.name,
                                 "quantum": {"tokens": q.tokens, "ms": q.ms}})  # fmt: skip
+
+    def _op_stats(self, addr: bytes, cid: Any, msg: dict) -> None:
+        self._reply(addr, cid, self.stats_view())
+
+    def _op_workers(self, addr: bytes, cid: Any, msg: dict) -> None:
+        self._reply(addr, cid, {"workers": self.workers_view(), "heartbeat_s": self.cfg.heartbeat_s,
+                                "liveness_s": self.cfg.liveness_s})  # fmt: skip
+
+    def stats_view(self) -> dict[str, Any]:
+        """The ``stats`` reply: daemon-wide counts (also what the metrics and ``quantad top`` read)."""
+        live = [r for r in self.sched.table.values() if not r.finished]
+        by_state = {State.READY.value: 0, State.RUNNING.value: 0}
+        for r in live:
+            by_state[r.state.value] = by_state.get(r.state.value, 0) + 1
+        q = self.sched.policy.quantum
+        phase = "draining" if self.stopping.is_set() else "serving" if self.ready.is_set() else "starting"
+        return {
+            "phase": phase,
+            "uptime_s": round(time.monotonic() - self.counters.started_at, 3),
+            "started_at": round(self.counters.started_wall, 3),
+            "policy": self.sched.policy.name,
+            "quantum": {"tokens": q.tokens, "ms": q.ms},
+            "model": self.cfg.model_name,
+            "backend": self.cfg.backend,
+            "queue": len(self.sched.ready),
+            "requests": by_state,
+            **self.counters.as_dict(),
+            "tokens_per_s": round(self.counters.tokens_per_s(), 3),
+            "workers": {"configured": len(self.sched.workers), "up": sum(w.alive for w in self.sched.workers.values())},
+            "endpoints": {"agents": self.cfg.endpoint, **self.urls},
+        }
+
+    def workers_view(self) -> list[dict[str, Any]]:
+        """One row per worker for the ``workers`` reply, from its ``ready`` and its last heartbeat."""
+        now = time.monotonic()
+        rows = []
+        for name, w in self.sched.workers.items():
+            stats = _map(w.info.get("stats"))
+            tiers = _map(_map(stats.get("contexts")).get("tiers"))
+            seen = self.last_seen.get(name)
+            rows.append({
+                "name": name,
+                "state": "up" if w.alive else "dead" if name in self.dead else "starting",
+                "alive": w.alive,
+                "pid": w.info.get("pid"),
+                "device": w.info.get("device"),
+                "model": w.info.get("model"),
+                "backend": self.cfg.backend,
+                "slots": w.slots,
+                "used": len(w.running),
+                "running": sorted(w.running),
+                "heartbeat_age_s": None if seen is None else round(now - seen, 3),
+                "restarts": self.procs[name].restarts if name in self.procs else 0,
+                "memory": {t: _int(_map(tiers.get(t)).get("bytes")) for t in P.TIERS},
+                "contexts": {t: _int(_map(tiers.get(t)).get("count")) for t in P.TIERS},
+                "rss_bytes": _int(stats.get("rss_bytes"), None),
+                "host_available_bytes": _int(stats.get("host_available_bytes"), None),
+                "prefill_tokens": _int(stats.get("prefill_tokens"), None),
+                "decode_tokens": _int(stats.get("decode_tokens"), None),
+            })  # fmt: skip
+        return rows
 
     def _op_kill(self, addr: bytes, cid: Any, msg: dict) -> None:
         pid = P.field(msg, "pid", int)
@@ -478,6 +588,7 @@ class Daemon:
     def _terminal(self, req: Request, state: State, event: str, **fields: Any) -> None:
         """The one terminal reply of a request: leave the tables, then tell the agent."""
         policy_view = self.sched.finish(req, state)
+        self._finished(req)
         self.by_client.pop((req.agent_addr, req.client_id), None)
         self.sched.forget(req)
         fields["stats"] = req.stats() | policy_view | fields.get("stats", {})
@@ -495,9 +606,19 @@ class Daemon:
             self._terminal(req, State.CANCELLED, P.EV_CANCELLED, message=why, text=req.text)
         else:
             self.sched.finish(req, State.CANCELLED)
+            self._finished(req)
             self.by_client.pop((req.agent_addr, req.client_id), None)
             self.sched.forget(req)
             self._schedule()
+
+    def _finished(self, req: Request) -> None:
+        """Count a request that just reached its terminal state, and tell the hooks (metrics)."""
+        self.counters.finish(req.state.value)
+        for hook in self.finish_hooks:
+            try:
+                hook(req)
+            except Exception:
+                log.exception("event=internal_error side=finish_hook pid=%s", req.pid)
 
     def _fail(self, req: Request, code: str, message: str) -> None:
         if req.worker is not None:
@@ -586,6 +707,7 @@ class Daemon:
         w.alive = True
         w.slots = P.field(msg, "slots", int, self.cfg.slots)
         w.info = {"device": P.field(msg, "device", str, "?"), "pid": P.field(msg, "pid", int, 0),
+                  "model": P.field(msg, "model", str, ""),
                   "preemptible": P.field(msg, "preemptible", bool, True)}  # fmt: skip
         log.info("event=worker_ready worker=%s device=%s slots=%s", name, w.info["device"], w.slots)
         if all(x.alive for x in self.sched.workers.values()) and not self.ready.is_set():
@@ -630,7 +752,9 @@ class Daemon:
         if req.first_token_s is None and (ids or text):
             req.first_token_s = time.monotonic() - req.submitted_at
         req.tokens.extend(int(t) for t in ids)
-        req.generated += P.field(msg, "n", int, len(ids))  # API workers count tokens without ids
+        n = max(0, P.field(msg, "n", int, len(ids)))  # API workers count tokens without ids
+        req.generated += n
+        self.counters.tokens += n
         req.text += text
         if text or ids:
             self._emit(req, P.EV_TOKEN, text=text, token_ids=ids, index=req.generated)
@@ -652,6 +776,7 @@ class Daemon:
         req.switch_s += float(P.field(msg, "switch_s", (int, float), 0.0))
         req.note_moved(req.tier, req.context_bytes)
         self.sched.preempt(req)
+        self.counters.preemptions += 1
         log.info("event=preempted pid=%s tier=%s bytes=%s", req.pid, req.tier, req.context_bytes)
         self._emit(req, P.EV_PREEMPTED, quantum=req.quanta, tokens=req.generated, context=req.tier)
         self._schedule()
@@ -686,6 +811,15 @@ class Daemon:
         code = P.field(msg, "code", str, P.E_WORKER_FAILED)
         code = code if code in P.WORKER_CODES else P.E_WORKER_FAILED
         self._fail(req, code, P.field(msg, "message", str, "worker failed"))
+
+
+def _map(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _int(value: Any, default: int | None = 0) -> int | None:
+    """A count from a worker's heartbeat, which the daemon never trusts to be well-typed."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
 
 
 def serve(cfg: DaemonConfig) -> int:

@@ -1,0 +1,332 @@
+"""OpenAI-compatible HTTP front: ``/v1/chat/completions`` (SSE or not), ``/v1/models``, ``/health``.
+
+It is an ``ipc.client.AsyncClient`` of the daemon's own agent socket, not a second way into the
+scheduler.  An HTTP chat is then a syscall like any other by construction: validated by the same
+``parse_chat``, listed by ``ps``, preempted, killed, drained, with every error code the protocol
+has; the daemon keeps one code path.  The price is one local ZeroMQ hop per event, microseconds
+against a token's milliseconds.  aiohttp's server runs inside the daemon's asyncio loop without
+taking over its signals (``handle_signals=False``); ``handler_cancellation`` turns an HTTP client
+that hangs up into a ``cancel`` of its request, as a vanished agent is.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from aiohttp import web
+
+from ipc import protocol as P
+from ipc.client import AsyncClient, ClientError, Event
+
+log = logging.getLogger("quantad")
+
+DEFAULT_AGENT = "http"
+SHUTDOWN_S = 2.0  # after the drain, how long in-flight responses may take to flush
+
+# protocol error code -> (HTTP status, OpenAI error type)
+ERRORS: dict[str, tuple[int, str]] = {
+    P.E_BAD_FIELD: (400, "invalid_request_error"),
+    P.E_BAD_FRAME: (400, "invalid_request_error"),
+    P.E_DUPLICATE_ID: (400, "invalid_request_error"),
+    P.E_TOO_LARGE: (413, "invalid_request_error"),
+    P.E_NOT_FOUND: (404, "not_found_error"),
+    P.EV_CANCELLED: (409, "cancelled"),  # killed (`quantad kill`): not to be retried
+    P.E_SHUTTING_DOWN: (503, "service_unavailable"),
+    P.E_REMOTE: (502, "server_error"),
+    P.E_WORKER_FAILED: (500, "server_error"),
+    P.E_INVALID_OUTPUT: (500, "server_error"),
+    P.E_INTERNAL: (500, "server_error"),
+}
+RETRYABLE = {P.E_SHUTTING_DOWN, P.E_REMOTE}  # the OpenAI client obeys x-should-retry
+PARAM_NAMES = {"agent": "user"}  # protocol field -> the OpenAI parameter it came from
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, retry: bool = False, partial: str = ""):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+        self.retry, self.partial = retry, partial
+
+    @classmethod
+    def of(cls, code: str, message: str, partial: str = "") -> HttpError:
+        """From a protocol error code (or ``cancelled``), with the field it names as ``param``."""
+        status, kind = ERRORS.get(code, (500, "server_error"))
+        named = re.search(r"'(\w+)'", message)
+        param = PARAM_NAMES.get(named.group(1), named.group(1)) if named and status == 400 else None
+        return cls(status, message, kind, code, param, code in RETRYABLE, partial)
+
+    def body(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+        if self.partial:
+            err["partial_text"] = self.partial  # what was generated before the end (shutting_down, killed)
+        return {"error": err}
+
+    def response(self) -> web.Response:
+        headers = {"x-should-retry": "true" if self.retry else "false"}
+        if self.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return web.json_response(self.body(), status=self.status, headers=headers)
+
+
+def error_of(ev: Event) -> HttpError:
+    if ev.event == P.EV_CANCELLED:
+        return HttpError.of(P.EV_CANCELLED, f"the request was cancelled: {ev.data.get('message', '')}", ev.text)
+    return HttpError.of(ev.data.get("code", P.E_INTERNAL), ev.data.get("message", ""), ev.text)
+
+
+# ---- request translation --------------------------------------------------------------------
+def chat_fields(body: Any, models: Iterable[str]) -> tuple[list, dict[str, Any]]:
+    """An OpenAI chat-completions body -> (messages, chat params).  Field values are checked by the daemon."""
+    if not isinstance(body, dict):
+        raise HttpError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise HttpError(400, "'model' is required", param="model")
+    names = list(models)
+    if model not in names:
+        raise HttpError(404, f"model {model!r} is not served here; try {names[0]!r}", "not_found_error",
+                        "model_not_found", "model")  # fmt: skip
+    if body.get("n") not in (None, 1):
+        raise HttpError(400, "only n=1 is supported", param="n")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise HttpError(400, "logprobs are not supported", param="logprobs")
+    if body.get("stream") is not None and not isinstance(body.get("stream"), bool):
+        raise HttpError(400, "'stream' must be a boolean", param="stream")
+    user = body.get("user")
+    params = {
+        "max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
+        "agent": user if user is not None else DEFAULT_AGENT,
+        **{k: body.get(k) for k in ("temperature", "top_p", "seed", "stop", "tools", "tool_choice",
+                                    "response_format", "nice", "session", "min_tokens")},  # fmt: skip
+    }
+    return _messages(body.get("messages")), params
+
+
+def _messages(raw: Any) -> list[dict[str, Any]]:
+    """OpenAI message shapes the protocol has no word for: ``developer`` is ``system``; text parts are joined."""
+    if not isinstance(raw, list):
+        raise HttpError(400, "'messages' must be a list of messages", param="messages")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise HttpError(400, f"messages[{i}] must be an object", param="messages")
+        m = dict(m)
+        if m.get("role") == "developer":
+            m["role"] = "system"
+        if isinstance(m.get("content"), list):
+            parts = m["content"]
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in parts):  # fmt: skip
+                raise HttpError(400, f"messages[{i}].content: only text parts are supported", param="messages")
+            m["content"] = "\n".join(p["text"] for p in parts)
+        out.append(m)
+    return out
+
+
+def buffered(params: dict[str, Any]) -> bool:
+    """With tools the streamed text holds the call markup: such a stream sends content and calls at the end."""
+    return bool(params.get("tools")) and params.get("tool_choice") != "none"
+
+
+def tool_calls(done: dict[str, Any]) -> list[dict[str, Any]]:
+    calls = []
+    for c in done.get("tool_calls") or []:
+        fn = c.get("function") or {}
+        args = fn.get("arguments", "")
+        calls.append({"id": c.get("id") or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": fn.get("name", ""),
+                                   "arguments": args if isinstance(args, str) else json.dumps(args)}})  # fmt: skip
+    return calls
+
+
+def content_of(done: dict[str, Any]) -> str | None:
+    return done.get("content") if done.get("tool_calls") else done.get("text", "")
+
+
+# ---- the server -----------------------------------------------------------------------------
+class HttpFront:
+    def __init__(self, endpoint: str, host: str, port: int, models: Iterable[str], token: str | None = None):
+        self.endpoint = endpoint.replace("tcp://*:", "tcp://127.0.0.1:").replace("tcp://0.0.0.0:", "tcp://127.0.0.1:")
+        self.host, self.port = host, port
+        self.models = [m for m in dict.fromkeys(models) if m]  # the first is the id /v1/models shows
+        self.token = token
+        self.created = int(time.time())
+        self.client: AsyncClient | None = None
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        self.client = AsyncClient(self.endpoint, agent=DEFAULT_AGENT)
+        app = web.Application(middlewares=[self._errors, self._auth], client_max_size=P.MAX_FRAME)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/v1/models/{model:.+}", self.get_model)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        self.runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None,
+                                    shutdown_timeout=SHUTDOWN_S)  # fmt: skip
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.host, self.port, shutdown_timeout=SHUTDOWN_S)
+        await site.start()
+        host, port = self.runner.addresses[0][:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.client is not None:
+            await self.client.close()
+
+    # ---- middlewares ------------------------------------------------------------------------
+    @web.middleware
+    async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
+        """Every failure as an OpenAI-shaped JSON error, and one log line per request."""
+        t0 = time.monotonic()
+        try:
+            resp = await handler(request)
+        except HttpError as exc:
+            resp = exc.response()
+        except web.HTTPException as exc:  # unknown path (404), wrong method (405), body too large (413)
+            kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+            resp = HttpError(exc.status, exc.reason, kind, code=exc.reason.lower().replace(" ", "_")).response()
+        except (TimeoutError, ClientError) as exc:  # the daemon did not answer a status op
+            resp = HttpError(503, f"the daemon did not answer: {exc}", "service_unavailable", retry=True).response()
+        except Exception:
+            log.exception("event=internal_error side=http path=%s", request.path)
+            resp = HttpError(500, "internal error", "server_error", P.E_INTERNAL).response()
+        log.info("event=http method=%s path=%s status=%s ms=%.1f", request.method, request.path, resp.status,
+                 1000 * (time.monotonic() - t0))  # fmt: skip
+        return resp
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
+        """``/v1/*`` needs the bearer token when one is set; ``/health`` stays open for probes."""
+        if self.token is not None and request.path.startswith("/v1/"):
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+                raise HttpError(401, "invalid or missing bearer token", code="invalid_api_key")
+        return await handler(request)
+
+    # ---- handlers ---------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        st = await self.client.stats()
+        ok = st["phase"] == "serving" and st["workers"]["up"] > 0
+        data = {"status": "ok" if ok else st["phase"], "workers": st["workers"], "queue": st["queue"],
+                "requests": st["requests"]}  # fmt: skip
+        return web.json_response(data, status=200 if ok else 503)
+
+    def _model(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "quantad"}
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._model(self.models[0])]})
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in self.models:
+            raise HttpError(404, f"model {name!r} is not served here", "not_found_error", "model_not_found", "model")
+        return web.json_response(self._model(self.models[0]))
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise HttpError(400, "the request body is not valid JSON") from None
+        messages, params = chat_fields(body, self.models)
+        stream = bool(body.get("stream", False))
+        try:
+            cid = await self.client.submit(messages, stream=stream, **params)
+        except ClientError as exc:  # too large for a frame, or not encodable
+            raise HttpError.of(exc.code, exc.message) from None
+        events = self.client.events(cid)
+        ended = False
+        try:
+            first = await anext(events)
+            if first.event != P.EV_ACCEPTED:  # rejected: the only event there is
+                ended = True
+                raise error_of(first) if first.event in P.TERMINAL_EVENTS else HttpError(500, "unexpected event")
+            pid = first.data["pid"]
+            meta = {"id": f"chatcmpl-{pid}-{uuid.uuid4().hex[:12]}", "created": int(time.time()),
+                    "model": self.models[0]}  # fmt: skip
+            if stream:
+                opts = body.get("stream_options")
+                usage = isinstance(opts, dict) and opts.get("include_usage") is True
+                resp, ended = await self._stream(request, events, pid, meta, buffered(params), usage)
+                return resp
+            last = first
+            async for ev in events:
+                last = ev
+            ended = True
+            if last.event != P.EV_DONE:
+                raise error_of(last)
+            return web.json_response(self._completion(meta, last.data), headers={"x-quantad-pid": str(pid)})
+        finally:
+            if not ended:  # the HTTP client hung up (or we failed): the request must not run on for nobody
+                await self.client.cancel(cid)
+            await events.aclose()
+
+    def _completion(self, meta: dict[str, Any], done: dict[str, Any]) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": content_of(done)}
+        calls = tool_calls(done)
+        if calls:
+            message["tool_calls"] = calls
+        return {**meta, "object": "chat.completion", "system_fingerprint": None,
+                "choices": [{"index": 0, "message": message, "finish_reason": done.get("finish_reason"),
+                             "logprobs": None}],
+                "usage": done.get("usage") or {},
+                "quantad": {"pid": done.get("pid"), "stats": done.get("stats", {})}}  # fmt: skip
+
+    async def _stream(self, request: web.Request, events: AsyncIterator[Event], pid: int, meta: dict[str, Any],
+                      buffer: bool, usage: bool) -> tuple[web.StreamResponse, bool]:  # fmt: skip
+        """SSE chunks as OpenAI sends them; preemptions as SSE comments; an error as a final ``error`` chunk.
+
+        Returns the response and whether the request reached its terminal event.
+        """
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "x-quantad-pid": str(pid)})  # fmt: skip
+        await resp.prepare(request)
+        head = {**meta, "object": "chat.completion.chunk", "system_fingerprint": None}
+
+        async def chunk(delta: dict[str, Any], finish: str | None = None) -> None:
+            data = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            await resp.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+
+        try:
+            await chunk({"role": "assistant", "content": ""})
+            async for ev in events:
+                if ev.event == P.EV_TOKEN and ev.text and not buffer:
+                    await chunk({"content": ev.text})
+                elif ev.event in (P.EV_PREEMPTED, P.EV_RESUMED):  # clients skip comment lines
+                    await resp.write(f": quantad {ev.event} tokens={ev.data.get('tokens', '')} "
+                                     f"context={ev.data.get('context', '')}\n\n".encode())  # fmt: skip
+                elif ev.terminal:
+                    await self._end(resp, chunk, head, ev, buffer, usage)
+                    return resp, True
+        except ConnectionError:  # the client hung up between two writes
+            pass
+        return resp, False
+
+    async def _end(self, resp: web.StreamResponse, chunk, head: dict[str, Any], ev: Event, buffer: bool,
+                   usage: bool) -> None:  # fmt: skip
+        if ev.event != P.EV_DONE:  # headers are gone: the error travels as a chunk (the OpenAI client raises it)
+            await resp.write(b"data: " + json.dumps(error_of(ev).body()).encode() + b"\n\n")
+            await resp.write_eof()
+            return
+        done = ev.data
+        calls = tool_calls(done)
+        if buffer and content_of(done):
+            await chunk({"content": content_of(done)})
+        if calls:
+            await chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+        await chunk({}, done.get("finish_reason"))
+        if usage:
+            data = {**head, "choices": [], "usage": done.get("usage") or {}}
+            await resp.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
