@@ -36,15 +36,17 @@ test: install $(LLAMACPP) systemd-analyze
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
-# tests/test_service.py runs `systemd-analyze verify deploy/quantad.service`: install Debian's
-# systemd package where the tool is missing (as root, or with password-less sudo); a no-op when present.
+# Tools the tests drive, from Debian's packages where missing (as root, or with password-less sudo);
+# a no-op when present: tests/test_service.py runs `systemd-analyze verify deploy/quantad.service`
+# (package systemd), tests/test_top_workers.py runs `quantad top` in a tmux terminal (package tmux).
 systemd-analyze:
-	@command -v systemd-analyze >/dev/null 2>&1 || command -v apt-get >/dev/null 2>&1 || exit 0; \
-	command -v systemd-analyze >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else exit 0; fi; \
+	@missing=; command -v systemd-analyze >/dev/null 2>&1 || missing="systemd"; \
+	command -v tmux >/dev/null 2>&1 || missing="$$missing tmux"; \
+	[ -n "$$missing" ] && command -v apt-get >/dev/null 2>&1 || exit 0; \
+	{ if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else exit 0; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-	    --no-install-recommends systemd >/dev/null; } \
-	  || echo "warning: could not install systemd: the unit's verify test will be skipped"
+	    --no-install-recommends $$missing >/dev/null; } \
+	  || echo "warning: could not install$$missing: the tests that need them will be skipped"
 
 bench: install
 	$(PY) -m benchmarks.core

@@ -54,6 +54,7 @@ def test_serve_with_bad_model_fails_clearly(tmp_path):
 def test_daemon_and_ipc_never_import_torch_or_backends():
     code = (
         "import sys, scheduler.cli, scheduler.daemon, ipc.client;"
+        "import scheduler.http_front, scheduler.metrics, scheduler.top;"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'backends', 'contexts')];"
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -61,9 +62,9 @@ def raw(d: DaemonProc, path: str, body: bytes | None = None, token: str | None =
         return e.code, e.headers, json.loads(e.read())
 
 
-def quantad(*args: str) -> subprocess.CompletedProcess:
+def quantad(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "scheduler", *args], capture_output=True, text=True, timeout=120,
-                          cwd=REPO)  # fmt: skip
+                          cwd=REPO, env=dict(os.environ, **(env or {})))  # fmt: skip
 
 
 def rows_of(c: Client, agent: str) -> list[dict]:
@@ -321,6 +322,11 @@ def test_http_must_be_loopback_unless_allowed(tmp_path):
     out = quantad("config", "check", "--config", str(conf))
     assert out.returncode == 1 and f"{conf}:1: http: expected HOST:PORT" in out.stderr
     assert f"{conf}:2: metrics_port: not a port number" in out.stderr
+    out = quantad("config", "show", "--json", env={"QUANTAD_HTTP": "[::1]:8000", "QUANTAD_METRICS_PORT": "9464"})
+    shown = json.loads(out.stdout)["options"]
+    assert shown["http"] == {"value": "[::1]:8000", "source": "env:QUANTAD_HTTP"}
+    assert shown["metrics_port"] == {"value": 9464, "source": "env:QUANTAD_METRICS_PORT"}
+    assert shown["http_allow_remote"] == {"value": False, "source": "default"}
 
     def opts(**kw) -> argparse.Namespace:
         base = dict(http=None, http_allow_remote=False, http_token_file=None, http_token_env=None)
