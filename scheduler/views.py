@@ -19,7 +19,8 @@ WORKER_HEADS = ("WORKER", "STATE", "PID", "SLOTS", "DEVICE", "MODEL", "HEARTBEAT
 
 
 def table(rows: list[tuple[str, ...]]) -> list[str]:
-    """Left-aligned columns, as wide as their widest cell."""
+    """Left-aligned columns, as wide as their widest cell; agent names with control characters stay on one line."""
+    rows = [tuple("".join(ch if ch.isprintable() else "?" for ch in cell) for cell in row) for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
