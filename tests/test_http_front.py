@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -337,3 +339,52 @@ def test_http_must_be_loopback_unless_allowed(tmp_path):
     assert http_options(opts(http="0.0.0.0:80", http_allow_remote=True)) == (("0.0.0.0", 80), None)
     with pytest.raises(ValueError):
         http_options(opts(http="10.1.2.3:80"))
+
+
+def test_drain_answers_http_requests_and_health_says_draining(tiny_model_dir, start_daemon):
+    """SIGTERM: queued HTTP requests get `shutting_down` at once (503, or an error chunk), /health turns 503."""
+    d = start_daemon(tiny_model_dir, "--policy", "fifo", "--http", "127.0.0.1:0", "--grace-s", "120")
+    with d.client(timeout=DEADLINE_S) as c:
+        d.urls = c.stats()["endpoints"]
+        cid = c.submit(messages("a long story"), max_tokens=3000, min_tokens=3000)  # holds the only slot
+        it = c.events(cid)
+        next(it), next(it)
+        stream = api(d, key="any").chat.completions.create(model=tiny_model_dir.name, messages=messages("x"),
+                                                           stream=True, user="queued-stream")  # fmt: skip
+        chunks = iter(stream)
+        next(chunks)  # the role chunk: accepted, and queued behind the running request
+        got: dict = {}
+
+        def ask() -> None:
+            try:
+                api(d, key="any").chat.completions.create(model=tiny_model_dir.name, messages=messages("y"),
+                                                          user="queued-plain")  # fmt: skip
+            except openai.APIStatusError as exc:
+                got["error"] = exc
+
+        t = threading.Thread(target=ask)
+        t.start()
+        assert wait_for_row(d, "queued-plain")["state"] == "READY"
+        d.proc.send_signal(signal.SIGTERM)
+        t.join(DEADLINE_S)
+        exc = got["error"]
+        assert exc.status_code == 503 and exc.body["code"] == P.E_SHUTTING_DOWN
+        assert exc.response.headers["x-should-retry"] == "true"
+        with pytest.raises(openai.APIError) as cut:
+            list(chunks)
+        assert cut.value.body["code"] == P.E_SHUTTING_DOWN
+        status, _, body = raw(d, "/health", token=None)
+        assert status == 503 and body["status"] == "draining"
+        d.proc.send_signal(signal.SIGTERM)  # a second signal cuts the drain
+        assert list(it)[-1].data["code"] == P.E_SHUTTING_DOWN
+    assert d.proc.wait(DEADLINE_S) == 0
+
+
+def test_a_taken_port_fails_the_start(tiny_model_dir, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = quantad("serve", "--model", str(tiny_model_dir), "--endpoint", f"ipc://{tmp_path}/a.sock",
+                      "--metrics-port", str(port))  # fmt: skip
+    assert out.returncode == 1 and "event=fatal" in out.stderr and "cannot listen" in out.stderr
