@@ -186,13 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Redraws every --interval seconds; q quits. --once prints one screen and "
                        "--json one snapshot (the stats, workers and ps answers) for scripts.")  # fmt: skip
     _endpoint_arg(t)
-    t.add_argument("--interval", type=_positive(float), default=1.0, metavar="S", help="seconds between refreshes")
+    t.add_argument("--interval", type=_positive(float), default=1.0, metavar="S",
+                   help="seconds between refreshes (default 1)")  # fmt: skip
     t.add_argument("--once", action="store_true", help="print one screen and exit")
     t.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit")
 
     w = sub.add_parser("workers", help="per worker: liveness, heartbeat age, slots, device, model, memory, restarts")
     _endpoint_arg(w)
-    w.add_argument("--json", action="store_true")
+    w.add_argument("--json", action="store_true", help="print the answer as one JSON object")
 
     k = sub.add_parser("kill", help="cancel a request by pid")
     _endpoint_arg(k)
