@@ -64,3 +64,16 @@ def test_bad_chat_fields(fields):
 def test_chat_defaults():
     p = parse_chat(chat(stop="END"))
     assert p["max_tokens"] == 256 and p["temperature"] == 0.0 and p["stop"] == ["END"] and p["stream"] is True
+
+
+def test_clients_refuse_a_frame_the_daemon_could_not_take():
+    """Over MAX_FRAME, ZeroMQ would drop the whole connection (every request on it): refuse before sending."""
+    from ipc.client import ClientError, frame_of
+
+    assert P.unpack(frame_of({"op": "ping", "id": 1}))["op"] == "ping"
+    with pytest.raises(ClientError) as big:
+        frame_of(chat(temperature=0.5, stop=[1.5] * 500_000))  # JSON-sized, but 9 bytes a float in msgpack
+    assert big.value.code == P.E_TOO_LARGE
+    with pytest.raises(ClientError) as odd:
+        frame_of(chat(seed=2**70))
+    assert odd.value.code == P.E_BAD_FIELD
