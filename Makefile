@@ -27,9 +27,14 @@ serve: install
 	$(VENV)/bin/quantad serve
 
 # llama.cpp's server, for the API-backend tests that need enforced tools and JSON: a source
-# build (~8 minutes on 2 cores, then a cached wheel), installed after torch so its pin holds.
+# build (4-8 minutes on 2 cores, once per venv), installed after torch so its pin holds.
+# A portable build (AVX2, no -march=native): the native one segfaulted in batched decode on a CPU
+# with AMX and AVX-512 (measured here), and CI may run on another CPU.  --no-cache-dir: pip's wheel
+# cache does not key on CMAKE_ARGS, so it could hand back a native wheel built elsewhere.
+LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 $(LLAMACPP): $(STAMP) constraints.txt
-	$(PIP) install -q -c constraints.txt -e '.[llamacpp]'
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(PIP) install -q --no-cache-dir -c constraints.txt -e '.[llamacpp]'
 	touch $@
 
 test: install $(LLAMACPP) systemd-analyze
