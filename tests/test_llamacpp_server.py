@@ -29,7 +29,7 @@ import pytest
 
 from ipc.client import result_of
 from tests.conftest import messages
-from tests.test_openai_backend import api_flags, check_stream, free_port
+from tests.test_openai_backend import api_flags, check_stream, common_prefix, free_port
 
 pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is installed by `make test`")
 pytestmark = pytest.mark.slow
@@ -137,7 +137,7 @@ def test_resume_method_detected_despite_ignored_continue_final_message(llama, sm
     assert asyncio.run(detect(None)) == NONE
 
 
-def test_preempted_text_resumes_over_completions_exactly(llama, smollm2_dir, start_daemon):
+def test_preempted_text_resumes_over_completions_with_nothing_lost(llama, smollm2_dir, start_daemon):
     d = daemon(start_daemon, llama, smollm2_dir)
     target = "Say hello."
     with d.client() as c:
@@ -152,7 +152,14 @@ def test_preempted_text_resumes_over_completions_exactly(llama, smollm2_dir, sta
     assert workers[0]["stats"]["resume_method"] == "completions"
     with llama.client() as c:
         ref = c.chat.completions.create(model=llama.model, messages=messages(target), max_tokens=12, temperature=0.0)
-    assert text == ref.choices[0].message.content
+    ref_text = ref.choices[0].message.content
+    # llama.cpp's quantized kernels differ between a batched prefill (the resume reads prompt + partial in one
+    # pass) and one-token decode steps, so a near-tie may go the other way after a resume: measured here with a
+    # portable AVX2 build, "world!" uninterrupted against "world." resumed.  Text before the first resume is the
+    # server's own greedy decode and must match; any difference may only start at or after a resume point.
+    assert text[: boundaries[0]] == ref_text[: boundaries[0]]
+    if text != ref_text:
+        assert common_prefix(text, ref_text) >= boundaries[0], (text, ref_text, boundaries)
 
 
 # ---- tools -------------------------------------------------------------------------------------------------------
