@@ -27,7 +27,8 @@ class Sequence:
     quantum_ms: float | None = None
     quantum_used: int = 0
     quantum_start: float = field(default_factory=time.monotonic)
-    paused: bool = False  # quantum over, waiting for the scheduler's word
+    paused: bool = False  # token quantum over: stopped, waiting for the scheduler's word
+    asked: bool = False  # time quantum over: the scheduler was asked, the row decodes on meanwhile
     prefilled: int = 0  # tokens of ``context_ids`` already in ``cache`` (chunked prefill)
     prefill_computed: int = 0  # prompt (and replayed) tokens this request pushed through the model
     decode_computed: int = 0
@@ -58,7 +59,7 @@ class Sequence:
 
     def new_quantum(self, tokens: int | None, ms: float | None) -> None:
         self.quantum_tokens, self.quantum_ms = tokens, ms
-        self.quantum_used, self.quantum_start, self.paused = 0, time.monotonic(), False
+        self.quantum_used, self.quantum_start, self.paused, self.asked = 0, time.monotonic(), False, False
 
     def quantum_over(self) -> bool:
         if self.quantum_tokens is not None and self.quantum_used >= self.quantum_tokens:

@@ -460,8 +460,11 @@ class Worker:
             seq.logits = logits[i : i + 1]
             seq.decode_computed += 1
             seq.quantum_used += 1
-            if seq.quantum_over():
-                seq.paused = True
+            if not seq.asked and seq.quantum_over():
+                # A token quantum stops the row until the daemon answers: exact, repeatable preemption points.
+                # A time quantum is not exact anyway, so the row decodes on while the daemon decides: one row's
+                # quantum end never stalls the whole batch for a round trip (or for a descheduled daemon).
+                seq.paused, seq.asked = seq.quantum_tokens is not None, seq.quantum_tokens is None
                 self.send(P.W_QUANTUM_END, rid=seq.rid, emitted=len(seq.generated), prompt_tokens=len(seq.prompt_ids))
 
     def finish(self, seq: Sequence, reason: str, kept: bool = False) -> None:

@@ -42,8 +42,9 @@ async def run_all(d):
         ("--slots", "8", "--policy", "fifo"),  # a batch of 8 with different lengths, no preemption
         ("--slots", "4", "--quantum-tokens", "3"),  # 12 requests round-robin through 4 slots
         ("--slots", "4", "--quantum-tokens", "2", "--device-budget", "0", "--prefill-chunk", "7"),  # host tier
+        ("--slots", "4", "--quantum-ms", "1"),  # time quanta: rows decode on while the daemon decides
     ],
-    ids=["batch8", "rr-4-slots", "rr-host-chunked"],
+    ids=["batch8", "rr-4-slots", "rr-host-chunked", "rr-4-slots-ms"],
 )
 def test_batched_output_identical_to_alone(flags, tiny_model_dir, start_daemon, reference):
     d = start_daemon(tiny_model_dir, *flags)
@@ -55,6 +56,8 @@ def test_batched_output_identical_to_alone(flags, tiny_model_dir, start_daemon, 
     preemptions = sum(r.stats["preemptions"] for r in results)
     if "fifo" in flags:
         assert preemptions == 0
+    elif "--quantum-ms" in flags:  # where a time quantum ends depends on the clock; that one does is certain
+        assert preemptions >= 1
     else:
         assert preemptions >= len(PROMPTS) - 4
 
