@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +25,7 @@ class Sequence:
     quantum_tokens: int | None = None
     quantum_ms: float | None = None
     quantum_used: int = 0
-    quantum_start: float = field(default_factory=time.monotonic)
+    quantum_spent_s: float = 0.0  # this quantum's share of the worker's compute (see ``charge``)
     paused: bool = False  # token quantum over: stopped, waiting for the scheduler's word
     asked: bool = False  # time quantum over: the scheduler was asked, the row decodes on meanwhile
     prefilled: int = 0  # tokens of ``context_ids`` already in ``cache`` (chunked prefill)
@@ -59,11 +58,20 @@ class Sequence:
 
     def new_quantum(self, tokens: int | None, ms: float | None) -> None:
         self.quantum_tokens, self.quantum_ms = tokens, ms
-        self.quantum_used, self.quantum_start, self.paused, self.asked = 0, time.monotonic(), False, False
+        self.quantum_used, self.quantum_spent_s, self.paused, self.asked = 0, 0.0, False, False
+
+    def charge(self, seconds: float) -> None:
+        """Count compute time against the time quantum: a batched step of B rows charges each row 1/B of it.
+
+        As an OS charges a time slice in CPU time used, not in time spent resident: a row in a full
+        batch gets a token per step but uses only its share of the step, so a quantum of wall-clock
+        residency would shrink with the batch and switch contexts every step or two.
+        """
+        self.quantum_spent_s += seconds
 
     def quantum_over(self) -> bool:
         if self.quantum_tokens is not None and self.quantum_used >= self.quantum_tokens:
             return True
         if self.quantum_ms is not None:
-            return (time.monotonic() - self.quantum_start) * 1000.0 >= self.quantum_ms
+            return self.quantum_spent_s * 1000.0 >= self.quantum_ms
         return False

@@ -386,7 +386,9 @@ class Worker:
         chunk = ids[seq.prefilled : seq.prefilled + budget]
         t0 = time.perf_counter()
         seq.cache, logits = self.engine.prefill(chunk, seq.cache)
-        self.contexts.observe_prefill(len(chunk), time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        self.contexts.observe_prefill(len(chunk), dt)
+        seq.charge(dt)
         seq.prefilled += len(chunk)
         seq.prefill_computed += len(chunk)
         if seq.prefilled < len(ids):
@@ -416,9 +418,11 @@ class Worker:
             for seq in group:
                 self._fail(seq, exc)
             return budget
-        self.contexts.observe_prefill(sum(len(s.context_ids) for s in group), time.perf_counter() - t0)
+        dt, total = time.perf_counter() - t0, sum(len(s.context_ids) for s in group)
+        self.contexts.observe_prefill(total, dt)
         for seq, (layers, logits) in zip(group, rows, strict=True):
             n = len(seq.context_ids)
+            seq.charge(dt * n / total)
             seq.prefilled, seq.prefill_computed = n, seq.prefill_computed + n
             self.prefilling.remove(seq)
             seq.logits = logits
@@ -454,9 +458,12 @@ class Worker:
                 going.append((seq, token))
         if not going:
             return
+        t0 = time.perf_counter()
         logits = self.batch.step([t for _, t in going])
+        share = (time.perf_counter() - t0) / len(going)
         self.engine.decode_tokens += len(going)
         for i, (seq, _) in enumerate(going):
+            seq.charge(share)
             seq.logits = logits[i : i + 1]
             seq.decode_computed += 1
             seq.quantum_used += 1

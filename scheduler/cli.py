@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--worker-endpoint", help="endpoint workers connect to (default: derived from --endpoint)")
     s.add_argument("--model", help="model directory, .gguf file, or 'smollm2' (default, embedded); "
                    "with --backend openai, the remote model's name")  # fmt: skip
-    s.add_argument("--quantum-ms", type=_positive(float), help=f"time quantum in ms (default {DEFAULT_QUANTUM_MS:g})")
+    s.add_argument("--quantum-ms", type=_positive(float),
+                   help=f"time quantum in ms: the request's share of its worker's compute (a batched step "
+                   f"charges each row 1/B of it; default {DEFAULT_QUANTUM_MS:g})")  # fmt: skip
     s.add_argument("--quantum-tokens", type=_positive(int), help="quantum in tokens (deterministic preemption points)")
     s.add_argument("--policy", default="rr", choices=POLICY_NAMES,
                    help="scheduling policy: rr, fifo (infinite quantum), mlfq (feedback queue with skip-join), "
