@@ -5,18 +5,25 @@ import asyncio
 
 from tests.conftest import hf_greedy, messages
 
-PROMPTS = [f"Request number {i}: tell me something." for i in range(6)]
+PROMPTS = [f"Request number {i}: tell me something." for i in range(3)]
+MAX_TOKENS = 30
 
 
 def test_migrating_contexts_changes_nothing(tiny_model_dir, start_daemon):
+    """Three requests on two one-slot workers: two share a worker, turn by turn (a waiting request
+    prefers its context's home), while the third runs alone on the other.  That one ends first, its
+    worker is then free while the other is busy, so a context waiting there must move over.  (Six
+    requests left it to the workers' relative speed whether the homes ever fell out of balance.)"""
+    refs = hf_greedy(tiny_model_dir, PROMPTS, MAX_TOKENS)
+    assert all(len(r) == MAX_TOKENS for r in refs)  # no early EOS: the scenario above holds
     d = start_daemon(tiny_model_dir, "--workers", "2", "--quantum-tokens", "2", "--snapshot-tier", "host")
 
     async def go():
         async with d.aclient() as c:
-            return await asyncio.gather(*(c.chat(messages(p), max_tokens=24) for p in PROMPTS))
+            return await asyncio.gather(*(c.chat(messages(p), max_tokens=MAX_TOKENS) for p in PROMPTS))
 
     results = asyncio.run(go())
-    for ref, r in zip(hf_greedy(tiny_model_dir, PROMPTS, 24), results, strict=True):
+    for ref, r in zip(refs, results, strict=True):
         assert r.token_ids == ref
         assert r.stats["prompt_tokens_computed"] == r.usage["prompt_tokens"]  # migration recomputed nothing
         assert r.stats["decode_tokens_computed"] == r.usage["completion_tokens"] - 1
