@@ -59,6 +59,8 @@ class Worker:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, self.name.encode())
+        for opt in (zmq.SNDBUF, zmq.RCVBUF):  # contexts leave and arrive through it when they migrate
+            self.sock.setsockopt(opt, P.BULK_SOCKET_BUFFER)
         self.sock.connect(args.endpoint)
         self.stop = False
         self._last_beat = 0.0

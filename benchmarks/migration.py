@@ -32,8 +32,10 @@ def sockets(ctx: zmq.Context, path: str) -> tuple[zmq.Socket, zmq.Socket, zmq.So
         s.setsockopt(zmq.IDENTITY, name)
         s.connect(f"ipc://{path}")
         ends.append(s)
-    for s in (*ends, relay):
+    for s in (*ends, relay):  # as the daemon's worker socket and the workers' sockets are set up
         s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDBUF, P.BULK_SOCKET_BUFFER)
+        s.setsockopt(zmq.RCVBUF, P.BULK_SOCKET_BUFFER)
     ends[1].send(b"hello")  # let the relay learn the far end's routing id
     relay.recv_multipart()
     return relay, ends[0], ends[1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ipc.tensor_frames import check
@@ -29,10 +31,21 @@ def to_frames(tensors: list[torch.Tensor]) -> tuple[list[dict], list[memoryview]
 
 
 def from_frames(specs: list, frames: list, device: torch.device) -> list[torch.Tensor]:
-    """Rebuild tensors after checking every header against its frame."""
+    """Rebuild tensors after checking every header against its frame.
+
+    On the CPU the tensors are views of the received frames (no copy: the tensor keeps its frame
+    alive).  Frames are read-only; a context's KV is only ever read (a cache appends by making
+    new tensors, joining a batch copies rows), so that is safe, and torch's warning is muted.
+    """
     out = []
     for spec, frame in zip(check(specs, frames), frames, strict=True):
         buf = frame.buffer if hasattr(frame, "buffer") else frame
-        t = torch.frombuffer(bytearray(buf), dtype=_DTYPES[spec["dtype"]]) if len(buf) else torch.empty(0)
-        out.append(t.to(_DTYPES[spec["dtype"]]).reshape(spec["shape"]).to(device))
+        dtype = _DTYPES[spec["dtype"]]
+        if not len(buf):
+            out.append(torch.empty(spec["shape"], dtype=dtype, device=device))
+            continue
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            t = torch.frombuffer(buf, dtype=dtype)
+        out.append(t.reshape(spec["shape"]).to(device))
     return out

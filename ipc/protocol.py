@@ -18,6 +18,9 @@ VERSION = 1
 # Limits (bytes / counts).  The agent socket also sets ZMQ MAXMSGSIZE to MAX_FRAME.
 MAX_FRAME = 4 * 1024 * 1024
 MAX_TENSOR_FRAME = 1024 * 1024 * 1024
+# Kernel send/receive buffers of the sockets that carry tensor frames (the worker sockets): with the
+# default ones a 22.7 MiB context took 6.1 ms per ipc:// hop here, with 4 MiB ones 4.6 ms (measured).
+BULK_SOCKET_BUFFER = 4 * 1024 * 1024
 MAX_STR = 1024 * 1024
 MAX_ARRAY = 100_000
 MAX_MAP = 1024

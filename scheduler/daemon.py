@@ -84,6 +84,8 @@ class Daemon:
         self.ctx = zmq.asyncio.Context()
         self.agents = self._socket(P.MAX_FRAME)
         self.workers_sock = self._socket(P.MAX_TENSOR_FRAME)
+        for opt in (zmq.SNDBUF, zmq.RCVBUF):  # migrations relay whole contexts through it
+            self.workers_sock.setsockopt(opt, P.BULK_SOCKET_BUFFER)
         # Synchronous shadows: sends are non-blocking and fail here, where we can handle them.
         self._agents_tx = zmq.Socket.shadow(self.agents.underlying)
         self._workers_tx = zmq.Socket.shadow(self.workers_sock.underlying)
