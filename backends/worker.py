@@ -23,6 +23,7 @@ import zmq
 from backends.batch import Batch
 from backends.detok import TextStream
 from backends.hf_engine import HFEngine
+from backends.peer import PeerLink, inbox_endpoint
 from backends.sampling import choose
 from backends.sequence import Sequence
 from backends.structured import Structurer, as_text_message, parse_tool_calls
@@ -34,6 +35,7 @@ from ipc import protocol as P
 from ipc.logfmt import setup as setup_logging
 
 log = logging.getLogger("quantad.worker")
+PEER_WAIT_S = 10.0  # how long a migrated request's ``run`` waits for its context's frames (then: recompute)
 
 
 class Worker:
@@ -62,6 +64,12 @@ class Worker:
         for opt in (zmq.SNDBUF, zmq.RCVBUF):  # contexts leave and arrive through it when they migrate
             self.sock.setsockopt(opt, P.BULK_SOCKET_BUFFER)
         self.sock.connect(args.endpoint)
+        peer = inbox_endpoint(args.endpoint, self.name) if args.peer_endpoint == "auto" else args.peer_endpoint or None
+        self.peers = PeerLink(self.ctx, peer)
+        self.poller = zmq.Poller()
+        for s in (self.sock, self.peers.sock):
+            if s is not None:
+                self.poller.register(s, zmq.POLLIN)
         self.stop = False
         self._last_beat = 0.0
 
@@ -81,15 +89,18 @@ class Worker:
             device=str(self.engine.device),
             model=str(self.engine.model.name_or_path),
             pid=os.getpid(),
+            **({"peer": self.peers.endpoint} if self.peers.endpoint else {}),
         )
         while not self.stop:
             timeout = 0 if self._has_work() else int(self.heartbeat_s * 1000)
-            if self.sock.poll(timeout):
+            if self.poller.poll(timeout):
+                self.peers.take()  # contexts first: a ``run`` below may be for one of them
                 while self.sock.poll(0):
                     self.dispatch(self.sock.recv_multipart(copy=False))
             self.tick()
             if time.monotonic() - self._last_beat >= self.heartbeat_s:
                 self.beat()
+        self.peers.close()
         self.sock.close(0)
         self.ctx.term()
 
@@ -235,7 +246,6 @@ class Worker:
         seq: Sequence = snap.meta
         tensors = [] if snap.layers is None else [t for kv in snap.layers for t in kv] + [snap.logits]
         specs, frames = to_frames(tensors)
-        seq.switch_s += time.perf_counter() - t0
         state = {
             "prefill_computed": seq.prefill_computed,
             "decode_computed": seq.decode_computed,
@@ -244,6 +254,12 @@ class Worker:
             "switch_s": seq.switch_s,
             "layers": 0 if snap.layers is None else len(snap.layers),
         }
+        peer = P.field(msg, "peer", str, None)
+        if frames and peer is not None and self.peers.push(peer, rid, specs, frames):
+            state["direct"] = True  # the frames went straight to the importer's inbox
+            frames = []
+        seq.switch_s += time.perf_counter() - t0
+        state["switch_s"] = seq.switch_s
         self.send(P.W_EXPORTED, frames=frames, rid=rid, migrate=state, tensors=specs)
 
     def _immigrate(self, rid: int, msg: dict) -> Sequence:
@@ -254,9 +270,17 @@ class Worker:
             setattr(seq, name, int(state.get(name, 0)))
         seq.switch_s = float(state.get("switch_s", 0.0))
         n = int(state.get("layers", 0))
+        t0 = time.perf_counter()
+        specs, frames = P.field(msg, "tensors", list, []), msg["_frames"]
+        if n and state.get("direct"):
+            pushed = self.peers.claim(rid, PEER_WAIT_S)
+            if pushed is None:  # the exporter's push never came: rebuild from the tokens
+                log.warning("context %s pushed by a peer never arrived: recomputing it", rid)
+                n = 0
+            else:
+                specs, frames = pushed
         if n:
-            t0 = time.perf_counter()
-            tensors = from_frames(P.field(msg, "tensors", list), msg["_frames"], self.engine.device)
+            tensors = from_frames(specs, frames, self.engine.device)
             if len(tensors) != 2 * n + 1 or tensors[0].shape[-2] != len(seq.context_ids):
                 raise P.ProtocolError(P.E_BAD_FIELD, "migrated context does not match the request's tokens")
             self.prefilling.remove(seq)
@@ -517,6 +541,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--state-dir", help="this worker's own directory for disk snapshots (none: no disk tier)")
     ap.add_argument("--heartbeat-s", type=float, default=1.0)
     ap.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens fed per step (chunked prefill)")
+    ap.add_argument("--peer-endpoint", default="auto",
+                    help="where other workers push migrating contexts (auto: beside an ipc:// --endpoint; '': none)")
     return ap.parse_args(argv)
 
 

@@ -28,7 +28,7 @@ import zmq.asyncio
 from ipc import protocol as P
 from ipc.chat_params import parse_chat
 from ipc.logfmt import under_journald
-from ipc.tensor_frames import check
+from ipc.tensor_frames import check, spec_bytes
 from scheduler import sd_notify
 from scheduler.config import ConfigError, Effective
 from scheduler.core import Scheduler, WorkerSlots
@@ -635,7 +635,8 @@ class Daemon:
         for req in self.sched.schedule():
             if req.migrate_from is not None:  # its context comes from another worker first
                 log.info("event=migrate pid=%s from=%s to=%s", req.pid, req.migrate_from, req.worker)
-                self._to_worker(req.migrate_from, P.D_EXPORT, rid=req.pid)
+                peer = self.sched.workers[req.worker].info.get("peer")  # the importer's inbox: one hop, not two
+                self._to_worker(req.migrate_from, P.D_EXPORT, rid=req.pid, **({"peer": peer} if peer else {}))
                 continue
             req.preemptible = self.sched.workers[req.worker].info.get("preemptible", True)
             self._send_run(req)  # carries all a worker without the context needs to rebuild it
@@ -710,7 +711,8 @@ class Daemon:
         w.slots = P.field(msg, "slots", int, self.cfg.slots)
         w.info = {"device": P.field(msg, "device", str, "?"), "pid": P.field(msg, "pid", int, 0),
                   "model": P.field(msg, "model", str, ""),
-                  "preemptible": P.field(msg, "preemptible", bool, True)}  # fmt: skip
+                  "preemptible": P.field(msg, "preemptible", bool, True),
+                  "peer": P.field(msg, "peer", str, None)}  # fmt: skip
         log.info("event=worker_ready worker=%s device=%s slots=%s", name, w.info["device"], w.slots)
         if all(x.alive for x in self.sched.workers.values()) and not self.ready.is_set():
             self.ready.set()
@@ -727,14 +729,21 @@ class Daemon:
             if P.field(msg, "lost", bool, False):
                 raise P.ProtocolError(P.E_NOT_FOUND, "the exporting worker no longer had the context")
             state = P.field(msg, "migrate", dict)
-            specs = check(P.field(msg, "tensors", list, []), frames)
+            direct = state.get("direct") is True  # the frames went straight to the importer's inbox
+            specs = P.field(msg, "tensors", list, [])
+            nbytes = spec_bytes(specs) if direct else sum(len(f) for f in frames)
+            if not direct:
+                specs = check(specs, frames)
         except P.ProtocolError as exc:  # rebuild from the tokens instead
             log.warning("event=migrate_fallback pid=%s why=%r", req.pid, exc.message)
             self._restart_on(req)
             return
-        req.note_moved("network", sum(len(f) for f in frames))  # migrated between workers
-        self._send_run(req, frames=frames, migrate=state, tensors=specs)
-        self._emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier, migrated=True)
+        req.note_moved("network", nbytes)  # migrated between workers
+        if direct:
+            self._send_run(req, migrate=state)
+        else:
+            self._send_run(req, frames=frames, migrate=state, tensors=specs)
+        self._emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier, migrated=True, direct=direct)
 
     def _send_run(self, req: Request, frames: list | None = None, **extra: Any) -> None:
         q = self.sched.policy.quantum_for(req)
