@@ -234,6 +234,7 @@ def clean(state_dir: str) -> int:
     """Remove snapshot files left by an earlier process: nothing refers to them any more."""
     stale = glob.glob(os.path.join(glob.escape(state_dir), f"{PREFIX}*{SUFFIX}"))
     stale += glob.glob(os.path.join(glob.escape(state_dir), f"{PREFIX}*{SUFFIX}{TMP}"))
+    stale += glob.glob(os.path.join(glob.escape(state_dir), ".trash", "*.del"))  # see contexts.reaper
     for path in stale:
         remove(path)
     return len(stale)

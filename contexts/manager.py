@@ -23,6 +23,7 @@ import torch
 from contexts import disk, pressure
 from contexts.cost import CostModel
 from contexts.kv import copy_to
+from contexts.reaper import Reaper
 from contexts.snapshot import TIER_DEVICE, TIER_DISK, TIER_HOST, TIER_RECOMPUTE, TIERS, Snapshot
 
 log = logging.getLogger("quantad.contexts")
@@ -66,6 +67,7 @@ class ContextManager:
             os.makedirs(state_dir, mode=0o700, exist_ok=True)
             if n := disk.clean(state_dir):
                 log.info("removed %d stale context files from %s", n, state_dir)
+        self.reaper = Reaper(state_dir) if state_dir is not None else None
 
     def __contains__(self, key: int) -> bool:
         return key in self._snaps
@@ -94,7 +96,14 @@ class ContextManager:
     def discard(self, key: int) -> None:
         snap = self._snaps.pop(key, None)
         if snap is not None and snap.file is not None:
-            disk.remove(snap.file.path)
+            self._delete(snap.file.path)
+
+    def _delete(self, path: str) -> None:
+        """A snapshot file is gone from the state directory on return; its space is freed off this path."""
+        if self.reaper is not None:
+            self.reaper.discard(path)
+        else:
+            disk.remove(path)
 
     def demote(self, key: int, tier: str) -> list[Move]:
         """Move one snapshot down to ``tier`` now (tests, benchmarks), then restore the budgets.
@@ -204,6 +213,8 @@ class ContextManager:
             need -= self._snaps[k].nbytes
             moves += self._move(k, TIER_RECOMPUTE)
         file.path = disk.path_for(self.state_dir, key)
+        if self.reaper is not None:
+            self.reaper.drain()  # files not yet unlinked still take disk space: the budget counts them
         try:
             t1 = time.perf_counter()
             file.nbytes = disk.write_atomic(file.path, data)
@@ -228,15 +239,14 @@ class ContextManager:
             self._to_recompute(snap)
             return
         finally:
-            disk.remove(file.path)
+            self._delete(file.path)
         self.cost.observe_read(file.nbytes, time.perf_counter() - t0)
         if self.device.type != "cpu":
             self._relocate(snap, self.device, pin=False)
 
-    @staticmethod
-    def _to_recompute(snap: Snapshot) -> None:
+    def _to_recompute(self, snap: Snapshot) -> None:
         if snap.file is not None:
-            disk.remove(snap.file.path)
+            self._delete(snap.file.path)
         snap.layers, snap.logits, snap.file, snap.tier = None, None, None, TIER_RECOMPUTE
 
     @staticmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -144,7 +145,7 @@ def same_size_other_file(path: Path) -> None:
     cm = ContextManager("cpu", 0, 0, state_dir=str(other), cost=slow_prefill())
     cm.snapshot(1, snap(16, 99))
     os.replace(other / "ctx-1.safetensors", path)
-    other.rmdir()
+    shutil.rmtree(other)
 
 
 @pytest.mark.parametrize("damage", [truncate, flip_data, flip_header, same_size_other_file, os.unlink])
@@ -314,3 +315,19 @@ def test_real_dynamic_cache_resumes_bit_exact_from_disk(tmp_path):
     out1 = forward(step(back.logits), cache)
     out2 = forward(step(out1), cache)
     assert torch.equal(out1, ref1) and torch.equal(out2, ref2)
+
+
+def test_resumed_file_leaves_at_once_and_its_space_is_freed_in_the_background(tmp_path):
+    cm = disk_manager(tmp_path)
+    cm.snapshot(1, snap(8, 1))
+    assert same(cm.restore(1), snap(8, 1))
+    assert files(tmp_path) == []  # gone from where snapshots live when restore returns
+    cm.reaper.drain()
+    assert list((tmp_path / ".trash").iterdir()) == []  # and unlinked by the reaper
+
+
+def test_trash_left_by_a_dead_process_is_removed_on_start(tmp_path):
+    (tmp_path / ".trash").mkdir()
+    (tmp_path / ".trash" / "4242-0.del").write_bytes(b"x" * 100)
+    disk_manager(tmp_path)
+    assert list((tmp_path / ".trash").iterdir()) == []
