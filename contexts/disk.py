@@ -28,6 +28,7 @@ import xxhash
 FORMAT = "quantad-ctx"
 VERSION = "2"
 PREFIX, SUFFIX, TMP = "ctx-", ".safetensors", ".tmp"
+TRASH, DOOMED = ".trash", ".del"  # contexts.reaper: files done with, waiting to be unlinked
 MAX_HEADER = 1 << 20  # a header larger than this is not one of ours
 
 log = logging.getLogger("quantad.contexts")
@@ -234,7 +235,7 @@ def clean(state_dir: str) -> int:
     """Remove snapshot files left by an earlier process: nothing refers to them any more."""
     stale = glob.glob(os.path.join(glob.escape(state_dir), f"{PREFIX}*{SUFFIX}"))
     stale += glob.glob(os.path.join(glob.escape(state_dir), f"{PREFIX}*{SUFFIX}{TMP}"))
-    stale += glob.glob(os.path.join(glob.escape(state_dir), ".trash", "*.del"))  # see contexts.reaper
+    stale += glob.glob(os.path.join(glob.escape(state_dir), TRASH, f"*{DOOMED}"))
     for path in stale:
         remove(path)
     return len(stale)

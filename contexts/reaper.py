@@ -20,12 +20,9 @@ from contexts import disk
 
 log = logging.getLogger("quantad.contexts")
 
-TRASH = ".trash"
-
-
 class Reaper:
     def __init__(self, state_dir: str):
-        self.trash = os.path.join(state_dir, TRASH)
+        self.trash = os.path.join(state_dir, disk.TRASH)
         os.makedirs(self.trash, mode=0o700, exist_ok=True)
         self._names = itertools.count()
         self._pending: list[str] = []
@@ -34,7 +31,7 @@ class Reaper:
 
     def discard(self, path: str) -> None:
         """Make ``path`` gone from the state directory now; its space is freed in the background."""
-        doomed = os.path.join(self.trash, f"{os.getpid()}-{next(self._names)}.del")
+        doomed = os.path.join(self.trash, f"{os.getpid()}-{next(self._names)}{disk.DOOMED}")
         try:
             os.replace(path, doomed)
         except FileNotFoundError:
