@@ -217,7 +217,7 @@ class ContextManager:
             self.reaper.drain()  # files not yet unlinked still take disk space: the budget counts them
         try:
             t1 = time.perf_counter()
-            file.nbytes = disk.write_atomic(file.path, data)
+            file.nbytes, file.digest = disk.write_atomic(file.path, data)
             self.cost.observe_write(file.nbytes, time.perf_counter() - t1)
         except OSError as exc:
             log.warning("context %s: cannot write %s (%s): recompute tier instead", key, file.path, exc)

@@ -20,6 +20,7 @@ from contexts import disk
 
 log = logging.getLogger("quantad.contexts")
 
+
 class Reaper:
     def __init__(self, state_dir: str):
         self.trash = os.path.join(state_dir, disk.TRASH)
