@@ -541,8 +541,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--state-dir", help="this worker's own directory for disk snapshots (none: no disk tier)")
     ap.add_argument("--heartbeat-s", type=float, default=1.0)
     ap.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens fed per step (chunked prefill)")
-    ap.add_argument("--peer-endpoint", default="auto",
-                    help="where other workers push migrating contexts (auto: beside an ipc:// --endpoint; '': none)")
+    ap.add_argument(
+        "--peer-endpoint",
+        default="auto",
+        help="where other workers push migrating contexts (auto: beside an ipc:// --endpoint; '': none)",
+    )
     return ap.parse_args(argv)
 
 

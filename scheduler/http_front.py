@@ -104,8 +104,21 @@ def chat_fields(body: Any, models: Iterable[str]) -> tuple[list, dict[str, Any]]
     params = {
         "max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
         "agent": user if user is not None else DEFAULT_AGENT,
-        **{k: body.get(k) for k in ("temperature", "top_p", "seed", "stop", "tools", "tool_choice",
-                                    "response_format", "nice", "session", "min_tokens")},  # fmt: skip
+        **{
+            k: body.get(k)
+            for k in (
+                "temperature",
+                "top_p",
+                "seed",
+                "stop",
+                "tools",
+                "tool_choice",
+                "response_format",
+                "nice",
+                "session",
+                "min_tokens",
+            )
+        },  # fmt: skip
     }
     return _messages(body.get("messages")), params
 

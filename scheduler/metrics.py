@@ -51,8 +51,9 @@ class DaemonCollector(Collector):
             "restarts": CounterMetricFamily("quantad_worker_restarts", "Restarts of the worker", labels=["worker"]),
             "slots": GaugeMetricFamily("quantad_worker_slots", "Requests it can run at once", labels=["worker"]),
             "used": GaugeMetricFamily("quantad_worker_slots_used", "Requests running on the worker", labels=["worker"]),
-            "rss": GaugeMetricFamily("quantad_worker_rss_bytes", "Resident memory of the worker process (heartbeat)",
-                                     labels=["worker"]),  # fmt: skip
+            "rss": GaugeMetricFamily(
+                "quantad_worker_rss_bytes", "Resident memory of the worker process (heartbeat)", labels=["worker"]
+            ),  # fmt: skip
         }
         ctx = GaugeMetricFamily("quantad_context_bytes", "Saved context (KV) bytes by tier (heartbeat)",
                                 labels=["worker", "tier"])  # fmt: skip
