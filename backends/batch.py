@@ -5,7 +5,12 @@ Requests join and leave between steps (continuous batching).  The batch cache ha
 the row's real suffix out (that is the context snapshot).  Joins and leaves are recorded and
 applied together just before the next step, in one copy of the batch's KV: with round robin
 at a short quantum, many rows change at every step, and rebuilding the batch once per change
-would copy it B times.  Each decode step feeds one token per row with explicit position ids, so
+would copy it B times.  When as many rows join as left and each newcomer fits the batch's width
+(round robin's usual swap: one preempted, the next admitted), the newcomers are written into the
+leavers' rows in place and the other rows are not touched: a copy of the newcomers' KV instead
+of the whole batch's (the re-pack cost 5-19 ms at 16 rows, 3% of a round-robin pass).
+
+Each decode step feeds one token per row with explicit position ids, so
 a row computes exactly what it would alone up to the rounding of batched matrix products (greedy
 fp32 output is unchanged; measured).
 """
@@ -30,12 +35,26 @@ class Batch:
         self._gone: set[int] = set()  # indices of rows of ``cache`` that have left
         self._joining: list[tuple[Sequence, Layers]] = []  # to be appended at the next step
         self.cache: DynamicCache | None = None
+        self.repacks = 0  # joins and leaves applied by copying the whole batch's KV
+        self.swaps = 0  # ... by writing newcomers into leavers' rows in place
 
     @property
     def seqs(self) -> list[Sequence]:
-        """The rows as the next step will run them (survivors first, then newcomers)."""
+        """The rows as the next step will run them (see ``_in_place``; else survivors, then newcomers)."""
+        if self._in_place():
+            rows = list(self._rows)
+            for i, (s, _) in zip(sorted(self._gone), self._joining, strict=True):
+                rows[i] = s
+            return rows
         alive = [s for i, s in enumerate(self._rows) if i not in self._gone]
         return alive + [s for s, _ in self._joining]
+
+    def _in_place(self) -> bool:
+        """Whether the pending changes are a swap: newcomers take the leavers' rows, nothing is re-packed."""
+        if self.cache is None or not self._joining or len(self._joining) != len(self._gone):
+            return False
+        width = self.width
+        return all(layers[0][0].shape[-2] <= width for _, layers in self._joining)
 
     def __len__(self) -> int:
         return len(self._rows) - len(self._gone) + len(self._joining)
@@ -73,8 +92,12 @@ class Batch:
         self._rows, self._lengths, self._gone, self.cache = [], [], set(), None
 
     def _apply(self) -> None:
-        """Drop the rows that left and append the newcomers, copying the KV once."""
+        """Drop the rows that left and append the newcomers, copying the KV once (or swap in place)."""
         if not self._gone and not self._joining:
+            return
+        if self._in_place():
+            self._swap_in_place()
+            self.swaps += 1
             return
         keep = [i for i in range(len(self._rows)) if i not in self._gone]
         lengths = [self._lengths[i] for i in keep] + [layers[0][0].shape[-2] for _, layers in self._joining]
@@ -98,7 +121,21 @@ class Batch:
                     pair.append(out)
                 new_layers.append(tuple(pair))
             self.cache = build_cache(new_layers, self.config)
+            self.repacks += 1
         self._rows, self._lengths, self._gone, self._joining = rows, lengths, set(), []
+
+    def _swap_in_place(self) -> None:
+        """Each newcomer, right-aligned, into a leaver's row (in row order); padding to its left zeroed."""
+        width = self.width
+        layers = cache_layers(self.cache)
+        for i, (seq, own) in zip(sorted(self._gone), self._joining, strict=True):
+            n = own[0][0].shape[-2]
+            for (k, v), (nk, nv) in zip(layers, own, strict=True):
+                for dst, src in ((k, nk), (v, nv)):
+                    dst[i : i + 1, :, width - n :].copy_(src)
+                    dst[i : i + 1, :, : width - n].zero_()
+            self._rows[i], self._lengths[i] = seq, n
+        self._gone, self._joining = set(), []
 
     def _copy_rows(self, out: torch.Tensor, old: torch.Tensor | None, keep: list[int], li: int, kv: int,
                    width: int) -> None:  # fmt: skip
@@ -121,15 +158,21 @@ class Batch:
             out[r : r + 1, :, : width - t.shape[-2]].zero_()
 
     @torch.inference_mode()
-    def step(self, tokens: list[int]) -> torch.Tensor:
-        """Feed one token per row (in ``seqs`` order); return next-token logits [B, vocab]."""
+    def step(self, tokens: dict[int, int]) -> tuple[list[Sequence], torch.Tensor]:
+        """Feed one token per row (by request id); return the rows in order and their next-token logits [B, vocab].
+
+        Tokens are keyed, not ordered: rows that leave while the tokens are chosen change the order
+        the pending joins are applied in (a swap in place, or a re-pack).
+        """
         self._apply()
+        if sorted(tokens) != sorted(s.rid for s in self._rows):
+            raise ValueError(f"tokens for requests {sorted(tokens)}, the batch holds {[s.rid for s in self._rows]}")
         lengths = torch.tensor(self._lengths)
         device = cache_layers(self.cache)[0][0].device
         width = self.width + 1
         mask = (torch.arange(width) >= width - 1 - lengths.unsqueeze(1)).long().to(device)
-        x = torch.tensor(tokens, device=device).unsqueeze(1)
+        x = torch.tensor([tokens[s.rid] for s in self._rows], device=device).unsqueeze(1)
         pos = lengths.unsqueeze(1).to(device)
         out = self.model(input_ids=x, attention_mask=mask, position_ids=pos, cache=self.cache, use_cache=True)
         self._lengths = [n + 1 for n in self._lengths]
-        return out.logits[:, -1, :]
+        return list(self._rows), out.logits[:, -1, :]

@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "else every preempted context goes straight to that tier (tests, benchmarks)")  # fmt: skip
     s.add_argument("--heartbeat-s", type=_positive(float), default=1.0, help="worker heartbeat period")
     s.add_argument("--liveness-s", type=_positive(float), default=30.0, help="silence after which a worker is dead")
-    s.add_argument("--prefill-chunk", type=_positive(int), default=512,
-                   help="prompt tokens a worker feeds per step, so running requests keep streaming")  # fmt: skip
+    s.add_argument("--prefill-chunk", type=_positive(int), default=P.DEFAULT_PREFILL_CHUNK,
+                   help="prompt tokens a worker feeds per step, so running requests keep streaming "
+                   "(larger: prompts prefill in bigger batches, running rows wait longer)")  # fmt: skip
     s.add_argument("--max-restarts", type=int, default=5, help="restarts of a dying worker before giving up")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     s.add_argument("--log-format", default="kv", choices=list(FORMATS),

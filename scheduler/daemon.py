@@ -60,7 +60,7 @@ class DaemonConfig:
     heartbeat_s: float = 1.0
     liveness_s: float = 30.0
     max_restarts: int = 5
-    prefill_chunk: int = 512
+    prefill_chunk: int = P.DEFAULT_PREFILL_CHUNK
     disk_budget: int = 8 << 30
     state_dir: str | None = None
     worker_args: list[str] = field(default_factory=list)
