@@ -10,6 +10,8 @@ from transformers import DynamicCache
 
 from backends.detok import TextStream
 
+QUANTUM_ROUNDING = 0.25  # the share of a time quantum a row may give up to end it with others (see worker)
+
 
 @dataclass
 class Sequence:
@@ -68,6 +70,12 @@ class Sequence:
         residency would shrink with the batch and switch contexts every step or two.
         """
         self.quantum_spent_s += seconds
+
+    def quantum_nearly_over(self) -> bool:
+        """A time quantum (only) with at most ``QUANTUM_ROUNDING`` of it left: it may end with another's."""
+        if self.quantum_tokens is not None or self.quantum_ms is None:
+            return False
+        return self.quantum_spent_s * 1000.0 >= (1.0 - QUANTUM_ROUNDING) * self.quantum_ms
 
     def quantum_over(self) -> bool:
         if self.quantum_tokens is not None and self.quantum_used >= self.quantum_tokens:

@@ -523,12 +523,18 @@ class Worker:
             seq.logits = logits[i : i + 1]
             seq.decode_computed += 1
             seq.quantum_used += 1
-            if not seq.asked and seq.quantum_over():
-                # A token quantum stops the row until the daemon answers: exact, repeatable preemption points.
-                # A time quantum is not exact anyway, so the row decodes on while the daemon decides: one row's
-                # quantum end never stalls the whole batch for a round trip (or for a descheduled daemon).
-                seq.paused, seq.asked = seq.quantum_tokens is not None, seq.quantum_tokens is None
-                self.send(P.W_QUANTUM_END, rid=seq.rid, emitted=len(seq.generated), prompt_tokens=len(seq.prompt_ids))
+        over = [seq for seq in rows if not seq.asked and seq.quantum_over()]
+        if any(seq.quantum_tokens is None for seq in over):
+            # Rows whose time quantum is nearly over end it with this one: the daemon then swaps a group of
+            # rows at once, and the newcomers prefill in one forward instead of one small forward per step.
+            ending = {id(seq) for seq in over}
+            over += [seq for seq in rows if id(seq) not in ending and not seq.asked and seq.quantum_nearly_over()]
+        for seq in over:
+            # A token quantum stops the row until the daemon answers: exact, repeatable preemption points.
+            # A time quantum is not exact anyway, so the row decodes on while the daemon decides: one row's
+            # quantum end never stalls the whole batch for a round trip (or for a descheduled daemon).
+            seq.paused, seq.asked = seq.quantum_tokens is not None, seq.quantum_tokens is None
+            self.send(P.W_QUANTUM_END, rid=seq.rid, emitted=len(seq.generated), prompt_tokens=len(seq.prompt_ids))
 
     def finish(self, seq: Sequence, reason: str, kept: bool = False) -> None:
         self.running.pop(seq.rid, None)
