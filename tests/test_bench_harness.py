@@ -11,7 +11,8 @@ from dataclasses import replace
 import pytest
 
 from benchmarks.harness.config import BenchConfig, parse_quanta
-from benchmarks.harness.metrics import jain, percentile, union_length
+from benchmarks.harness.driver import Record
+from benchmarks.harness.metrics import fair_share, jain, percentile, union_length
 from benchmarks.harness.runner import run, sweep_points
 from benchmarks.harness.workloads import make_workload
 from ipc.client import ClientError
@@ -76,6 +77,31 @@ def test_jain_index_and_percentiles():
     assert percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
     assert percentile([7], 99) == 7 and percentile([], 50) is None
     assert union_length([(0, 2), (1, 3), (5, 6)]) == pytest.approx(4.0)
+
+
+def _served(agent: str, idx: int, start: float, end: float, times: list[float], prompt: int = 0) -> Record:
+    return Record(idx=idx, agent=agent, session="", cls="short", turn=0, max_tokens=len(times), submit_s=start,
+                  first_token_s=times[0], done_s=end, tokens=len(times), prompt_tokens=prompt,
+                  arrivals=[(t, 1) for t in times])  # fmt: skip
+
+
+def test_fair_share_counts_service_against_the_share_while_backlogged():
+    # A asks all the time (0-10 s), B only for 0-5 s.  Fair: they split 0-5 s, then A has it all.
+    a1 = _served("A", 0, 0.0, 10.0, [i * 0.2 + 0.1 for i in range(25)] + [5 + i * 0.1 + 0.05 for i in range(50)])
+    b1 = _served("B", 1, 0.0, 5.0, [i * 0.2 + 0.2 for i in range(25)])
+    share = fair_share([a1, b1], weights=(0.0, 1.0))
+    assert share["A"] == pytest.approx(1.0, abs=0.05) and share["B"] == pytest.approx(1.0, abs=0.05)
+    assert jain(share.values()) > 0.99  # the rate while backlogged would say 7.5 vs 5 tokens/s: 0.96
+    # Starved: B waits 0-5 s while A takes everything, then gets served alone after A is done.
+    a2 = _served("A", 0, 0.0, 5.0, [i * 0.1 + 0.05 for i in range(50)])
+    b2 = _served("B", 1, 0.0, 7.5, [5 + i * 0.1 + 0.05 for i in range(25)])
+    share = fair_share([a2, b2], weights=(0.0, 1.0))
+    assert share["B"] < 0.7 < 1.3 < share["A"]
+    # Prompts count with their weight, at the first token.
+    a3 = _served("A", 0, 0.0, 4.0, [1.0, 2.0], prompt=10)
+    b3 = _served("B", 1, 0.0, 4.0, [1.0, 2.0])
+    share = fair_share([a3, b3], weights=(1.0, 1.0), bin_s=4.0)
+    assert share["A"] == pytest.approx(12 / 7) and share["B"] == pytest.approx(2 / 7)
 
 
 def test_sweep_points_and_quanta():

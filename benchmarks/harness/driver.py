@@ -38,6 +38,7 @@ class Record:
     error: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)  # the daemon's done stats
     driver_s: float = 0.0  # time spent in the driver's own code for this call
+    arrivals: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens) of each token event or chunk
 
     @property
     def ok(self) -> bool:
@@ -86,8 +87,10 @@ class QuantadTarget:
         async for ev in stream:
             t_in = time.perf_counter()
             if ev.event == P.EV_TOKEN:
+                now = clock.now()
                 if rec.first_token_s is None:
-                    rec.first_token_s = clock.now()
+                    rec.first_token_s = now
+                rec.arrivals.append((round(now, 4), len(ev.data.get("ids") or ()) or 1))
                 text.append(ev.text)
             elif ev.event == P.EV_PREEMPTED:
                 rec.preemptions += 1
@@ -160,8 +163,10 @@ class OpenAITarget:
             async for chunk in stream:
                 t_in = time.perf_counter()
                 if chunk.choices and chunk.choices[0].delta.content:
+                    now = clock.now()
                     if rec.first_token_s is None:
-                        rec.first_token_s = clock.now()
+                        rec.first_token_s = now
+                    rec.arrivals.append((round(now, 4), 1))
                     text.append(chunk.choices[0].delta.content)
                     chunks += 1
                 if chunk.choices and chunk.choices[0].finish_reason:

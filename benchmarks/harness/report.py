@@ -53,9 +53,13 @@ def targets(points: list[dict[str, Any]]) -> dict[str, Any]:
         out["best_mlfq"] = mlfq["label"]
         out["mlfq_mean_jct_over_rr"] = rr and _ratio(_get(mlfq, "overall.jct_s.mean"), _get(rr, "overall.jct_s.mean"))
     if fair:
-        out["fair_jain_min"] = min((_get(p, "fairness.jain_rate") or 0.0) for p in fair)
+        out["fair_jain_min"] = min((_get(p, "fairness.jain_share") or 0.0) for p in fair)
+        out["fair_jain_tokens_min"] = min((_get(p, "fairness.jain_share_tokens") or 0.0) for p in fair)
+        out["fair_jain_rate_min"] = min((_get(p, "fairness.jain_rate") or 0.0) for p in fair)
     if fifo:
-        out["fifo_jain"] = _get(fifo, "fairness.jain_rate")
+        out["fifo_jain"] = _get(fifo, "fairness.jain_share")
+    if rr:
+        out["rr_jain"] = _get(rr, "fairness.jain_share")
     peer = next((p for p in points if p["target"] == "peer" and not p.get("error")), None)
     if peer and rr:
         out["rr_mean_jct_over_peer"] = _ratio(_get(rr, "overall.jct_s.mean"), _get(peer, "overall.jct_s.mean"))
@@ -82,7 +86,14 @@ def _targets_md(t: dict[str, Any]) -> list[str]:
         v = t.get(key)
         met = "-" if v is None else ("yes" if passes(v) else "no")
         lines.append(f"| {key} | {_f(v, 3) if v is not None else 'n/a (not in this run)'} | {goal} | {met} |")
-    for key in ("fifo_jain", "rr_mean_jct_over_peer", "rr_tokens_per_s_over_peer"):
+    for key in (
+        "fair_jain_tokens_min",
+        "fair_jain_rate_min",
+        "fifo_jain",
+        "rr_jain",
+        "rr_mean_jct_over_peer",
+        "rr_tokens_per_s_over_peer",
+    ):
         if t.get(key) is not None:
             lines.append(f"| {key} | {_f(t[key], 3)} | (context) | |")
     return lines
@@ -102,7 +113,7 @@ _COLS = [
     ("req/s", "throughput.requests_per_s"),
     ("preempt", "preemptions.total"),
     ("switch s (share)", None),
-    ("Jain", "fairness.jain_rate"),
+    ("Jain", "fairness.jain_share"),
     ("client ms/req", "overhead.client_cpu_s_per_request"),
 ]
 
