@@ -8,7 +8,9 @@ at a short quantum, many rows change at every step, and rebuilding the batch onc
 would copy it B times.  When as many rows join as left and each newcomer fits the batch's width
 (round robin's usual swap: one preempted, the next admitted), the newcomers are written into the
 leavers' rows in place and the other rows are not touched: a copy of the newcomers' KV instead
-of the whole batch's (the re-pack cost 5-19 ms at 16 rows, 3% of a round-robin pass).
+of the whole batch's (the re-pack cost 5-19 ms at 16 rows, 3% of a round-robin pass).  A swap
+keeps the batch's width, so it is done only while that stays within ``SWAP_SLACK`` of the
+longest row; otherwise the re-pack shrinks the padding.
 
 Each decode step feeds one token per row with explicit position ids, so
 a row computes exactly what it would alone up to the rounding of batched matrix products (greedy
@@ -24,6 +26,7 @@ from backends.sequence import Sequence
 from contexts.kv import build_cache, cache_layers
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
+SWAP_SLACK = 16  # padding columns (or an eighth of the width) a swap in place may leave unused
 
 
 class Batch:
@@ -50,11 +53,19 @@ class Batch:
         return alive + [s for s, _ in self._joining]
 
     def _in_place(self) -> bool:
-        """Whether the pending changes are a swap: newcomers take the leavers' rows, nothing is re-packed."""
+        """Whether the pending changes are a swap: newcomers take the leavers' rows, nothing is re-packed.
+
+        Only while the batch stays about as wide as its longest row: a swap keeps the width, so
+        swapping short newcomers in for a long leaver would leave every row padded (and every
+        step computing) to a length nobody has any more; a re-pack shrinks it.
+        """
         if self.cache is None or not self._joining or len(self._joining) != len(self._gone):
             return False
         width = self.width
-        return all(layers[0][0].shape[-2] <= width for _, layers in self._joining)
+        joining = [layers[0][0].shape[-2] for _, layers in self._joining]
+        staying = [n for i, n in enumerate(self._lengths) if i not in self._gone]
+        longest = max(joining + staying)
+        return longest <= width and width - longest <= max(SWAP_SLACK, width // 8)
 
     def __len__(self) -> int:
         return len(self._rows) - len(self._gone) + len(self._joining)
@@ -78,14 +89,14 @@ class Batch:
                 return layers if keep_kv else None
         i = next(j for j, s in enumerate(self._rows) if s is seq and j not in self._gone)
         self._gone.add(i)
-        if not keep_kv:
-            return None
         start = self.width - self._lengths[i]
         layers = cache_layers(self.cache)
         if len(self._gone) == len(self._rows) and not self._joining:  # the last row: no copy needed
-            out = [(k[i : i + 1, :, start:], v[i : i + 1, :, start:]) for k, v in layers]
-            self._reset()
+            out = [(k[i : i + 1, :, start:], v[i : i + 1, :, start:]) for k, v in layers] if keep_kv else None
+            self._reset()  # and the next newcomer starts a cache of its own width
             return out
+        if not keep_kv:
+            return None
         return [(k[i : i + 1, :, start:].clone(), v[i : i + 1, :, start:].clone()) for k, v in layers]
 
     def _reset(self) -> None:

@@ -62,3 +62,27 @@ def test_swap_in_place_matches_each_row_alone(tiny_model_dir):
     _greedy_steps(batch, logits, 1)
     assert (batch.repacks, batch.swaps) == (2, 1)
     assert [s.rid for s in batch.seqs] == [3, 2]
+
+
+@torch.inference_mode()
+def test_no_swap_that_would_keep_the_batch_padded_wide(tiny_model_dir):
+    """A long row replaced by a short one: re-packed, so the padding shrinks to the longest row left."""
+    engine = HFEngine(str(tiny_model_dir))
+    batch, logits, rows = Batch(engine.model, engine.config), {}, [Row(i) for i in range(3)]
+    long_prompt = engine.render([{"role": "user", "content": "Describe a cat. " * 40}])
+    cache, logits[0] = engine.prefill(long_prompt)
+    batch.add(rows[0], [(k.clone(), v.clone()) for k, v in cache_layers(cache)])
+    kv, logits[1] = _own_kv(engine, 0)
+    batch.add(rows[1], kv)
+    _greedy_steps(batch, logits, 1)
+    assert batch.width == len(long_prompt) + 1
+    batch.remove(rows[0], keep_kv=False)
+    kv, logits[2] = _own_kv(engine, 2)
+    batch.add(rows[2], kv)
+    _greedy_steps(batch, logits, 1)
+    assert (batch.repacks, batch.swaps) == (2, 0)
+    assert batch.width < len(long_prompt) // 2
+    # The last row leaving resets the batch: the next one starts at its own width.
+    for s in list(batch.seqs):
+        batch.remove(s, keep_kv=False)
+    assert batch.cache is None and len(batch) == 0

@@ -157,7 +157,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Times in seconds from the client's side (JCT: submit to done; TTFT: submit to first token); "
         "queue: accept to first dispatch (daemon); switch: worker time saving and restoring contexts, share of "
-        "the makespan; Jain: fairness of token rate across agents while each had calls outstanding; client "
+        "the makespan; Jain: Jain's index over the agents' fair-share ratios (VTC-weighted service received "
+        "over each one's share of what was served while it had calls outstanding; 1 is perfectly fair); client "
         "ms/req: the harness process's CPU time per request (its own overhead).",
         "",
         *_table([c for c, _ in _COLS], [_row(p) for p in points]),
