@@ -233,7 +233,7 @@ async def throughput(engine: HFEngine, batched: Daemon, single: Daemon, fifo: Da
             await asyncio.gather(*(c.chat(chat_messages(i), max_tokens=2, temperature=0) for i in range(n)))
         passes: list[Pass] = []
         steps: list[float] = []
-        for kind in ("bare", many, one, many, nopre, "bare"):
+        for kind in ("bare", many, one, many, nopre, many, "bare", many, "bare"):
             log(f"throughput: {kind} pass, {s.requests} requests x {s.max_tokens} tokens")
             if kind == "bare":
                 passes.append(bare_pass(engine, s, steps))
@@ -263,9 +263,13 @@ async def throughput(engine: HFEngine, batched: Daemon, single: Daemon, fifo: Da
     same = {k: [sum(a == b for a, b in zip(p.outputs, ref, strict=True)) for p in passes if p.kind == k]
             for k in (many, one, nopre)}  # fmt: skip
     b_many = best(many)
+    vs_bare = [p.tps / median([q.tps for q in _nearest(passes, i, "bare")])
+               for i, p in enumerate(passes) if p.kind == many]  # fmt: skip
     facts = [
         (f"**{many} / bare batched loop, tokens/s (fastest pass of each)**",
          f"**{b_many.tps / best('bare').tps:.3f}** (target >= 0.90)"),
+        (f"{many} / bare batched loop, tokens/s (median over the {many} passes, each against its neighbours)",
+         f"{median(vs_bare):.3f} (each: {', '.join(f'{x:.3f}' for x in vs_bare)})"),
         (f"{nopre} (no preemption: the first {s.slots} run to the end, then the rest) / bare loop, tokens/s",
          f"{best(nopre).tps / best('bare').tps:.3f}"),
         (f"**{many} / {one}, tokens/s (fastest pass of each)**",
