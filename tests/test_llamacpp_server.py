@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
 import pytest
 
+from benchmarks.harness.servers import HttpServer, free_port
 from ipc.client import result_of
 from tests.conftest import messages
-from tests.test_openai_backend import api_flags, check_stream, common_prefix, free_port
+from tests.test_openai_backend import api_flags, check_stream, common_prefix
 
 pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is installed by `make test`")
 pytestmark = pytest.mark.slow
@@ -56,48 +54,25 @@ JSON_PROMPT = "Give a person as a JSON object with a name and an age."
 COMPETITOR = "Tell me a long story about a dragon."
 
 
-class LlamaCppServer:
-    """``python -m llama_cpp.server`` on a free loopback port, ready once it lists its model."""
+class LlamaCppServer(HttpServer):
+    """``python -m llama_cpp.server`` on a free loopback port, ready once it listens and lists its model."""
 
     def __init__(self, gguf: Path, log_path: Path, timeout: float = 120.0):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.model = "smollm2"
-        self._log = open(log_path, "w")
+        port = free_port()
         # One request at a time, queued (not interrupted by the next); greedy requests need no seed,
         # but a fixed one keeps sampled ones repeatable.  Default chat format: the GGUF's own template.
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", self.model,
-               "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048", "--seed", "0",
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "smollm2",
+               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--seed", "0",
                "--interrupt_requests", "False"]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/models", timeout=2) as r:
-                    assert json.load(r)["data"][0]["id"] == self.model
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"llama_cpp.server not up in {timeout} s") from None
-                time.sleep(0.2)  # polling with a deadline, not synchronising on a guess
+        super().__init__("llama_cpp.server", cmd, port, log_path, timeout)
+        if self.model != "smollm2":
+            self.stop()
+            raise RuntimeError(f"llama_cpp.server serves {self.model!r}, not the alias smollm2")
 
     def client(self):
         import openai
 
         return openai.OpenAI(base_url=self.url, api_key="x", max_retries=0, timeout=120)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 @pytest.fixture(scope="session")

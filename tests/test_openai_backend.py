@@ -18,12 +18,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from benchmarks.harness.servers import HttpServer, free_port
 from ipc.client import ClientError
 from tests.conftest import REPO, messages
 
@@ -54,47 +54,15 @@ PROMPTS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class TransformersServe:
-    """``transformers serve`` on a free loopback port, ready once it lists its model."""
+class TransformersServe(HttpServer):
+    """``transformers serve`` on a free loopback port, ready once it listens and lists its model."""
 
     def __init__(self, model_dir: Path, log_path: Path, timeout: float = 240.0):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
+        port = free_port()
         self.model_dir = model_dir
-        self._log = open(log_path, "w")
-        cmd = ["transformers", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
-               "--device", "cpu"]  # fmt: skip
-        bin_dir = Path(sys.executable).parent
-        self.proc = subprocess.Popen([str(bin_dir / cmd[0]), *cmd[1:]], stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/models", timeout=2) as r:
-                    self.model = json.load(r)["data"][0]["id"]
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"transformers serve not up in {timeout} s") from None
-                time.sleep(0.2)  # polling with a deadline, not synchronising on a guess
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(model_dir), "--host", "127.0.0.1",
+               "--port", str(port), "--device", "cpu"]  # fmt: skip
+        super().__init__("transformers serve", cmd, port, log_path, timeout)
 
 
 @pytest.fixture(scope="session")

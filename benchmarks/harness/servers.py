@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -113,38 +114,67 @@ def eos_token_id(model_dir: str) -> int | list[int] | None:
     return None
 
 
-class PeerServer:
+READY_LINE = b"Uvicorn running on"  # both HTTP servers here are uvicorn apps: this line means the port listens
+
+
+class HttpServer:
+    """An OpenAI-compatible server as a subprocess, its output copied to a log, ready once it listens.
+
+    Readiness is an event, not a poll: a thread copies the server's output into the log and sets
+    it when uvicorn says it is listening (or when the output ends: the server died).  Then one
+    ``/models`` request names the served model.
+    """
+
+    def __init__(self, name: str, cmd: list[str], port: int, log_path: Path, timeout_s: float):
+        self.name, self.port, self.log_path = name, port, log_path
+        self.url = f"http://127.0.0.1:{port}/v1"
+        self._ready, self._listening = threading.Event(), False
+        self._log = open(log_path, "wb")
+        try:
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        except OSError as exc:
+            self._log.close()
+            raise ServerError(f"cannot start {name}: {exc}") from None
+        self._copier = threading.Thread(target=self._copy, name=f"{name}-log", daemon=True)
+        self._copier.start()
+        if not self._ready.wait(timeout_s):
+            self.stop()
+            raise ServerError(f"{name} not up in {timeout_s:g} s:\n{_tail(log_path)}")
+        if not self._listening:
+            self.proc.wait(30)
+            self._copier.join(5)
+            raise ServerError(f"{name} exited with code {self.proc.returncode}:\n{_tail(log_path)}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/models", timeout=30) as r:
+                self.model = json.load(r)["data"][0]["id"]
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            self.stop()
+            raise ServerError(f"{name} listens but lists no model ({exc}):\n{_tail(log_path)}") from None
+
+    def _copy(self) -> None:
+        for line in self.proc.stdout:
+            self._log.write(line)
+            self._log.flush()
+            if not self._listening and READY_LINE in line:
+                self._listening = True
+                self._ready.set()
+        self._ready.set()  # the output ended: the server is gone
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        _stop(self.proc, timeout_s)
+        self._copier.join(5)
+        if not self._log.closed:
+            self._log.close()
+
+
+class PeerServer(HttpServer):
     """``transformers serve MODEL_DIR --continuous-batching --device cpu``: batches, never preempts."""
 
     def __init__(self, model_dir: str, log_path: Path, device: str = "cpu", timeout_s: float = 300.0):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.log_path = log_path
+        port = free_port()
         exe = Path(sys.executable).parent / "transformers"
         cmd = [str(exe) if exe.exists() else "transformers", "serve", model_dir, "--continuous-batching",
-               "--device", device, "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
-        self._log = open(log_path, "w")
-        try:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
-        except OSError as exc:
-            self._log.close()
-            raise ServerError(f"cannot start transformers serve: {exc}") from None
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                self._log.close()
-                raise ServerError(f"transformers serve exited with code {self.proc.returncode}:\n{_tail(log_path)}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/models", timeout=2) as r:
-                    self.model = json.load(r)["data"][0]["id"]
-                    return
-            except (OSError, ValueError, KeyError, IndexError):
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise ServerError(f"transformers serve not up in {timeout_s:g} s:\n{_tail(log_path)}") from None
-                time.sleep(0.3)  # polling a server's readiness, with a deadline
-
-    def stop(self) -> None:
-        _stop(self.proc)
-        if not self._log.closed:
-            self._log.close()
+               "--device", device, "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+        super().__init__("transformers serve", cmd, port, log_path, timeout_s)
