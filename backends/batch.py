@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from backends.sequence import Sequence
-from contexts.kv import GROWTH, MIN_SPARE, build_cache, cache_layers
+from contexts.kv import build_cache, cache_layers, capacity
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 SWAP_SLACK = 16  # padding columns (or an eighth of the width) a swap in place may leave unused
@@ -126,7 +126,7 @@ class Batch:
             self.cache = build_cache(self._joining[0][1], self.config, growing=True)
         else:
             width = max(lengths)
-            cap = width + max(MIN_SPARE, width // GROWTH)  # room to append steps in place (``GrowingLayer``)
+            cap = capacity(width)  # room to append steps in place (``GrowingLayer``)
             old = cache_layers(self.cache) if self.cache is not None else None
             new_layers = []
             for li in range(len(self._joining[0][1]) if self._joining else len(old)):

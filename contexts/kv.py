@@ -10,6 +10,11 @@ GROWTH = 4  # a growing layer reallocates with a quarter of its length spare (at
 MIN_SPARE = 64
 
 
+def capacity(length: int) -> int:
+    """Columns to allocate for a growing layer that holds ``length``: room to append steps in place."""
+    return length + max(MIN_SPARE, length // GROWTH)
+
+
 class GrowingLayer(DynamicLayer):
     """A ``DynamicLayer`` that appends each step's keys and values into spare capacity.
 
@@ -26,17 +31,13 @@ class GrowingLayer(DynamicLayer):
         self._kbuf, self._vbuf = keys, values
         self.keys, self.values = keys[..., :n, :], values[..., :n, :]
 
-    @property
-    def spare(self) -> int:
-        return self._kbuf.shape[-2] - self.keys.shape[-2] if self.is_initialized else 0
-
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.adopt(key_states, value_states)
             return self.keys, self.values
         have, n = self.keys.shape[-2], key_states.shape[-2]
         if have + n > self._kbuf.shape[-2]:
-            cap = have + n + max(MIN_SPARE, (have + n) // GROWTH)
+            cap = capacity(have + n)
             kbuf = key_states.new_empty(*self.keys.shape[:-2], cap, self.keys.shape[-1])
             vbuf = value_states.new_empty(*self.values.shape[:-2], cap, self.values.shape[-1])
             kbuf[..., :have, :].copy_(self.keys)

@@ -40,13 +40,7 @@ def jain(xs: Iterable[float]) -> float | None:
 
 
 def union_length(intervals: Iterable[tuple[float, float]]) -> float:
-    total, end = 0.0, -math.inf
-    for a, b in sorted(intervals):
-        if b <= end:
-            continue
-        total += b - max(a, end)
-        end = b
-    return total
+    return sum(b - a for a, b in _union(intervals))
 
 
 def latency(recs: Sequence[Record]) -> dict[str, Any]:
