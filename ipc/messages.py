@@ -1,0 +1,405 @@
+"""Typed records of the wire's messages, decoded and validated once, where they arrive.
+
+A record's fields are its wire fields (``docs/protocol.md``); the type hints say what each
+must hold, and a field with a default may be missing (or ``null``).  ``decode`` turns a
+received map into a record or raises ``ProtocolError``; ``encode`` turns a record back into
+the map ``protocol.pack`` sends.  Raw tensor frames never ride inside a record: they travel
+beside it (``read`` returns them next to the record).  Handlers receive records, not dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ipc import protocol as P
+from ipc.chat_params import parse_chat
+
+
+@dataclass(frozen=True, slots=True)
+class Quantum:
+    """A time slice: tokens (deterministic, for tests) and/or milliseconds; neither = no limit."""
+
+    tokens: int | None = None
+    ms: float | None = None
+
+    @property
+    def infinite(self) -> bool:
+        return self.tokens is None and self.ms is None
+
+
+# ---- the machinery: one decoder and one encoder for every record -------------------------------
+def _kind(hint: Any) -> tuple[tuple[type, ...], bool]:
+    """The accepted Python types of a field's hint, and whether each list item must be an int."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (inner,) = [a for a in args if a is not type(None)]
+        return _kind(inner)
+    origin = typing.get_origin(hint) or hint
+    ints = origin is list and args == (int,)
+    return ((int, float) if origin is float else (origin,)), ints
+
+
+class Message:
+    """Base of the records: ``OP`` is the value of the header field that selects the record."""
+
+    OP: ClassVar[str] = ""
+    HEADER: ClassVar[str] = "op"
+
+    @classmethod
+    def _fields(cls) -> list[tuple[dataclasses.Field, tuple[type, ...], bool]]:
+        cached = cls.__dict__.get("_spec")
+        if cached is None:
+            hints = typing.get_type_hints(cls)
+            cached = [(f, *_kind(hints[f.name])) for f in dataclasses.fields(cls)]
+            cls._spec = cached  # type: ignore[attr-defined]
+        return cached
+
+    @classmethod
+    def decode(cls, msg: Mapping[str, Any]) -> Message:
+        values: dict[str, Any] = {}
+        for f, kind, ints in cls._fields():
+            if kind == (Quantum,):
+                values[f.name] = Quantum(
+                    P.field(msg, "quantum_tokens", int, None), P.field(msg, "quantum_ms", (int, float), None)
+                )
+                continue
+            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            value = P.field(msg, f.name, kind, ... if not has_default else None)
+            if value is None:
+                continue  # the record's default
+            if ints and any(type(x) is not int for x in value):
+                raise P.ProtocolError(P.E_BAD_FIELD, f"field '{f.name}' must be a list of integers")
+            values[f.name] = float(value) if kind == (int, float) else value
+        return cls(**values)
+
+    def encode(self) -> dict[str, Any]:
+        out: dict[str, Any] = {self.HEADER: self.OP}
+        for f, _, _ in self._fields():
+            value = getattr(self, f.name)
+            if isinstance(value, Quantum):
+                out["quantum_tokens"], out["quantum_ms"] = value.tokens, value.ms
+            elif value is not None:
+                out[f.name] = value
+        return out
+
+
+def decode(msg: Mapping[str, Any], table: Mapping[str, type[Message]]) -> Message:
+    """The record a received map stands for, by its op; an unknown op is a ``ProtocolError``."""
+    cls = table.get(msg["op"])
+    if cls is None:
+        raise P.ProtocolError(P.E_UNKNOWN_OP, f"unknown op {msg['op']!r}")
+    return cls.decode(msg)
+
+
+def read(frames: list, table: Mapping[str, type[Message]], max_size: int = P.MAX_FRAME) -> tuple[Message, list]:
+    """A multipart message: the record from its first frame, and the raw frames that follow it."""
+    if not frames:
+        raise P.ProtocolError(P.E_BAD_FRAME, "an empty message")
+    head = frames[0]
+    data = head.bytes if hasattr(head, "bytes") else head
+    return decode(P.unpack(data, max_size=max_size), table), list(frames[1:])
+
+
+def _table(*classes: type[Message]) -> dict[str, type[Message]]:
+    return {c.OP: c for c in classes}
+
+
+def _count(value: Any) -> int | None:
+    """A non-negative count from a map a peer filled, which the daemon never trusts to be well-typed."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _map(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+# ---- worker -> daemon -------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Ready(Message):
+    """A worker is up: what it runs and what it can do (its capabilities)."""
+
+    OP: ClassVar[str] = P.W_READY
+    worker: str = ""
+    slots: int = 1
+    device: str = "?"
+    model: str = ""
+    pid: int = 0
+    preemptible: bool = True  # False: its requests run to the end of their turn (an endpoint that cannot resume)
+    peer: str | None = None  # the worker's inbox for contexts pushed by other workers
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """The figures of a heartbeat the daemon shows (``workers``, metrics), each checked to be a count."""
+
+    memory: dict[str, int | None]
+    contexts: dict[str, int | None]
+    rss_bytes: int | None = None
+    host_available_bytes: int | None = None
+    prefill_tokens: int | None = None
+    decode_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    OP: ClassVar[str] = P.W_HEARTBEAT
+    stats: dict = field(default_factory=dict)
+
+    def load(self) -> Load:
+        tiers = _map(_map(self.stats.get("contexts")).get("tiers"))
+        return Load(
+            memory={t: _count(_map(tiers.get(t)).get("bytes")) or 0 for t in P.TIERS},
+            contexts={t: _count(_map(tiers.get(t)).get("count")) or 0 for t in P.TIERS},
+            **{k: _count(self.stats.get(k)) for k in ("rss_bytes", "host_available_bytes")},
+            **{k: _count(self.stats.get(k)) for k in ("prefill_tokens", "decode_tokens")},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens(Message):
+    """Output of a running request: token ids (local engines) and/or text; ``n`` counts tokens without ids."""
+
+    OP: ClassVar[str] = P.W_TOKENS
+    rid: int
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    n: int | None = None
+
+    @property
+    def count(self) -> int:
+        return max(0, self.n) if self.n is not None else len(self.ids)
+
+
+@dataclass(frozen=True, slots=True)
+class QuantumEnd(Message):
+    """A running request used up its quantum: the worker asks whether it yields."""
+
+    OP: ClassVar[str] = P.W_QUANTUM_END
+    rid: int
+    emitted: int
+    prompt_tokens: int | None = None  # exact, from the worker's tokenizer
+    preemptible: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Preempted(Message):
+    """The worker saved a request's context and freed its slot."""
+
+    OP: ClassVar[str] = P.W_PREEMPTED
+    rid: int
+    tier: str
+    bytes: int = 0
+    switch_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Context(Message):
+    """A saved context moved to another tier (memory pressure)."""
+
+    OP: ClassVar[str] = P.W_CONTEXT
+    rid: int
+    tier: str
+    bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Finished(Message):
+    OP: ClassVar[str] = P.W_FINISHED
+    rid: int
+    finish_reason: str
+    content: str | None = None
+    tool_calls: list = field(default_factory=list)
+    usage: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    session_kept: bool = False
+
+    @property
+    def prompt_tokens(self) -> int | None:
+        """The exact prompt length, when the worker reported one."""
+        return _count(self.usage.get("prompt_tokens"))
+
+
+@dataclass(frozen=True, slots=True)
+class Failed(Message):
+    OP: ClassVar[str] = P.W_FAILED
+    rid: int
+    code: str = P.E_WORKER_FAILED
+    message: str = "worker failed"
+
+    @property
+    def agent_code(self) -> str:
+        """The code the agent sees: a worker may pass only a few of its own through."""
+        return self.code if self.code in P.WORKER_CODES else P.E_WORKER_FAILED
+
+
+@dataclass(frozen=True, slots=True)
+class Exported(Message):
+    """A context handed over for migration: its tensors follow as frames, or went straight to the importer."""
+
+    OP: ClassVar[str] = P.W_EXPORTED
+    rid: int
+    lost: bool = False  # the worker no longer had the context
+    migrate: dict | None = None  # the request's counters, for the importer
+    tensors: list = field(default_factory=list)  # dtype/shape header of each frame
+
+    @property
+    def direct(self) -> bool:
+        return _map(self.migrate).get("direct") is True
+
+
+# ---- daemon -> worker -------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Run(Message):
+    """Run a request: everything a worker without its context needs to rebuild it from the tokens."""
+
+    OP: ClassVar[str] = P.D_RUN
+    rid: int
+    params: dict
+    quantum: Quantum = Quantum()
+    resume_ids: list[int] = field(default_factory=list)  # tokens already streamed
+    resume_text: str = ""
+    resume_tokens: int = 0
+    emitted_chars: int = 0
+    migrate: dict | None = None  # the exporter's counters: the context migrates in
+    tensors: list = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Continue(Message):
+    """Keep the slot for one more quantum."""
+
+    OP: ClassVar[str] = P.D_CONTINUE
+    rid: int
+    quantum: Quantum = Quantum()
+
+
+@dataclass(frozen=True, slots=True)
+class Preempt(Message):
+    OP: ClassVar[str] = P.D_PREEMPT
+    rid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    OP: ClassVar[str] = P.D_CANCEL
+    rid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Export(Message):
+    """Hand a saved context over for migration; ``peer`` is the importer's inbox, if it has one."""
+
+    OP: ClassVar[str] = P.D_EXPORT
+    rid: int
+    peer: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown(Message):
+    OP: ClassVar[str] = P.D_SHUTDOWN
+
+
+@dataclass(frozen=True, slots=True)
+class Pushed(Message):
+    """Worker to worker: a migrating context's tensors, pushed into the importer's inbox."""
+
+    OP: ClassVar[str] = P.W_CONTEXT
+    rid: int
+    tensors: list
+
+
+FROM_WORKER = _table(Ready, Heartbeat, Tokens, QuantumEnd, Preempted, Context, Finished, Failed, Exported)
+TO_WORKER = _table(Run, Continue, Preempt, Cancel, Export, Shutdown)
+PEER = _table(Pushed)
+
+
+# ---- agent -> daemon --------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Chat(Message):
+    OP: ClassVar[str] = P.OP_CHAT
+    params: dict
+
+    @classmethod
+    def decode(cls, msg: Mapping[str, Any]) -> Chat:
+        return cls(parse_chat(dict(msg)))
+
+
+@dataclass(frozen=True, slots=True)
+class Ps(Message):
+    OP: ClassVar[str] = P.OP_PS
+
+
+@dataclass(frozen=True, slots=True)
+class Kill(Message):
+    OP: ClassVar[str] = P.OP_KILL
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Nice(Message):
+    OP: ClassVar[str] = P.OP_NICE
+    pid: int
+    nice: int
+
+    @classmethod
+    def decode(cls, msg: Mapping[str, Any]) -> Nice:
+        return cls(P.field(msg, "pid", int), P.number(msg, "nice", P.NICE_MIN, P.NICE_MAX, ..., integer=True))
+
+
+@dataclass(frozen=True, slots=True)
+class CancelOwn(Message):
+    """An agent cancels its own request, named by the request's ``id``."""
+
+    OP: ClassVar[str] = P.OP_CANCEL
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    OP: ClassVar[str] = P.OP_PING
+    wait: bool = False  # answer once every worker is up
+
+
+@dataclass(frozen=True, slots=True)
+class Stats(Message):
+    OP: ClassVar[str] = P.OP_STATS
+
+
+@dataclass(frozen=True, slots=True)
+class Workers(Message):
+    OP: ClassVar[str] = P.OP_WORKERS
+
+
+FROM_AGENT = _table(Chat, Ps, Kill, Nice, CancelOwn, Ping, Stats, Workers)
+
+
+class AgentError(P.ProtocolError):
+    """Bad input from an agent, with the request id to answer under (None when it could not be read)."""
+
+    def __init__(self, code: str, message: str, cid: Any = None):
+        super().__init__(code, message)
+        self.cid = cid
+
+
+def read_agent(frames: list[bytes]) -> tuple[Any, Message]:
+    """An agent's message (after its routing id): the agent's request id and the record."""
+    if len(frames) != 1:
+        raise AgentError(P.E_BAD_FRAME, f"expected 1 frame after the routing id, got {len(frames)}")
+    try:
+        msg = P.unpack(frames[0])
+    except P.ProtocolError as exc:
+        raise AgentError(exc.code, exc.message) from None
+    cid = msg.get("id")
+    if isinstance(cid, bool) or not isinstance(cid, (str, int, type(None))):
+        raise AgentError(P.E_BAD_FIELD, "field 'id' must be a string or an integer")
+    cls = FROM_AGENT.get(msg["op"])
+    if cls is None:
+        raise AgentError(P.E_UNKNOWN_OP, f"unknown op {msg['op']!r}; known: {', '.join(P.AGENT_OPS)}", cid)
+    try:
+        return cid, cls.decode(msg)
+    except P.ProtocolError as exc:
+        raise AgentError(exc.code, exc.message, cid) from None
