@@ -52,7 +52,7 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _switch(cm: ContextManager, snap: Snapshot, tier: str) -> tuple[Snapshot, float, int]:
+def switch_once(cm: ContextManager, snap: Snapshot, tier: str) -> tuple[Snapshot, float, int]:
     """One preemption and resume, timed: snapshot, check the tier it landed in, restore."""
     f0 = _minor_faults()
     t0 = time.perf_counter()
@@ -65,7 +65,7 @@ def _switch(cm: ContextManager, snap: Snapshot, tier: str) -> tuple[Snapshot, fl
     return back, dt, faults
 
 
-def _memcpy(src: list[torch.Tensor], mid: list[torch.Tensor], dst: list[torch.Tensor]) -> float:
+def memcpy_roundtrip(src: list[torch.Tensor], mid: list[torch.Tensor], dst: list[torch.Tensor]) -> float:
     t0 = time.perf_counter()
     for s, m in zip(src, mid, strict=True):
         m.copy_(s)
@@ -92,7 +92,7 @@ def measure(engine: HFEngine, n_tokens: int, repeats: int) -> SwitchResult:
     ptrs = [t.data_ptr() for t in snap.tensors()]
     device_times = []
     for _ in range(repeats + 1):
-        snap, dt, _ = _switch(device_cm, snap, TIER_DEVICE)
+        snap, dt, _ = switch_once(device_cm, snap, TIER_DEVICE)
         device_times.append(dt)
     assert [t.data_ptr() for t in snap.tensors()] == ptrs, "device tier copied the tensors"
 
@@ -103,10 +103,10 @@ def measure(engine: HFEngine, n_tokens: int, repeats: int) -> SwitchResult:
     dst = [torch.empty_like(t) for t in src]
     host_times, copy_times, faults = [], [], []
     for _ in range(repeats + 1):  # the first round of each warms up and is dropped
-        snap, dt, nf = _switch(host_cm, snap, TIER_HOST)
+        snap, dt, nf = switch_once(host_cm, snap, TIER_HOST)
         host_times.append(dt)
         faults.append(nf)
-        copy_times.append(_memcpy(src, mid, dst))
+        copy_times.append(memcpy_roundtrip(src, mid, dst))
     assert snap.nbytes == nbytes
 
     resumed = build_cache(snap.layers, engine.config)

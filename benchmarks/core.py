@@ -7,16 +7,18 @@ overhead benchmark also starts its own ``quantad serve``, whose worker loads the
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import sys
 import time
 
-import torch
-
 from benchmarks import context_switch, overhead, vs_recompute
-from benchmarks.common import like_a_worker, load_engine, parse_ints, pressure_text, wait_for_quiet, with_pressure
+from benchmarks.common import (
+    add_wait_quiet,
+    like_a_worker,
+    load_engine,
+    parse_ints,
+    print_footer,
+    print_header,
+    print_part,
+)
 
 NAMES = ("context_switch", "overhead", "vs_recompute")
 
@@ -37,13 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="small sizes (well under a minute); explicit flags win")
     ap.add_argument("--only", action="append", choices=NAMES, help="run only this benchmark (repeatable)")
     ap.add_argument("--model", default="smollm2", help="model for every benchmark (default: embedded SmolLM2-135M)")
-    ap.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="before each benchmark, wait up to S seconds for CPU pressure (PSI avg10) to fall under 10%%",
-    )
+    add_wait_quiet(ap, "benchmark")
     g = ap.add_argument_group("context switch")
     g.add_argument("--sizes", type=parse_ints, help="context lengths in tokens (default 128,512,1024)")
     g.add_argument("--repeats", type=int, help="switches per size and tier (default 15)")
@@ -79,26 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     s = settings(args)
     chosen = args.only or list(NAMES)
     t0 = time.perf_counter()
-    print(f"## quantad benchmarks ({'quick' if args.quick else 'default'} sizes)\n")
-    print(f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-    print(f"- command: python -m benchmarks.core {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
-    print(f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}")  # fmt: skip
-    print(f"- CPU pressure at start (PSI some avg60, share of time a task waited for a CPU): {pressure_text()}\n")
+    print_header(f"quantad benchmarks ({'quick' if args.quick else 'default'} sizes)", "benchmarks.core", argv)
     engine = load_engine(args.model)
     if "context_switch" in chosen:
-        wait_for_quiet(args.wait_quiet)
-        print(with_pressure(lambda: context_switch.run(engine, s["sizes"], s["repeats"])) + "\n", flush=True)
+        print_part(lambda: context_switch.run(engine, s["sizes"], s["repeats"]), args.wait_quiet)
     if "overhead" in chosen:
-        wait_for_quiet(args.wait_quiet)
-        report = with_pressure(
-            lambda: overhead.run(engine, args.model, s["requests"], s["max_tokens"], args.quantum_ms, s["rounds"])
-        )
-        print(report + "\n", flush=True)
+        overhead_args = (engine, args.model, s["requests"], s["max_tokens"], args.quantum_ms, s["rounds"])
+        print_part(lambda: overhead.run(*overhead_args), args.wait_quiet)
     if "vs_recompute" in chosen:
-        wait_for_quiet(args.wait_quiet)
-        print(with_pressure(lambda: vs_recompute.run(engine, s["context"], s["new_tokens"])) + "\n", flush=True)
-    print(f"- CPU pressure at end: {pressure_text()}; total {time.perf_counter() - t0:.0f} s")
+        print_part(lambda: vs_recompute.run(engine, s["context"], s["new_tokens"]), args.wait_quiet)
+    print_footer(t0)
     return 0
 
 

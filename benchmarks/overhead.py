@@ -17,46 +17,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
 from backends.hf_engine import HFEngine
-from benchmarks.common import greedy, load_engine, log, median, psi_stall_s, stall_share, table
-from ipc import protocol as P
-from ipc.client import AsyncClient, ChatResult
-
-REPO = Path(__file__).resolve().parent.parent
-READY_LINE = "quantad: ready on"
-
-# Open-ended prompts, so generations usually run to max_tokens rather than stopping early.
-PROMPTS = [
-    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
-    "Explain in detail how a CPU cache works, with examples.",
-    "Describe, step by step, how to bake bread at home.",
-    "Write a detailed essay on the history of the printing press.",
-    "Explain how a compiler turns source code into machine code.",
-    "Write a long letter from a sailor to his family describing a storm at sea.",
-    "Describe the water cycle in detail for a curious ten-year-old.",
-    "Explain why the sky is blue and why sunsets are red, in detail.",
-]
-
-
-def chat_messages(i: int) -> list[dict[str, str]]:
-    text = PROMPTS[i % len(PROMPTS)]
-    if i >= len(PROMPTS):
-        text += f" (variant {i // len(PROMPTS)})"
-    return [{"role": "user", "content": text}]
+from benchmarks.common import (
+    Pass,
+    chat_messages,
+    daemon_pass,
+    greedy,
+    load_engine,
+    log,
+    median,
+    psi_stall_s,
+    serving,
+    stall_share,
+    table,
+)
+from ipc.client import AsyncClient
 
 
 @torch.inference_mode()
@@ -72,108 +52,16 @@ def bare_generate(engine: HFEngine, messages: list[dict[str, str]], max_tokens: 
         logits = engine.decode(cache, token)
 
 
-class DaemonProc:
-    """``quantad serve`` as a subprocess; stderr is drained by a thread (a full pipe would block it)."""
-
-    def __init__(self, model: str, quantum_ms: float, tmpdir: str):
-        self.endpoint = f"ipc://{tmpdir}/a.sock"
-        cmd = [sys.executable, "-m", "scheduler", "serve", "--policy", "rr", "--quantum-ms", str(quantum_ms),
-               "--endpoint", self.endpoint, "--model", model, "--log-level", "WARNING"]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        self.tail: collections.deque[str] = collections.deque(maxlen=40)
-        self.ready = threading.Event()
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.tail.append(line.rstrip())
-            if READY_LINE in line:
-                self.ready.set()
-
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self.ready.wait(0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("quantad serve did not get ready:\n" + "\n".join(self.tail))
-
-    def stop(self, timeout_s: float = 30.0) -> int:
-        """SIGTERM, as systemd would; SIGKILL only if it does not exit in time."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return -9
-
-
-def _running(pid: int) -> bool:
-    """True if ``pid`` is a live (not zombie) quantad worker; a reused pid is not ours to judge or kill."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            alive = f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return alive and b"backends.worker" in f.read()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
-def leftover_workers(pids: list[int], grace_s: float = 5.0) -> list[int]:
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_running(p) for p in pids):
-        time.sleep(0.1)
-    return [p for p in pids if _running(p)]
-
-
-@dataclass
-class Pass:
-    """One timed pass over the same N generations, bare or through the daemon."""
-
-    kind: str
-    outputs: list[list[int]]
-    wall_s: float
-    results: list[ChatResult] = field(default_factory=list)
-    pressure: float | None = None  # share of the pass in which some task waited for a CPU (PSI)
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(ids) for ids in self.outputs)
-
-    @property
-    def tps(self) -> float:
-        return self.tokens / self.wall_s
-
-
-def token_ids(result: ChatResult) -> list[int]:
-    return [int(t) for ev in result.events if ev.event == P.EV_TOKEN for t in ev.data.get("token_ids", [])]
-
-
 def bare_pass(engine: HFEngine, n: int, max_tokens: int) -> Pass:
     t0 = time.perf_counter()
     outs = [bare_generate(engine, chat_messages(i), max_tokens) for i in range(n)]
     return Pass("bare", outs, time.perf_counter() - t0)
 
 
-async def daemon_pass(client: AsyncClient, n: int, max_tokens: int) -> Pass:
-    t0 = time.perf_counter()  # from the first submit to the last done
-    results = await asyncio.gather(
-        *(client.chat(chat_messages(i), max_tokens=max_tokens, temperature=0) for i in range(n))
-    )
-    wall = time.perf_counter() - t0
-    return Pass("daemon", [token_ids(r) for r in results], wall, list(results))
-
-
-async def _alternate(
-    engine: HFEngine, endpoint: str, n: int, max_tokens: int, rounds: int, worker_pids: list[int]
-) -> list[Pass]:
+async def _alternate(engine: HFEngine, endpoint: str, n: int, max_tokens: int, rounds: int) -> list[Pass]:
     """bare, daemon, bare, daemon, ..., bare: each daemon pass is compared with its two neighbours."""
     async with AsyncClient(endpoint, agent="bench", timeout=600.0) as client:
         await client.chat(chat_messages(0), max_tokens=4, temperature=0)  # warm the worker up
-        worker_pids.extend(int(w["pid"]) for w in (await client.ps())["workers"] if w.get("pid"))
         since = psi_stall_s()
         passes = [bare_pass(engine, n, max_tokens)]
         passes[-1].pressure = stall_share(since, passes[-1].wall_s)
@@ -196,20 +84,10 @@ class Outcome:
 
 
 def measure(engine: HFEngine, model: str, n: int, max_tokens: int, quantum_ms: float, rounds: int) -> Outcome:
-    tmpdir = tempfile.mkdtemp(prefix="qd-bench-")
-    log(f"overhead: starting quantad serve --policy rr --quantum-ms {quantum_ms:g}")
-    daemon = DaemonProc(model, quantum_ms, tmpdir)
-    worker_pids: list[int] = []
-    try:
-        daemon.wait_ready(300.0)
-        passes = asyncio.run(_alternate(engine, daemon.endpoint, n, max_tokens, rounds, worker_pids))
-    finally:
-        rc = daemon.stop()
-        left = leftover_workers(worker_pids)
-        for pid in left:  # a worker we started outlived its daemon: end it by its id
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return Outcome(passes, rc, left)
+    """The alternating passes through ``quantad serve --policy rr``, then its exit code and leftover workers."""
+    with serving({"a": ["--policy", "rr", "--quantum-ms", f"{quantum_ms:g}"]}, model, prefix="qd-bench-") as daemons:
+        passes = asyncio.run(_alternate(engine, daemons["a"].endpoint, n, max_tokens, rounds))
+    return Outcome(passes, daemons["a"].exit_code, daemons["a"].left)
 
 
 @dataclass

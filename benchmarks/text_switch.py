@@ -16,73 +16,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import log, psi_stall_s, stall_share, table, wait_for_quiet
-from ipc.client import AsyncClient, ChatResult, Client
-
-REPO = Path(__file__).resolve().parent.parent
-PROMPTS = [
-    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
-    "Explain in detail how a CPU cache works, with examples.",
-    "Describe, step by step, how to bake bread at home.",
-    "Write a detailed essay on the history of the printing press.",
-    "Explain how a compiler turns source code into machine code.",
-    "Describe the water cycle in detail for a curious ten-year-old.",
-]
+from benchmarks.common import chat_messages, log, psi_stall_s, serving, stall_share, table, wait_for_quiet
+from benchmarks.harness.servers import HttpServer, free_port
+from ipc.client import AsyncClient, ChatResult
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_dir: Path, logfile, timeout_s: float = 300.0) -> tuple[subprocess.Popen, str, str]:
-    """``transformers serve`` on a free port; returns (process, base URL, model name)."""
+def start_server(model_dir: Path, log_path: Path, timeout_s: float = 300.0) -> HttpServer:
+    """``transformers serve`` on a free loopback port, ready once it listens and lists its model."""
     port = free_port()
-    exe = str(Path(sys.executable).parent / "transformers")
-    proc = subprocess.Popen([exe, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--device",
-                             "cpu"], stdout=logfile, stderr=subprocess.STDOUT)  # fmt: skip
-    url, deadline = f"http://127.0.0.1:{port}/v1", time.monotonic() + timeout_s
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/models", timeout=2) as r:
-                return proc, url, json.load(r)["data"][0]["id"]
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("transformers serve did not come up")
-
-
-class Daemon:
-    def __init__(self, args: list[str], tmp: str):
-        self.endpoint = f"ipc://{tmp}/agents.sock"
-        env = dict(os.environ, QUANTAD_RUNTIME_DIR=tmp, QUANTAD_STATE_DIR=f"{tmp}/state")
-        self.proc = subprocess.Popen([sys.executable, "-m", "scheduler", "serve", "--endpoint", self.endpoint,
-                                      "--log-level", "WARNING", *args], cwd=REPO, env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        with Client(self.endpoint) as c:
-            c.wait_ready(300)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+    exe = Path(sys.executable).parent / "transformers"
+    cmd = [str(exe) if exe.exists() else "transformers", "serve", str(model_dir), "--host", "127.0.0.1",
+           "--port", str(port), "--device", "cpu"]  # fmt: skip
+    return HttpServer("transformers serve", cmd, port, log_path, timeout_s)
 
 
 @dataclass
@@ -99,7 +51,7 @@ async def one_pass(endpoint: str, n: int, max_tokens: int) -> Pass:
     async with AsyncClient(endpoint, agent="bench", timeout=1200.0) as c:
         await c.chat("Hi", max_tokens=2, temperature=0)  # warm-up, outside the timing
         since, t0 = psi_stall_s(), time.perf_counter()
-        msgs = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(n)]
+        msgs = [chat_messages(i) for i in range(n)]
         results = await asyncio.gather(*(c.chat(m, max_tokens=max_tokens, temperature=0) for m in msgs))
         wall = time.perf_counter() - t0
     return Pass(wall, list(results), stall_share(since, wall))
@@ -112,12 +64,8 @@ def measure(backend_args: list[str], a: argparse.Namespace) -> tuple[list[Pass],
         for policy, out in (("fifo", fifo), ("rr", rr)):
             log(f"{backend_args[1]}: round {r + 1}/{a.rounds}, {policy}")
             flags = ["--policy", policy, "--quantum-tokens", str(a.quantum_tokens), "--slots", "1"]
-            with tempfile.TemporaryDirectory(prefix="qd-ts-") as tmp:
-                d = Daemon([*backend_args, *flags], tmp)
-                try:
-                    out.append(asyncio.run(one_pass(d.endpoint, a.requests, a.max_tokens)))
-                finally:
-                    d.stop()
+            with serving({"agents": [*backend_args, *flags]}, prefix="qd-ts-") as daemons:
+                out.append(asyncio.run(one_pass(daemons["agents"].endpoint, a.requests, a.max_tokens)))
     return fifo, rr
 
 
@@ -163,14 +111,14 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = resolve("smollm2")
     wait_for_quiet(a.quiet_wait_s)
-    with tempfile.TemporaryFile("w+") as server_log:
-        proc, url, name = start_server(model_dir, server_log)
+    with tempfile.TemporaryDirectory(prefix="qd-ts-server-") as tmp:
+        server = start_server(model_dir, Path(tmp) / "server.log")
         try:
-            api = ["--backend", "openai", "--base-url", url, "--model", name, "--tokenizer", str(model_dir)]
+            api = ["--backend", "openai", "--base-url", server.url, "--model", server.model,
+                   "--tokenizer", str(model_dir)]  # fmt: skip
             api_runs = measure(api, a)
         finally:
-            proc.terminate()
-            proc.wait(30)
+            server.stop()
     hf_runs = measure(["--backend", "hf", "--model", str(model_dir)], a)
     heads = ["backend", "FIFO s", "RR s", "switches", "extra prompt tokens / resume", "extra ms / switch",
              "worker switch ms", "resume first-text ms", "FIFO ms / token", "switch in tokens", "same text",

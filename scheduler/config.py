@@ -13,6 +13,7 @@ import difflib
 import os
 import re
 import tomllib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,18 @@ class Effective:
     def changed_from(self, old: Effective) -> dict[str, tuple[Any, Any]]:
         mine, theirs = vars(self.values), vars(old.values)
         return {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+
+    def with_live(self, new: Effective, live: Collection[str]) -> tuple[Effective, dict[str, tuple[Any, Any]]]:
+        """What a reload (SIGHUP) applies: ``new``'s values of the ``live`` keys over these; and every change found.
+
+        A changed key that is not live keeps its old value and source until a restart.
+        """
+        changes = new.changed_from(self)
+        kept, sources = dict(vars(self.values)), dict(self.sources)
+        for key, (_, after) in changes.items():
+            if key in live:
+                kept[key], sources[key] = after, new.sources.get(key, "?")
+        return Effective(argparse.Namespace(**kept), sources, new.file), changes
 
 
 def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:

@@ -1,31 +1,18 @@
 """The scheduler's logic, free of sockets: add, schedule, quantum_end, preempt, finish.
 
 Like nano-vllm's scheduler: a run queue (``ready``) and the running set, one ``Request``
-object per syscall.  The daemon feeds it events and sends what it decides.
+object per syscall.  The daemon feeds it events and sends what it decides.  Every change
+of a request's state happens here or in a ``Request`` method, never in the daemon.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
+from ipc.protocol import TIER_NONE
 from scheduler.policy import Policy
 from scheduler.request import Request, State
-
-
-@dataclass
-class WorkerSlots:
-    """The daemon's view of one worker: its capacity and what runs on it."""
-
-    name: str
-    slots: int = 1
-    alive: bool = False
-    running: set[int] = field(default_factory=set)
-    info: dict = field(default_factory=dict)
-
-    @property
-    def free(self) -> int:
-        return self.slots - len(self.running) if self.alive else 0
+from scheduler.workers import Worker
 
 
 class Scheduler:
@@ -33,9 +20,14 @@ class Scheduler:
         self.policy = policy
         self.ready: deque[Request] = deque()
         self.table: dict[int, Request] = {}
-        self.workers: dict[str, WorkerSlots] = {}
+        self.workers: dict[str, Worker] = {}
 
+    # ---- a request's life ---------------------------------------------------------------
     def add(self, req: Request) -> None:
+        """A new request joins the run queue; one of a session goes to the worker keeping its context."""
+        home = self.session_home(req.session)
+        if home is not None and home.alive:
+            req.worker = home.name  # affinity: that worker holds the session's context
         self.table[req.pid] = req
         req.move(State.READY)
         self.policy.admit(req)
@@ -58,16 +50,23 @@ class Scheduler:
                 req = self.policy.pick(self.ready, w.name) or self._migrant(w.name)
                 if req is None:
                     break
-                self.ready.remove(req)
-                if req.worker not in (None, w.name) and req.tier != "none":  # a context to bring along
-                    req.migrate_from = req.worker
-                    req.migrations += 1
-                req.worker = w.name
-                req.started = True
-                req.move(State.RUNNING)
-                w.running.add(req.pid)
+                self._start(req, w)
                 started.append(req)
         return started
+
+    def _start(self, req: Request, w: Worker) -> None:
+        self.ready.remove(req)
+        if req.worker not in (None, w.name) and req.tier != TIER_NONE:  # a context to bring along
+            req.migrate_from = req.worker
+            req.migrations += 1
+        req.worker = w.name
+        req.started = True
+        req.move(State.RUNNING)
+        w.running.add(req.pid)
+        if req.migrate_from is None:  # it runs there now: with that worker's ability to resume it
+            req.preemptible = w.preemptible
+            if req.quanta > 0 and req.tier != TIER_NONE:
+                req.note_moved(req.tier, req.context_bytes)  # restored from there
 
     def _migrant(self, worker: str) -> Request | None:
         for req in self.ready:
@@ -82,30 +81,47 @@ class Scheduler:
             r.worker in (None, worker) and (running is None or self.policy.may_preempt(running, r)) for r in self.ready
         )
 
-    def quantum_end(self, req: Request, emitted: int) -> bool:
+    def quantum_end(
+        self, req: Request, emitted: int, prompt_tokens: int | None = None, preemptible: bool | None = None
+    ) -> bool:
         """Checkpoint a finished quantum; True when the request must yield its slot.
 
         Yield only while more requests that the policy lets preempt this one wait for this
         worker than slots are already being given up on it, so several quanta ending in one
-        batched step free just enough slots.
+        batched step free just enough slots.  A request its worker cannot resume never
+        yields: it runs to the end of its turn.  ``prompt_tokens`` is the exact count from
+        the worker's tokenizer, when it sent one.
         """
+        if preemptible is not None:
+            req.preemptible = preemptible
+        if prompt_tokens is not None:
+            req.prompt_tokens = max(0, prompt_tokens)
         req.quanta += 1
         req.checkpoint = emitted
         self.policy.charge(req)
         self.policy.quantum_used(req)
         w = self.workers[req.worker]
         yielding = sum(self.table[pid].preempt_pending for pid in w.running if pid in self.table)
-        req.preempt_pending = self.waiting_for(req.worker, req) > yielding
+        req.preempt_pending = self.waiting_for(req.worker, req) > yielding and req.preemptible is not False
         return req.preempt_pending
 
-    def preempt(self, req: Request) -> None:
-        """The worker has saved the context: back to the tail of the run queue."""
+    def preempt(self, req: Request, tier: str | None = None, nbytes: int = 0, switch_s: float = 0.0) -> None:
+        """The worker has saved the context (into ``tier``): back to the tail of the run queue."""
+        if tier is not None:
+            req.note_context(tier, nbytes)
+            req.switch_s += switch_s
         self._release(req)
         self.policy.charge(req)
         req.preempt_pending = False
         req.preemptions += 1
         req.move(State.READY)
         self.policy.enqueue(self.ready, req)
+
+    def last_quantum(self, req: Request, prompt_tokens: int | None = None) -> None:
+        """Its worker finished it: the last quantum counts, and the prompt length it reports is exact."""
+        req.quanta += 1
+        if prompt_tokens is not None:
+            req.prompt_tokens = max(0, prompt_tokens)
 
     def finish(self, req: Request, state: State) -> dict:
         """Leave the run queue and the policy; returns the policy's last view of the request (for its stats)."""
@@ -125,15 +141,38 @@ class Scheduler:
         self.policy.charge(req)  # service so far is weighed with the old value
         req.nice = nice
 
+    def forget(self, req: Request) -> None:
+        self.table.pop(req.pid, None)
+
+    # ---- contexts that move or are lost -------------------------------------------------
+    def migrated(self, req: Request, nbytes: int) -> None:
+        """Its context arrived from the exporting worker (``nbytes`` over the network)."""
+        req.migrate_from = None
+        req.note_moved("network", nbytes)
+
+    def restart_on(self, req: Request) -> None:
+        """Its context is lost: it runs again on its assigned worker from its streamed tokens."""
+        req.migrate_from = None
+        req.tier, req.context_bytes = TIER_NONE, 0
+        req.restarts += 1
+
+    def exporting_from(self, name: str) -> list[Request]:
+        """Live requests whose context worker ``name`` is exporting right now."""
+        return [r for r in self.table.values() if r.migrate_from == name and not r.finished]
+
+    def running_on(self, name: str, pid: int) -> Request | None:
+        """Request ``pid`` if it is live and ``name`` is its worker (else the news is late: cancelled, re-queued)."""
+        req = self.table.get(pid)
+        return req if req is not None and not req.finished and req.worker == name else None
+
     def worker_lost(self, name: str) -> list[Request]:
         """Requests that ran on or kept context in a dead worker restart from their checkpoint."""
         w = self.workers.get(name)
         if w is not None:
-            w.alive = False
-            w.running.clear()
+            w.lost()
         lost = [r for r in self.table.values() if r.worker == name and not r.finished]
         for req in lost:
-            req.worker, req.tier, req.context_bytes = None, "none", 0
+            req.worker, req.tier, req.context_bytes = None, TIER_NONE, 0
             req.restarts += 1
             req.preempt_pending = False
             req.migrate_from = None
@@ -142,8 +181,24 @@ class Scheduler:
                 self.ready.appendleft(req)
         return lost
 
-    def forget(self, req: Request) -> None:
-        self.table.pop(req.pid, None)
+    # ---- sessions and policies ----------------------------------------------------------
+    def session_home(self, session: str) -> Worker | None:
+        """The worker keeping ``session``'s context, if one does."""
+        return next((w for w in self.workers.values() if session in w.sessions), None)
+
+    def keep_session(self, req: Request) -> None:
+        """Its worker kept the finished request's context under its session: the next turn goes there."""
+        for w in self.workers.values():
+            w.sessions.discard(req.session)
+        self.workers[req.worker].sessions.add(req.session)
+
+    def set_policy(self, policy: Policy) -> list[Request]:
+        """Switch policies live; returns the running requests, which take the new policy's quantum now."""
+        self.policy = policy
+        live = [r for r in self.table.values() if not r.finished]
+        for req in live:  # the new policy starts from what is live now
+            policy.admit(req)
+        return [r for r in live if r.state is State.RUNNING and r.worker is not None and r.migrate_from is None]
 
     def _release(self, req: Request) -> None:
         w = self.workers.get(req.worker or "")

@@ -41,5 +41,9 @@ class Counters:
         return (self.tokens - n0) / (now - t0) if now > t0 else 0.0
 
     def as_dict(self) -> dict:
-        return {"accepted": self.accepted, "tokens": self.tokens, "preemptions": self.preemptions,
-                "finished": dict(self.finished)}  # fmt: skip
+        return {
+            "accepted": self.accepted,
+            "tokens": self.tokens,
+            "preemptions": self.preemptions,
+            "finished": dict(self.finished),
+        }

@@ -49,8 +49,16 @@ PARAM_NAMES = {"agent": "user"}  # protocol field -> the OpenAI parameter it cam
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, retry: bool = False, partial: str = ""):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        retry: bool = False,
+        partial: str = "",
+    ):
         super().__init__(message)
         self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
         self.retry, self.partial = retry, partial
@@ -92,8 +100,9 @@ def chat_fields(body: Any, models: Iterable[str]) -> tuple[list, dict[str, Any]]
         raise HttpError(400, "'model' is required", param="model")
     names = list(models)
     if model not in names:
-        raise HttpError(404, f"model {model!r} is not served here; try {names[0]!r}", "not_found_error",
-                        "model_not_found", "model")  # fmt: skip
+        raise HttpError(
+            404, f"model {model!r} is not served here; try {names[0]!r}", "not_found_error", "model_not_found", "model"
+        )
     if body.get("n") not in (None, 1):
         raise HttpError(400, "only n=1 is supported", param="n")
     if body.get("logprobs") or body.get("top_logprobs"):
@@ -118,7 +127,7 @@ def chat_fields(body: Any, models: Iterable[str]) -> tuple[list, dict[str, Any]]
                 "session",
                 "min_tokens",
             )
-        },  # fmt: skip
+        },
     }
     return _messages(body.get("messages")), params
 
@@ -136,8 +145,9 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
             m["role"] = "system"
         if isinstance(m.get("content"), list):
             parts = m["content"]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in parts):  # fmt: skip
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts
+            ):
                 raise HttpError(400, f"messages[{i}].content: only text parts are supported", param="messages")
             m["content"] = "\n".join(p["text"] for p in parts)
         out.append(m)
@@ -154,9 +164,16 @@ def tool_calls(done: dict[str, Any]) -> list[dict[str, Any]]:
     for c in done.get("tool_calls") or []:
         fn = c.get("function") or {}
         args = fn.get("arguments", "")
-        calls.append({"id": c.get("id") or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": fn.get("name", ""),
-                                   "arguments": args if isinstance(args, str) else json.dumps(args)}})  # fmt: skip
+        calls.append(
+            {
+                "id": c.get("id") or f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "function": {
+                    "name": fn.get("name", ""),
+                    "arguments": args if isinstance(args, str) else json.dumps(args),
+                },
+            }
+        )
     return calls
 
 
@@ -182,8 +199,9 @@ class HttpFront:
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
         app.router.add_post("/v1/chat/completions", self.chat)
-        self.runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None,
-                                    shutdown_timeout=SHUTDOWN_S)  # fmt: skip
+        self.runner = web.AppRunner(
+            app, handle_signals=False, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_S
+        )
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, shutdown_timeout=SHUTDOWN_S)
         await site.start()
@@ -213,8 +231,13 @@ class HttpFront:
         except Exception:
             log.exception("event=internal_error side=http path=%s", request.path)
             resp = HttpError(500, "internal error", "server_error", P.E_INTERNAL).response()
-        log.info("event=http method=%s path=%s status=%s ms=%.1f", request.method, request.path, resp.status,
-                 1000 * (time.monotonic() - t0))  # fmt: skip
+        log.info(
+            "event=http method=%s path=%s status=%s ms=%.1f",
+            request.method,
+            request.path,
+            resp.status,
+            1000 * (time.monotonic() - t0),
+        )
         return resp
 
     @web.middleware
@@ -230,8 +253,12 @@ class HttpFront:
     async def health(self, request: web.Request) -> web.Response:
         st = await self.client.stats()
         ok = st["phase"] == "serving" and st["workers"]["up"] > 0
-        data = {"status": "ok" if ok else st["phase"], "workers": st["workers"], "queue": st["queue"],
-                "requests": st["requests"]}  # fmt: skip
+        data = {
+            "status": "ok" if ok else st["phase"],
+            "workers": st["workers"],
+            "queue": st["queue"],
+            "requests": st["requests"],
+        }
         return web.json_response(data, status=200 if ok else 503)
 
     def _model(self, name: str) -> dict[str, Any]:
@@ -265,8 +292,11 @@ class HttpFront:
                 ended = True
                 raise error_of(first) if first.event in P.TERMINAL_EVENTS else HttpError(500, "unexpected event")
             pid = first.data["pid"]
-            meta = {"id": f"chatcmpl-{pid}-{uuid.uuid4().hex[:12]}", "created": int(time.time()),
-                    "model": self.models[0]}  # fmt: skip
+            meta = {
+                "id": f"chatcmpl-{pid}-{uuid.uuid4().hex[:12]}",
+                "created": int(time.time()),
+                "model": self.models[0],
+            }
             if stream:
                 opts = body.get("stream_options")
                 usage = isinstance(opts, dict) and opts.get("include_usage") is True
@@ -289,20 +319,31 @@ class HttpFront:
         calls = tool_calls(done)
         if calls:
             message["tool_calls"] = calls
-        return {**meta, "object": "chat.completion", "system_fingerprint": None,
-                "choices": [{"index": 0, "message": message, "finish_reason": done.get("finish_reason"),
-                             "logprobs": None}],
-                "usage": done.get("usage") or {},
-                "quantad": {"pid": done.get("pid"), "stats": done.get("stats", {})}}  # fmt: skip
+        return {
+            **meta,
+            "object": "chat.completion",
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "message": message, "finish_reason": done.get("finish_reason"), "logprobs": None}],
+            "usage": done.get("usage") or {},
+            "quantad": {"pid": done.get("pid"), "stats": done.get("stats", {})},
+        }
 
-    async def _stream(self, request: web.Request, events: AsyncIterator[Event], pid: int, meta: dict[str, Any],
-                      buffer: bool, usage: bool) -> tuple[web.StreamResponse, bool]:  # fmt: skip
+    async def _stream(
+        self,
+        request: web.Request,
+        events: AsyncIterator[Event],
+        pid: int,
+        meta: dict[str, Any],
+        buffer: bool,
+        usage: bool,
+    ) -> tuple[web.StreamResponse, bool]:
         """SSE chunks as OpenAI sends them; preemptions as SSE comments; an error as a final ``error`` chunk.
 
         Returns the response and whether the request reached its terminal event.
         """
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "x-quantad-pid": str(pid)})  # fmt: skip
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "x-quantad-pid": str(pid)}
+        )
         await resp.prepare(request)
         head = {**meta, "object": "chat.completion.chunk", "system_fingerprint": None}
 
@@ -316,8 +357,10 @@ class HttpFront:
                 if ev.event == P.EV_TOKEN and ev.text and not buffer:
                     await chunk({"content": ev.text})
                 elif ev.event in (P.EV_PREEMPTED, P.EV_RESUMED):  # clients skip comment lines
-                    await resp.write(f": quantad {ev.event} tokens={ev.data.get('tokens', '')} "
-                                     f"context={ev.data.get('context', '')}\n\n".encode())  # fmt: skip
+                    await resp.write(
+                        f": quantad {ev.event} tokens={ev.data.get('tokens', '')} "
+                        f"context={ev.data.get('context', '')}\n\n".encode()
+                    )
                 elif ev.terminal:
                     await self._end(resp, chunk, head, ev, buffer, usage)
                     return resp, True
@@ -325,8 +368,9 @@ class HttpFront:
             pass
         return resp, False
 
-    async def _end(self, resp: web.StreamResponse, chunk, head: dict[str, Any], ev: Event, buffer: bool,
-                   usage: bool) -> None:  # fmt: skip
+    async def _end(
+        self, resp: web.StreamResponse, chunk, head: dict[str, Any], ev: Event, buffer: bool, usage: bool
+    ) -> None:
         if ev.event != P.EV_DONE:  # headers are gone: the error travels as a chunk (the OpenAI client raises it)
             await resp.write(b"data: " + json.dumps(error_of(ev).body()).encode() + b"\n\n")
             await resp.write_eof()

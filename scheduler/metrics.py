@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from scheduler.request import Request, State
+from scheduler.stats import stats_view, workers_view
 
 if TYPE_CHECKING:
     from scheduler.daemon import Daemon
@@ -36,14 +37,20 @@ class DaemonCollector(Collector):
         self.daemon = daemon
 
     def collect(self):
-        st = self.daemon.stats_view()
-        workers = self.daemon.workers_view()
-        yield _labelled(GaugeMetricFamily("quantad_requests", "Live requests by state (READY: queued, RUNNING: "
-                                          "on a worker)", labels=["state"]), st["requests"])  # fmt: skip
+        st = stats_view(self.daemon)
+        workers = workers_view(self.daemon)
+        yield _labelled(
+            GaugeMetricFamily(
+                "quantad_requests", "Live requests by state (READY: queued, RUNNING: on a worker)", labels=["state"]
+            ),
+            st["requests"],
+        )
         yield GaugeMetricFamily("quantad_queue_length", "Requests waiting in the run queue", value=st["queue"])
         yield CounterMetricFamily("quantad_requests_accepted", "Chats accepted since start", value=st["accepted"])
-        yield _labelled(CounterMetricFamily("quantad_requests_finished", "Requests ended since start, by state",
-                                            labels=["state"]), st["finished"])  # fmt: skip
+        yield _labelled(
+            CounterMetricFamily("quantad_requests_finished", "Requests ended since start, by state", labels=["state"]),
+            st["finished"],
+        )
         yield CounterMetricFamily("quantad_preemptions", "Preemptions since start", value=st["preemptions"])
         yield CounterMetricFamily("quantad_generated_tokens", "Tokens streamed since start", value=st["tokens"])
         families = {
@@ -53,10 +60,11 @@ class DaemonCollector(Collector):
             "used": GaugeMetricFamily("quantad_worker_slots_used", "Requests running on the worker", labels=["worker"]),
             "rss": GaugeMetricFamily(
                 "quantad_worker_rss_bytes", "Resident memory of the worker process (heartbeat)", labels=["worker"]
-            ),  # fmt: skip
+            ),
         }
-        ctx = GaugeMetricFamily("quantad_context_bytes", "Saved context (KV) bytes by tier (heartbeat)",
-                                labels=["worker", "tier"])  # fmt: skip
+        ctx = GaugeMetricFamily(
+            "quantad_context_bytes", "Saved context (KV) bytes by tier (heartbeat)", labels=["worker", "tier"]
+        )
         for w in workers:
             families["up"].add_metric([w["name"]], 1.0 if w["alive"] else 0.0)
             families["restarts"].add_metric([w["name"]], w["restarts"])
@@ -82,12 +90,24 @@ class MetricsServer:
         self.registry = CollectorRegistry()
         self.registry.register(DaemonCollector(daemon))
         ProcessCollector(registry=self.registry)  # the daemon's own CPU, memory, open files
-        self.ttft = Histogram("quantad_time_to_first_token_seconds", "Accept to first token, finished requests",
-                              buckets=TTFT_BUCKETS, registry=self.registry)  # fmt: skip
-        self.tpot = Histogram("quantad_time_per_output_token_seconds", "Mean time per token after the first, "
-                              "finished requests", buckets=TPOT_BUCKETS, registry=self.registry)  # fmt: skip
-        self.jct = Histogram("quantad_job_completion_seconds", "Accept to the last token (job completion time), "
-                             "finished requests", buckets=JCT_BUCKETS, registry=self.registry)  # fmt: skip
+        self.ttft = Histogram(
+            "quantad_time_to_first_token_seconds",
+            "Accept to first token, finished requests",
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.tpot = Histogram(
+            "quantad_time_per_output_token_seconds",
+            "Mean time per token after the first, finished requests",
+            buckets=TPOT_BUCKETS,
+            registry=self.registry,
+        )
+        self.jct = Histogram(
+            "quantad_job_completion_seconds",
+            "Accept to the last token (job completion time), finished requests",
+            buckets=JCT_BUCKETS,
+            registry=self.registry,
+        )
         daemon.finish_hooks.append(self.observe)
         self.runner: web.AppRunner | None = None
 

@@ -28,8 +28,9 @@ class Mlfq(Policy):
 
     name = "mlfq"
 
-    def __init__(self, quantum: Quantum, levels: int = 5, prefill_tokens: int = 256, boost_quanta: int = 100,
-                 **opts: Any):  # fmt: skip
+    def __init__(
+        self, quantum: Quantum, levels: int = 5, prefill_tokens: int = 256, boost_quanta: int = 100, **opts: Any
+    ):
         super().__init__(quantum, **opts)
         if levels < 1 or prefill_tokens < 1 or boost_quanta < 0:
             raise ValueError("mlfq needs levels >= 1, prefill_tokens >= 1, boost_quanta >= 0")
@@ -92,5 +93,9 @@ class Mlfq(Policy):
 
     def info(self, req: Request) -> dict[str, Any]:
         level = self.level.get(req.pid, 0)
-        return super().info(req) | {"priority": level, "level": level, "entry_level": self.entry.get(req.pid, 0),
-                                    "demotions": self.demotions.get(req.pid, 0)}  # fmt: skip
+        return super().info(req) | {
+            "priority": level,
+            "level": level,
+            "entry_level": self.entry.get(req.pid, 0),
+            "demotions": self.demotions.get(req.pid, 0),
+        }

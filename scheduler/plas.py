@@ -57,5 +57,9 @@ class Plas(Policy):
     def info(self, req: Request) -> dict[str, Any]:
         attained = self.attained.get(program_of(req), 0.0)
         level = self.level_of(attained)
-        return super().info(req) | {"priority": level, "level": level, "program": program_of(req),
-                                    "attained": round(attained, 3)}  # fmt: skip
+        return super().info(req) | {
+            "priority": level,
+            "level": level,
+            "program": program_of(req),
+            "attained": round(attained, 3),
+        }

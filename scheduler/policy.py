@@ -10,27 +10,12 @@ round robin with an infinite quantum, as in an OS.  See docs/policies.md.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
+from ipc.messages import Quantum  # the wire's record, also ``scheduler.policy.Quantum``
 from scheduler.request import Request
 
 POLICY_NAMES = ("rr", "fifo", "mlfq", "fair", "plas")
-
-
-@dataclass(frozen=True)
-class Quantum:
-    tokens: int | None = None  # deterministic (tests); None = no token limit
-    ms: float | None = None  # wall clock; None = no time limit
-
-    @property
-    def infinite(self) -> bool:
-        return self.tokens is None and self.ms is None
-
-    def scaled(self, factor: int) -> Quantum:
-        """This quantum ``factor`` times as long (MLFQ's lower levels)."""
-        tokens = None if self.tokens is None else self.tokens * factor
-        return Quantum(tokens, None if self.ms is None else self.ms * factor)
 
 
 def nice_weight(nice: int) -> float:
@@ -83,8 +68,7 @@ class Policy:
 
     def charge(self, req: Request) -> None:
         """Account the service ``req`` received since the last charge."""
-        total = self.service(req)
-        delta, req.charged = total - req.charged, total
+        delta = req.take_service(self.service(req))
         if delta:
             self.account(req, delta)
 
@@ -128,8 +112,13 @@ def policy_class(name: str) -> type[Policy]:
     from scheduler.mlfq import Mlfq
     from scheduler.plas import Plas
 
-    classes: dict[str, type[Policy]] = {"rr": RoundRobin, "fifo": Fifo, "mlfq": Mlfq, "fair": VirtualTokenCounter,
-                                        "plas": Plas}  # fmt: skip
+    classes: dict[str, type[Policy]] = {
+        "rr": RoundRobin,
+        "fifo": Fifo,
+        "mlfq": Mlfq,
+        "fair": VirtualTokenCounter,
+        "plas": Plas,
+    }
     try:
         return classes[name]
     except KeyError:

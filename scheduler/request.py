@@ -1,8 +1,13 @@
-"""A request is the daemon's process-table entry: all of one syscall's state in one object."""
+"""A request is the daemon's process-table entry: all of one syscall's state in one object.
+
+Its fields change only in its own methods and in the scheduler core (``scheduler.core``), as
+in nano-vllm; the daemon and its handlers read them and call those.
+"""
 
 from __future__ import annotations
 
 import enum
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +17,6 @@ class State(enum.StrEnum):
     NEW = "NEW"
     READY = "READY"
     RUNNING = "RUNNING"
-    PREEMPTED = "PREEMPTED"
     DONE = "DONE"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
@@ -68,6 +72,8 @@ class Request:
     moved: dict[str, int] = field(default_factory=dict)  # context bytes saved into / restored from each tier
 
     def __post_init__(self) -> None:
+        if self.params.get("seed") is None:  # fixed now, so any restart samples the same stream
+            self.params["seed"] = random.getrandbits(63)
         self.nice = int(self.params.get("nice", 0))
         if not self.prompt_tokens:
             self.prompt_tokens = estimate_prompt_tokens(self.params.get("messages", []))
@@ -81,13 +87,22 @@ class Request:
         return self.params.get("session", "")
 
     @property
+    def stream(self) -> bool:
+        """Whether the agent asked for ``token``, ``preempted`` and ``resumed`` events."""
+        return bool(self.params.get("stream"))
+
+    @property
+    def max_tokens(self) -> int | None:
+        return self.params.get("max_tokens")
+
+    @property
     def finished(self) -> bool:
         return self.state in TERMINAL
 
     def move(self, state: State) -> None:
         """Change state, charging the time spent in the old one to wait or run."""
         now = time.monotonic()
-        if self.state in (State.NEW, State.READY, State.PREEMPTED):
+        if self.state in (State.NEW, State.READY):
             self.wait_s += now - self.since
         elif self.state is State.RUNNING:
             self.run_s += now - self.since
@@ -98,6 +113,24 @@ class Request:
     def note_moved(self, tier: str, nbytes: int) -> None:
         """Count context bytes a switch moved into or out of ``tier``."""
         self.moved[tier] = self.moved.get(tier, 0) + max(int(nbytes), 0)
+
+    def note_context(self, tier: str, nbytes: int) -> None:
+        """Its worker saved the context into ``tier`` (a preemption, or a move under memory pressure)."""
+        self.tier, self.context_bytes = tier, nbytes
+        self.note_moved(tier, nbytes)
+
+    def note_output(self, ids: list[int], text: str, count: int) -> None:
+        """Tokens streamed by its worker: ids (local engines) and/or text, ``count`` of them."""
+        if self.first_token_s is None and (ids or text):
+            self.first_token_s = time.monotonic() - self.submitted_at
+        self.tokens.extend(ids)
+        self.generated += count
+        self.text += text
+
+    def take_service(self, total: float) -> float:
+        """Mark ``total`` service as charged to the policy; returns the part not charged before."""
+        delta, self.charged = total - self.charged, total
+        return delta
 
     def stats(self) -> dict[str, Any]:
         return {

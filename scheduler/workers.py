@@ -1,11 +1,20 @@
-"""Worker child processes, started by command line so the daemon never imports a model."""
+"""The daemon's workers: one record per worker, and the child process behind it.
+
+A ``Worker`` holds all the daemon knows of one worker: its process, its slots and the
+requests running there, its liveness (last seen, up, given up on, restarts), its
+capabilities (from its ``ready``), its last heartbeat's figures, and the sessions whose
+context it keeps.  Workers are started by command line, so the daemon never imports a model.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import time
+from dataclasses import dataclass, field
 
+from ipc import messages as M
 from scheduler.sd_notify import NOTIFY_VARS
 
 log = logging.getLogger("quantad")
@@ -70,3 +79,67 @@ class WorkerProcess:
         except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
+
+
+@dataclass(eq=False)
+class Worker:
+    """One worker as the daemon sees it."""
+
+    name: str
+    slots: int = 1
+    alive: bool = False  # its ``ready`` came and it was not lost since
+    running: set[int] = field(default_factory=set)  # pids of the requests it runs now
+    proc: WorkerProcess | None = None  # None: nothing to supervise (a simulated worker)
+    dead: bool = False  # given up on: it died more often than --max-restarts allows
+    last_seen: float | None = None  # monotonic time of its last message (None: none since start or loss)
+    caps: M.Ready | None = None  # what its last ``ready`` said it runs and can do
+    beat: M.Heartbeat | None = None  # its last heartbeat since that ``ready``
+    sessions: set[str] = field(default_factory=set)  # session ids whose context it keeps
+
+    @property
+    def free(self) -> int:
+        return self.slots - len(self.running) if self.alive else 0
+
+    @property
+    def restarts(self) -> int:
+        return 0 if self.proc is None else self.proc.restarts
+
+    @property
+    def state(self) -> str:
+        return "up" if self.alive else "dead" if self.dead else "starting"
+
+    @property
+    def preemptible(self) -> bool:
+        """False: it cannot resume a request, which then runs to the end of its turn."""
+        return True if self.caps is None else self.caps.preemptible
+
+    @property
+    def peer(self) -> str | None:
+        """Its inbox for contexts that other workers push to it (migration in one hop)."""
+        return None if self.caps is None else self.caps.peer
+
+    @property
+    def load(self) -> M.Load:
+        return (self.beat or M.Heartbeat()).load()
+
+    def seen(self) -> None:
+        self.last_seen = time.monotonic()
+
+    def silent_for(self, now: float) -> float:
+        return 0.0 if self.last_seen is None else now - self.last_seen
+
+    def up(self, ready: M.Ready) -> None:
+        self.alive, self.slots, self.caps, self.beat = True, ready.slots, ready, None
+
+    def lost(self) -> None:
+        """Dead or restarted: nothing runs there any more, and the contexts it kept are gone."""
+        self.alive, self.last_seen = False, None
+        self.running.clear()
+        self.sessions.clear()
+
+    def info(self) -> dict:
+        """Its ``ready`` (and last heartbeat) as ``ps`` shows them."""
+        c, out = self.caps, {}
+        if c is not None:
+            out = {"device": c.device, "pid": c.pid, "model": c.model, "preemptible": c.preemptible, "peer": c.peer}
+        return out | ({"stats": self.beat.stats} if self.beat is not None else {})

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from ipc.client import AsyncClient, Client
+from ipc.launcher import DaemonProcess
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,52 +53,35 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
 
 
 class DaemonProc:
-    """``quantad serve`` as a real subprocess with its own runtime directory."""
+    """``quantad serve`` as a real subprocess with its own runtime directory (an ``ipc.launcher.DaemonProcess``)."""
 
     def __init__(self, model_dir: Path, tmp: Path, *args: str):
         self.tmp = tmp
-        self.endpoint = f"ipc://{tmp}/agents.sock"
-        self.log_path = tmp / "daemon.log"
         self.state_dir = tmp / "state"
-        env = dict(
-            os.environ, PYTHONUNBUFFERED="1", QUANTAD_RUNTIME_DIR=str(tmp), QUANTAD_STATE_DIR=str(self.state_dir)
-        )
-        cmd = [sys.executable, "-m", "scheduler", "serve", "--model", str(model_dir), "--endpoint", self.endpoint]
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([*cmd, *args], stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        self.wait_ready()
+        env = {"QUANTAD_RUNTIME_DIR": str(tmp), "QUANTAD_STATE_DIR": str(self.state_dir)}
+        ep, log = f"ipc://{tmp}/agents.sock", tmp / "daemon.log"
+        self.daemon = DaemonProcess("--model", str(model_dir), *args, endpoint=ep, env=env, log=log, cwd=REPO)
+        self.endpoint, self.log_path = self.daemon.endpoint, self.daemon.log_path
+        self.proc = self.daemon.start().proc
 
     def wait_ready(self, timeout: float = 180.0) -> None:
-        with Client(self.endpoint) as c:
-            try:
-                c.wait_ready(timeout)
-            except TimeoutError:
-                raise RuntimeError(f"daemon not ready in {timeout} s:\n{self.log()}") from None
+        self.daemon.wait_ready(timeout)
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.daemon.log()
 
     def client(self, **kw) -> Client:
-        return Client(self.endpoint, **kw)
+        return self.daemon.client(**kw)
 
     def aclient(self, **kw) -> AsyncClient:
-        return AsyncClient(self.endpoint, **kw)
+        return self.daemon.aclient(**kw)
 
     def worker_pids(self) -> list[int]:
         with self.client() as c:
             return [w["pid"] for w in c.ps()["workers"] if w.get("pid")]
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.send_signal(signal.SIGINT)  # a second signal cuts the drain: teardown need not wait
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        return self.daemon.stop()  # SIGTERM, then SIGINT: a second signal cuts the drain, teardown need not wait
 
 
 @pytest.fixture

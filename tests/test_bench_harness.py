@@ -26,7 +26,7 @@ FIELDS = ("overall", "by_class", "throughput", "preemptions", "switch", "context
 
 
 def bench(tiny_model_dir, out, *flags: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "scheduler", "bench", "--model", str(tiny_model_dir), "--out", str(out), *flags]
+    cmd = [sys.executable, "-m", "console", "bench", "--model", str(tiny_model_dir), "--out", str(out), *flags]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 

@@ -8,7 +8,7 @@ from tests.conftest import REPO
 
 
 def quantad(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scheduler", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "console", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)  # fmt: skip
 
 
@@ -53,8 +53,8 @@ def test_serve_with_bad_model_fails_clearly(tmp_path):
 
 def test_daemon_and_ipc_never_import_torch_or_backends():
     code = (
-        "import sys, scheduler.cli, scheduler.daemon, ipc.client;"
-        "import scheduler.http_front, scheduler.metrics, scheduler.top;"
+        "import sys, console.cli, scheduler.launch, scheduler.daemon, ipc.client, ipc.launcher;"
+        "import scheduler.http_front, scheduler.metrics, console.top;"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'backends', 'contexts')];"
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -30,7 +30,7 @@ def test_default_model_answers_and_preemption_changes_nothing(smollm2_dir, start
 
 
 def test_demo_command_runs(smollm2_dir):
-    out = subprocess.run([sys.executable, "-m", "scheduler", "demo"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "console", "demo"], capture_output=True, text=True,
                          timeout=600, cwd=REPO)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Paris" in out.stdout and "preempted" in out.stdout and "resumed" in out.stdout

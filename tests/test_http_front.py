@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ipc import protocol as P
 from ipc.client import Client
-from scheduler.cli import http_options
+from scheduler.launch import http_options
 from tests.conftest import REPO, DaemonProc, messages
 from tests.test_structured import SCHEMA, WEATHER
 
@@ -65,7 +65,7 @@ def raw(d: DaemonProc, path: str, body: bytes | None = None, token: str | None =
 
 
 def quantad(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scheduler", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "console", *args], capture_output=True, text=True, timeout=120,
                           cwd=REPO, env=dict(os.environ, **(env or {})))  # fmt: skip
 
 

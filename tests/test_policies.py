@@ -8,9 +8,10 @@ import json
 import pytest
 
 from ipc.client import ClientError
-from scheduler.core import Scheduler, WorkerSlots
+from scheduler.core import Scheduler
 from scheduler.policy import Quantum, make_policy, nice_weight
 from scheduler.request import Request, State
+from scheduler.workers import Worker
 from tests.conftest import messages
 from tests.test_cli import quantad
 from tests.test_round_robin import collect, submit_in_order
@@ -22,7 +23,7 @@ class Sim:
 
     def __init__(self, policy: str, quantum_tokens: int = 2, slots: int = 1, **opts: str):
         self.sched = Scheduler(make_policy(policy, Quantum(tokens=quantum_tokens), opts))
-        self.sched.workers["w0"] = WorkerSlots("w0", slots, alive=True)
+        self.sched.workers["w0"] = Worker("w0", slots, alive=True)
         self.pids = iter(range(1, 10_000))
         self.trace: list[int] = []  # pid of every token, in order
         self.done: list[int] = []

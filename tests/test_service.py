@@ -18,9 +18,10 @@ import pytest
 
 from ipc import protocol as P
 from ipc.client import Client
+from ipc.launcher import DaemonProcess
 from ipc.logfmt import Formatter, pairs
 from scheduler import config as C
-from scheduler.cli import serve_parser
+from scheduler.options import serve_parser
 from tests.conftest import REPO, messages
 
 UNIT = REPO / "deploy" / "quantad.service"
@@ -58,32 +59,29 @@ class Notify:
 
 
 class Serve:
-    """``quantad serve`` with a notify socket and any environment, logging to a file."""
+    """``quantad serve`` with a notify socket and any environment, logging to a file (not waited for)."""
 
     def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None, notify: str | None = None):
-        self.endpoint = f"ipc://{tmp}/agents.sock"
-        self.log_path = tmp / "daemon.log"
         self.notify = Notify(notify or str(tmp / "notify.sock"))
-        self._log = open(self.log_path, "w")
-        st = os.fstat(self._log.fileno())
-        full = dict(os.environ, PYTHONUNBUFFERED="1", QUANTAD_RUNTIME_DIR=str(tmp), QUANTAD_STATE_DIR=str(tmp / "s"),
-                    NOTIFY_SOCKET=self.notify.address, **(env or {}))  # fmt: skip
+        log = tmp / "daemon.log"
+        log.touch()  # journald's JOURNAL_STREAM names the file by device and inode
+        full = {"QUANTAD_RUNTIME_DIR": str(tmp), "QUANTAD_STATE_DIR": str(tmp / "s")}
+        full |= {"NOTIFY_SOCKET": self.notify.address, **(env or {})}
         if full.get("JOURNAL_STREAM") == "this":  # journald's variable, pointing at our log file
+            st = log.stat()
             full["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
-        cmd = [sys.executable, "-m", "scheduler", "serve", "--endpoint", self.endpoint, *args]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full, cwd=REPO)
+        ep = f"ipc://{tmp}/agents.sock"
+        self.daemon = DaemonProcess(*args, endpoint=ep, env=full, log=log, cwd=REPO).spawn()
+        self.endpoint, self.log_path, self.proc = ep, log, self.daemon.proc
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.daemon.log()
 
     def client(self) -> Client:
         return Client(self.endpoint, timeout=60)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
+        self.daemon.kill()
         self.notify.close()
 
 

@@ -27,7 +27,7 @@ def daemon(tiny_model_dir, tmp_path_factory):
 
 
 def quantad(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scheduler", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "console", *args], capture_output=True, text=True, timeout=120,
                           cwd=REPO, stdin=subprocess.DEVNULL)  # fmt: skip
 
 

@@ -91,3 +91,56 @@ def test_json_problem_names_what_is_wrong():
     assert "not an object" in json_problem("[1]", {"type": "json_object"})
     assert "schema" in json_problem('{"b": 1}', schema)
     assert json_problem('{"a": 1}', schema) is None
+
+
+def test_worker_spec_command_lines_fit_each_backends_worker():
+    import sys
+
+    from backends.openai_worker import parse_args as api_worker_args
+    from backends.worker import parse_args as hf_worker_args
+    from ipc.worker_spec import WorkerSpec
+
+    hf = WorkerSpec(endpoint="ipc:///tmp/q/w.sock", model="/m", slots=4, state_dir="/q", snapshot_tier="disk")
+    hf = hf.named("w1")
+    argv = hf.argv()
+    assert argv[:3] == [sys.executable, "-m", "backends.worker"] and hf.state_dir == "/q/contexts/w1"
+    assert "--backend" not in argv and "--base-url" not in argv and WorkerSpec.parse(argv[3:]) == hf
+    parsed = vars(hf_worker_args(argv[3:]))
+    assert parsed["slots"] == 4 and parsed["snapshot_tier"] == "disk" and parsed["state_dir"] == "/q/contexts/w1"
+    api = WorkerSpec(backend="openai", endpoint="e", model="remote", base_url="http://127.0.0.1:9/v1", api_key_env="K")
+    argv = api.named("w0").argv()
+    assert argv[:3] == [sys.executable, "-m", "backends.openai_worker"] and "--device" not in argv
+    parsed = vars(api_worker_args(argv[3:]))
+    assert parsed["base_url"] == "http://127.0.0.1:9/v1" and parsed["api_key_env"] == "K" and parsed["name"] == "w0"
+
+
+def test_scheduler_owns_request_changes_sessions_and_restarts():
+    from ipc import messages as M
+    from scheduler.core import Scheduler
+    from scheduler.policy import Quantum, make_policy
+    from scheduler.request import Request, State
+    from scheduler.workers import Worker
+
+    sched = Scheduler(make_policy("rr", Quantum(tokens=2)))
+    for name in ("w0", "w1"):
+        sched.workers[name] = Worker(name)
+        sched.workers[name].up(M.Ready(worker=name, slots=1, preemptible=name == "w0"))
+    chat = {"messages": [{"role": "user", "content": "hi"}], "session": "s", "stream": True, "seed": None}
+    first = Request(1, b"a", 1, dict(chat))
+    assert isinstance(first.params["seed"], int)  # fixed at accept: a restart samples the same stream
+    sched.add(first)
+    assert sched.schedule() == [first] and first.worker == "w0" and first.preemptible is True
+    first.note_output([5, 6], "ab", 2)
+    assert sched.quantum_end(first, 2, prompt_tokens=9) is False and first.quanta == 1 and first.prompt_tokens == 9
+    sched.last_quantum(first)
+    sched.keep_session(first)
+    sched.finish(first, State.DONE)
+    second = Request(2, b"a", 2, dict(chat))
+    sched.add(second)
+    assert second.worker == "w0"  # the worker keeping the session's context
+    sched.schedule()
+    sched.preempt(second, "host", 100, 0.5)
+    assert (second.tier, second.context_bytes, second.moved, second.state) == ("host", 100, {"host": 100}, State.READY)
+    sched.restart_on(second)
+    assert (second.tier, second.context_bytes, second.restarts) == ("none", 0, 1)
+    assert sched.worker_lost("w0") == [second] and not sched.workers["w0"].sessions and second.worker is None

@@ -1,4 +1,4 @@
-"""``quantad bench`` flags (parsed in ``scheduler.cli``) -> a ``BenchConfig``."""
+"""``quantad bench`` flags (parsed in ``console.cli``) -> a ``BenchConfig``."""
 
 from __future__ import annotations
 

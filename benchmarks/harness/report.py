@@ -146,9 +146,9 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-def markdown(result: dict[str, Any]) -> str:
-    cfg, points = result["config"], result["points"]
-    lines = [
+def _intro(result: dict[str, Any]) -> list[str]:
+    cfg = result["config"]
+    return [
         f"# quantad bench: {cfg['workload']}",
         "",
         f"{result['started']}; model `{cfg['model']}`; {cfg['requests']} requests; rate {cfg['rate']}/s "
@@ -160,60 +160,53 @@ def markdown(result: dict[str, Any]) -> str:
         "the makespan; Jain: Jain's index over the agents' fair-share ratios (VTC-weighted service received "
         "over each one's share of what was served while it had calls outstanding; 1 is perfectly fair); client "
         "ms/req: the harness process's CPU time per request (its own overhead).",
-        "",
-        *_table([c for c, _ in _COLS], [_row(p) for p in points]),
-        "",
-        "## By class",
-        "",
-        *_table(
-            ["point", "class", "n", "mean JCT", "p90 JCT", "p99 JCT", "mean TTFT", "p99 TTFT", "TPOT ms"],
-            [
-                [
-                    p["label"],
-                    c,
-                    str(m["ok"]),
-                    _f(m["jct_s"]["mean"]),
-                    _f(m["jct_s"]["p90"]),
-                    _f(m["jct_s"]["p99"]),
-                    _f(m["ttft_s"]["mean"]),
-                    _f(m["ttft_s"]["p99"]),
-                    _f(None if m["tpot_s"]["mean"] is None else m["tpot_s"]["mean"] * 1000, 1),
-                ]  # fmt: skip
-                for p in points
-                if not p.get("error")
-                for c, m in p["metrics"]["by_class"].items()
-            ],
-        ),
-        "",
-        "## Context bytes moved per tier",
-        "",
-        *_table(
-            ["point", "bytes by tier"],
-            [
-                [
-                    p["label"],
-                    ", ".join(
-                        f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(p["metrics"]["context_bytes_moved"].items())
-                    )
-                    or "-",
-                ]  # fmt: skip
-                for p in points
-                if not p.get("error") and p["target"] == "quantad"
-            ],
-        ),
-        "",
+    ]
+
+
+def _by_class(points: list[dict[str, Any]]) -> list[str]:
+    """Per point and request class: JCT, TTFT and TPOT."""
+    rows = [
+        [p["label"], c, str(m["ok"]), _f(m["jct_s"]["mean"]), _f(m["jct_s"]["p90"]), _f(m["jct_s"]["p99"]),
+         _f(m["ttft_s"]["mean"]), _f(m["ttft_s"]["p99"]),
+         _f(None if m["tpot_s"]["mean"] is None else m["tpot_s"]["mean"] * 1000, 1)]
+        for p in points
+        if not p.get("error")
+        for c, m in p["metrics"]["by_class"].items()
+    ]  # fmt: skip
+    headers = ["point", "class", "n", "mean JCT", "p90 JCT", "p99 JCT", "mean TTFT", "p99 TTFT", "TPOT ms"]
+    return ["## By class", "", *_table(headers, rows)]
+
+
+def _bytes_moved(points: list[dict[str, Any]]) -> list[str]:
+    """Per daemon point: the context bytes moved into each tier."""
+    moved = [(p["label"], sorted(p["metrics"]["context_bytes_moved"].items())) for p in points
+             if not p.get("error") and p["target"] == "quantad"]  # fmt: skip
+    rows = [[name, ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in tiers) or "-"] for name, tiers in moved]
+    return ["## Context bytes moved per tier", "", *_table(["point", "bytes by tier"], rows)]
+
+
+def _overhead_md(o: dict[str, Any]) -> list[str]:
+    return [
         "## Harness overhead",
         "",
-        f"Client CPU per request {_f(result['overhead'].get('client_cpu_ms_per_request'))} ms, driver code per "
-        f"request {_f(result['overhead'].get('driver_ms_per_request'), 3)} ms, daemon ping round trip "
-        f"{_f(result['overhead'].get('ping_ms'), 3)} ms (median), worst lateness of a planned submit "
-        f"{_f(result['overhead'].get('max_submit_lateness_s'), 3)} s; against a mean JCT of "
-        f"{_f(result['overhead'].get('mean_jct_s'))} s.",
-        "",
-        *_targets_md(result["targets"]),
-        "",
+        f"Client CPU per request {_f(o.get('client_cpu_ms_per_request'))} ms, driver code per "
+        f"request {_f(o.get('driver_ms_per_request'), 3)} ms, daemon ping round trip "
+        f"{_f(o.get('ping_ms'), 3)} ms (median), worst lateness of a planned submit "
+        f"{_f(o.get('max_submit_lateness_s'), 3)} s; against a mean JCT of "
+        f"{_f(o.get('mean_jct_s'))} s.",
     ]
-    return "\n".join(lines)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    points = result["points"]
+    sections = [
+        [*_intro(result), "", *_table([c for c, _ in _COLS], [_row(p) for p in points])],
+        _by_class(points),
+        _bytes_moved(points),
+        _overhead_md(result["overhead"]),
+        _targets_md(result["targets"]),
+    ]
+    return "\n".join(line for section in sections for line in [*section, ""])
 
 
 def overhead(points: list[dict[str, Any]]) -> dict[str, Any]:

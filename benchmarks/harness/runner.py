@@ -16,7 +16,14 @@ from benchmarks.harness import report
 from benchmarks.harness.config import BenchConfig, quantum_label
 from benchmarks.harness.driver import OpenAITarget, QuantadTarget, drive, new_record
 from benchmarks.harness.metrics import point_metrics
-from benchmarks.harness.servers import PeerServer, PolicyRejected, QuantadServer, ServerError, eos_token_id
+from benchmarks.harness.servers import (
+    PeerServer,
+    PolicyRejected,
+    QuantadServer,
+    ServerError,
+    eos_token_id,
+    resolve_model,
+)
 from benchmarks.harness.workloads import Call, Workload, make_workload
 
 WARMUP = Call(idx=-1, agent="warmup", session="", cls="short", prompt="Say hello.", max_tokens=4, min_tokens=0)
@@ -106,6 +113,77 @@ def _running_policy(endpoint: str) -> str:
         return str(c.ps().get("policy", "?"))
 
 
+def _failed(what: str, exc: BaseException, cfg: BenchConfig) -> str:
+    msg = str(exc) or f"timed out after {cfg.timeout_s:g} s"
+    print(f"quantad bench: {what} failed: {msg}", file=sys.stderr)
+    return msg
+
+
+def _running_point(cfg: BenchConfig, workload: Workload) -> dict[str, Any]:
+    """The one point of ``--endpoint``: the daemon already running, under whatever policy it has."""
+    policy = _running_policy(cfg.endpoint)
+    recs, costs = asyncio.run(_quantad_point(cfg.endpoint, workload, cfg, policy))
+    return _point(policy, "running", "quantad", recs, costs, cfg)
+
+
+def _sweep_point(
+    cfg: BenchConfig, policy: str, q: float, workload: Workload, model_dir: str, out: Path, rejected: dict[str, str]
+) -> dict[str, Any]:
+    """One (policy, quantum) point on a daemon of its own; a policy the daemon rejects goes into ``rejected``."""
+    ql = quantum_label(q)
+    if policy in rejected:
+        return _point(policy, ql, "quantad", error=rejected[policy])
+    log = out / "logs" / f"{policy}-q{ql}.log"
+    server = QuantadServer(model_dir, policy, q, log, cfg.slots, cfg.workers, cfg.serve_args)
+    try:
+        server.wait_ready()
+        recs, costs = asyncio.run(_quantad_point(server.endpoint, workload, cfg, label(policy, ql)))
+        return _point(policy, ql, "quantad", recs, costs, cfg)
+    except (ServerError, TimeoutError) as exc:
+        msg = _failed(f"point {label(policy, ql)}", exc, cfg)
+        if isinstance(exc, PolicyRejected):
+            rejected[policy] = msg
+        return _point(policy, ql, "quantad", error=msg)
+    finally:
+        server.stop()
+
+
+def _peer_run(cfg: BenchConfig, workload: Workload, model_dir: str, out: Path) -> dict[str, Any]:
+    """The same workload against the peer, ``transformers serve --continuous-batching``."""
+    try:
+        peer = PeerServer(model_dir, out / "logs" / "peer.log")
+    except ServerError as exc:
+        print(f"quantad bench: peer failed: {exc}", file=sys.stderr)
+        return _point("peer", "", "peer", error=str(exc))
+    try:
+        recs, costs = asyncio.run(_peer_point(peer, model_dir, workload, cfg))
+        return _point("peer", "", "peer", recs, costs, cfg)
+    except (ServerError, TimeoutError) as exc:
+        return _point("peer", "", "peer", error=_failed("peer", exc, cfg))
+    finally:
+        peer.stop()
+
+
+def _sweep(cfg: BenchConfig, workload: Workload, model_dir: str | None, out: Path) -> list[dict[str, Any]]:
+    """Every point of the sweep (or the running daemon's one), then the peer's, with a progress bar."""
+    points: list[dict[str, Any]] = []
+    plan = [("running", "running")] if cfg.endpoint else sweep_points(cfg)
+    rejected: dict[str, str] = {}  # policies the daemon does not know
+    with _bar(cfg, total=len(plan) + int(cfg.peer), desc="sweep", unit="point") as bar:
+        for policy, q in plan:
+            bar.set_postfix_str(label(policy, q if isinstance(q, str) else quantum_label(q)))
+            if cfg.endpoint:
+                points.append(_running_point(cfg, workload))
+            else:
+                points.append(_sweep_point(cfg, policy, q, workload, model_dir, out, rejected))
+            bar.update()
+        if cfg.peer:
+            bar.set_postfix_str("peer")
+            points.append(_peer_run(cfg, workload, model_dir, out))
+            bar.update()
+    return points
+
+
 def run(cfg: BenchConfig) -> dict[str, Any]:
     """Run the sweep and write results.json, results.md and the plots under ``cfg.out``."""
     out = Path(cfg.out)
@@ -113,62 +191,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     workload = make_workload(cfg)
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     psi0, t0 = _psi_total_s(), time.monotonic()
-    model_dir = None
-    if cfg.endpoint is None or cfg.peer:
-        from scheduler.cli import resolve_model
-
-        model_dir = resolve_model(cfg.model)
-    points: list[dict[str, Any]] = []
-    plan = [("running", "running")] if cfg.endpoint else sweep_points(cfg)
-    n = len(plan) + int(cfg.peer)
-    rejected: dict[str, str] = {}  # policies the daemon does not know
-    with _bar(cfg, total=n, desc="sweep", unit="point") as bar:
-        for policy, q in plan:
-            ql = q if isinstance(q, str) else quantum_label(q)
-            bar.set_postfix_str(label(policy, ql))
-            if cfg.endpoint:
-                policy = _running_policy(cfg.endpoint)
-                recs, costs = asyncio.run(_quantad_point(cfg.endpoint, workload, cfg, policy))
-                points.append(_point(policy, "running", "quantad", recs, costs, cfg))
-                bar.update()
-                continue
-            if policy in rejected:
-                points.append(_point(policy, ql, "quantad", error=rejected[policy]))
-                bar.update()
-                continue
-            log = out / "logs" / f"{policy}-q{ql}.log"
-            server = QuantadServer(model_dir, policy, q, log, cfg.slots, cfg.workers, cfg.serve_args)
-            try:
-                server.wait_ready()
-                recs, costs = asyncio.run(_quantad_point(server.endpoint, workload, cfg, label(policy, ql)))
-                points.append(_point(policy, ql, "quantad", recs, costs, cfg))
-            except (ServerError, TimeoutError) as exc:
-                msg = str(exc) or f"timed out after {cfg.timeout_s:g} s"
-                if isinstance(exc, PolicyRejected):
-                    rejected[policy] = msg
-                print(f"quantad bench: point {label(policy, ql)} failed: {msg}", file=sys.stderr)
-                points.append(_point(policy, ql, "quantad", error=msg))
-            finally:
-                server.stop()
-            bar.update()
-        if cfg.peer:
-            bar.set_postfix_str("peer")
-            try:
-                peer = PeerServer(model_dir, out / "logs" / "peer.log")
-            except ServerError as exc:
-                print(f"quantad bench: peer failed: {exc}", file=sys.stderr)
-                points.append(_point("peer", "", "peer", error=str(exc)))
-            else:
-                try:
-                    recs, costs = asyncio.run(_peer_point(peer, model_dir, workload, cfg))
-                    points.append(_point("peer", "", "peer", recs, costs, cfg))
-                except (ServerError, TimeoutError) as exc:
-                    msg = str(exc) or f"timed out after {cfg.timeout_s:g} s"
-                    print(f"quantad bench: peer failed: {msg}", file=sys.stderr)
-                    points.append(_point("peer", "", "peer", error=msg))
-                finally:
-                    peer.stop()
-            bar.update()
+    model_dir = resolve_model(cfg.model) if cfg.endpoint is None or cfg.peer else None
+    points = _sweep(cfg, workload, model_dir, out)
     psi1, wall = _psi_total_s(), time.monotonic() - t0
     result: dict[str, Any] = {
         "version": 1,

@@ -17,9 +17,10 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 from pathlib import Path
+
+from ipc.launcher import DaemonError, DaemonProcess
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,38 +51,35 @@ def _stop(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
 
 
 class QuantadServer:
-    """``quantad serve --policy P --quantum-ms Q`` on a private ipc socket."""
+    """``quantad serve --policy P --quantum-ms Q`` on a private ipc socket (``ipc.launcher``)."""
 
-    def __init__(self, model_dir: str, policy: str, quantum_ms: float, log_path: Path, slots: int = 1,
-                 workers: int = 1, extra: list[str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model_dir: str,
+        policy: str,
+        quantum_ms: float,
+        log_path: Path,
+        slots: int = 1,
+        workers: int = 1,
+        extra: list[str] | None = None,
+    ):
         self.tmp = tempfile.mkdtemp(prefix="qd-bench-")
-        self.endpoint = f"ipc://{self.tmp}/agents.sock"
-        self.log_path = log_path
         self.policy = policy
         q = "inf" if math.isinf(quantum_ms) else f"{quantum_ms:g}"
-        cmd = [sys.executable, "-m", "scheduler", "serve", "--model", model_dir, "--endpoint", self.endpoint,
-               "--policy", policy, "--quantum-ms", q, "--slots", str(slots), "--workers", str(workers),
-               "--disk-budget", "0", "--log-level", "WARNING", *(extra or [])]  # fmt: skip
-        env = dict(os.environ, QUANTAD_RUNTIME_DIR=self.tmp, PYTHONUNBUFFERED="1")
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        flags = ["--model", model_dir, "--policy", policy, "--quantum-ms", q, "--slots", str(slots)]
+        flags += ["--workers", str(workers), "--disk-budget", "0", "--log-level", "WARNING", *(extra or [])]
+        endpoint = f"ipc://{self.tmp}/agents.sock"
+        env = {"QUANTAD_RUNTIME_DIR": self.tmp}
+        self.daemon = DaemonProcess(*flags, endpoint=endpoint, env=env, log=log_path, cwd=REPO).spawn()
+        self.endpoint, self.log_path, self.proc = endpoint, log_path, self.daemon.proc
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
-        from ipc.client import Client
-
-        deadline = time.monotonic() + timeout_s
-        with Client(self.endpoint) as c:
-            while True:
-                if self.proc.poll() is not None:
-                    raise self._why()
-                try:
-                    c.wait_ready(2.0)
-                    return
-                except TimeoutError:
-                    if time.monotonic() > deadline:
-                        msg = f"quantad serve not ready in {timeout_s:g} s:\n{_tail(self.log_path)}"
-                        raise ServerError(msg) from None
+        try:
+            self.daemon.wait_ready(timeout_s)
+        except DaemonError as exc:
+            if exc.returncode is not None:
+                raise self._why() from None
+            raise ServerError(f"quantad serve not ready in {timeout_s:g} s:\n{_tail(self.log_path)}") from None
 
     def _why(self) -> ServerError:
         log = _tail(self.log_path)
@@ -92,9 +90,21 @@ class QuantadServer:
         return ServerError(f"quantad serve exited with code {self.proc.returncode}:\n{log}")
 
     def stop(self) -> None:
-        _stop(self.proc)
-        self._log.close()
+        self.daemon.stop(cut=False)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def resolve_model(model: str) -> str:
+    """The model's directory from the backends' model store (a GGUF is converted once).
+
+    ``python -m backends.model_store`` runs in a child process, so the harness never imports torch.
+    """
+    out = subprocess.run(
+        [sys.executable, "-m", "backends.model_store", model], stdout=subprocess.PIPE, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"quantad: cannot load model {model!r} (see above)")
+    return out.stdout.strip().splitlines()[-1]
 
 
 def free_port() -> int:
@@ -132,8 +142,9 @@ class HttpServer:
         self._log = open(log_path, "wb")
         try:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, env=env)  # fmt: skip
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+            )
         except OSError as exc:
             self._log.close()
             raise ServerError(f"cannot start {name}: {exc}") from None
@@ -175,6 +186,6 @@ class PeerServer(HttpServer):
     def __init__(self, model_dir: str, log_path: Path, device: str = "cpu", timeout_s: float = 300.0):
         port = free_port()
         exe = Path(sys.executable).parent / "transformers"
-        cmd = [str(exe) if exe.exists() else "transformers", "serve", model_dir, "--continuous-batching",
-               "--device", device, "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+        cmd = [str(exe) if exe.exists() else "transformers", "serve", model_dir, "--continuous-batching"]
+        cmd += ["--device", device, "--host", "127.0.0.1", "--port", str(port)]
         super().__init__("transformers serve", cmd, port, log_path, timeout_s)

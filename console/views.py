@@ -11,11 +11,11 @@ from typing import Any
 
 from ipc import protocol as P
 
-PS_COLS = ("pid", "agent", "state", "nice", "priority", "worker", "quanta", "tokens", "context", "context_bytes",
-           "preemptible", "age_s")  # fmt: skip
-PS_HEADS = ("PID", "AGENT", "STATE", "NI", "PRI", "WORKER", "QUANTA", "TOKENS", "CONTEXT", "BYTES", "PREEMPT", "AGE")
-WORKER_HEADS = ("WORKER", "STATE", "PID", "SLOTS", "DEVICE", "MODEL", "HEARTBEAT", "RESTARTS", "DEVICE_KV", "HOST_KV",
-                "DISK_KV", "RECOMPUTE", "RSS")  # fmt: skip
+PS_COLS = tuple("pid agent state nice priority worker quanta tokens context context_bytes preemptible age_s".split())
+PS_HEADS = tuple("PID AGENT STATE NI PRI WORKER QUANTA TOKENS CONTEXT BYTES PREEMPT AGE".split())
+WORKER_HEADS = tuple(
+    "WORKER STATE PID SLOTS DEVICE MODEL HEARTBEAT RESTARTS DEVICE_KV HOST_KV DISK_KV RECOMPUTE RSS".split()
+)
 
 
 def table(rows: list[tuple[str, ...]]) -> list[str]:
@@ -40,28 +40,31 @@ def size(n: int | None) -> str:
 
 def ps_table(requests: list[dict[str, Any]]) -> list[str]:
     shown = {True: "yes", False: "no", None: "-"}  # "no": runs to the end of its turn (the API cannot resume it)
-    rows = [PS_HEADS] + [tuple(shown[r.get(c)] if isinstance(r.get(c), bool | None) else str(r.get(c))
-                               for c in PS_COLS) for r in requests]  # fmt: skip
+    rows = [PS_HEADS] + [
+        tuple(shown[r.get(c)] if isinstance(r.get(c), bool | None) else str(r.get(c)) for c in PS_COLS)
+        for r in requests
+    ]
     return table(rows)
 
 
 def workers_table(workers: list[dict[str, Any]]) -> list[str]:
-    rows = [WORKER_HEADS]
-    for w in workers:
-        age = w.get("heartbeat_age_s")
-        mem = w.get("memory") or {}
-        rows.append((
-            w["name"], w["state"], str(w.get("pid") or "-"), f"{w['used']}/{w['slots']}", str(w.get("device") or "-"),
-            os.path.basename(str(w.get("model") or "-").rstrip("/")) or "-", "-" if age is None else f"{age:.1f}s ago",
-            str(w.get("restarts", 0)), *(size(mem.get(t, 0)) for t in P.TIERS), size(w.get("rss_bytes")),
-        ))  # fmt: skip
-    return table(rows)
+    return table([WORKER_HEADS] + [_worker_row(w) for w in workers])
+
+
+def _worker_row(w: dict[str, Any]) -> tuple[str, ...]:
+    age = w.get("heartbeat_age_s")
+    mem = w.get("memory") or {}
+    model = os.path.basename(str(w.get("model") or "-").rstrip("/")) or "-"
+    heartbeat = "-" if age is None else f"{age:.1f}s ago"
+    ident = (w["name"], w["state"], str(w.get("pid") or "-"), f"{w['used']}/{w['slots']}", str(w.get("device") or "-"))
+    usage = (str(w.get("restarts", 0)), *(size(mem.get(t, 0)) for t in P.TIERS), size(w.get("rss_bytes")))
+    return (*ident, model, heartbeat, *usage)
 
 
 def _duration(s: float) -> str:
     s = int(s)
-    return f"{s // 86400}d{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 86400 else \
-        f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"  # fmt: skip
+    clock = f"{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
+    return f"{s // 86400}d{clock}" if s >= 86400 else f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def _quantum(q: dict[str, Any]) -> str:
@@ -69,8 +72,9 @@ def _quantum(q: dict[str, Any]) -> str:
     return " / ".join(p for p in parts if p) or "none (FIFO)"
 
 
-def top_screen(snap: dict[str, Any] | None, width: int, height: int | None = None, error: str | None = None,
-               footer: str = "") -> list[str]:  # fmt: skip
+def top_screen(
+    snap: dict[str, Any] | None, width: int, height: int | None = None, error: str | None = None, footer: str = ""
+) -> list[str]:
     """The whole ``quantad top`` screen: a summary, the workers, then as many requests as fit."""
     if snap is None:
         lines = ["quantad top: no answer from the daemon", error or "", "", footer]

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from ipc.client import AsyncClient
+from ipc.launcher import DaemonError, DaemonProcess
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -19,26 +15,28 @@ QUESTIONS = [
 ]
 
 
-async def _wait_ready(client: AsyncClient, proc: subprocess.Popen, log: Path) -> None:
+async def _wait_ready(daemon: DaemonProcess) -> None:
     """Wait for the workers, with a ticking progress line (the first run converts the model)."""
     start = time.monotonic()
-    ready = asyncio.ensure_future(client.wait_ready(timeout=600))
+    ready = asyncio.ensure_future(daemon.await_ready(timeout=600))
     while not ready.done():
-        if proc.poll() is not None:
-            ready.cancel()
-            raise SystemExit(f"quantad demo: the daemon exited {proc.returncode}:\n{log.read_text()[-3000:]}")
         sys.stderr.write(
             f"\rstarting daemon and worker (a first run converts the model once) ... {time.monotonic() - start:4.0f} s"
         )
         sys.stderr.flush()
-        await asyncio.wait([ready], timeout=0.5)
-    ready.result()
+        await asyncio.wait([ready], timeout=0.5)  # the tick of the progress line; readiness is the ping answer
+    try:
+        ready.result()
+    except DaemonError as exc:
+        if exc.returncode is None:
+            raise
+        raise SystemExit(f"quantad demo: the daemon exited {exc.returncode}:\n{exc.log[-3000:]}") from None
     sys.stderr.write(f"\rdaemon ready in {time.monotonic() - start:.1f} s{' ' * 20}\n")
 
 
-async def _demo(endpoint: str, proc: subprocess.Popen, log: Path, max_tokens: int) -> None:
-    async with AsyncClient(endpoint, agent="demo") as client:
-        await _wait_ready(client, proc, log)
+async def _demo(daemon: DaemonProcess, max_tokens: int) -> None:
+    await _wait_ready(daemon)
+    async with daemon.aclient(agent="demo") as client:
         t0 = time.monotonic()
         print(f"\nSubmitting {len(QUESTIONS)} requests at once to one worker slot; each quantum is a few tokens.\n")
         streams = [await client.chat(q, stream=True, max_tokens=max_tokens) for q in QUESTIONS]
@@ -54,16 +52,20 @@ async def _demo(endpoint: str, proc: subprocess.Popen, log: Path, max_tokens: in
                 elif ev.event == "token":
                     segment += ev.text
                 elif ev.event == "preempted":
-                    print(f"{stamp} pid {pid} preempted after {ev.data['tokens']:3d} tokens "
-                          f"(context kept on {ev.data['context']}) ... {segment!r}")  # fmt: skip
+                    print(
+                        f"{stamp} pid {pid} preempted after {ev.data['tokens']:3d} tokens "
+                        f"(context kept on {ev.data['context']}) ... {segment!r}"
+                    )
                     segment = ""
                 elif ev.event == "resumed":
                     print(f"{stamp} pid {pid} resumed on {ev.data['worker']} from its {ev.data['context']} snapshot")
                 elif ev.terminal:
                     s = ev.data.get("stats", {})
-                    print(f"{stamp} pid {pid} {ev.event} ... {segment!r}  "
-                          f"[quanta={s.get('quanta')} preemptions={s.get('preemptions')} "
-                          f"prefill computed={s.get('prompt_tokens_computed')}]")  # fmt: skip
+                    print(
+                        f"{stamp} pid {pid} {ev.event} ... {segment!r}  "
+                        f"[quanta={s.get('quanta')} preemptions={s.get('preemptions')} "
+                        f"prefill computed={s.get('prompt_tokens_computed')}]"
+                    )
                     results[i] = ev.data.get("text", "") if ev.event == "done" else f"<{ev.event}>"
 
         await asyncio.gather(*(follow(i, s) for i, s in enumerate(streams)))
@@ -73,20 +75,10 @@ async def _demo(endpoint: str, proc: subprocess.Popen, log: Path, max_tokens: in
 
 
 def run_demo(model: str, quantum_tokens: int, max_tokens: int = 40) -> int:
-    with tempfile.TemporaryDirectory(prefix="quantad-demo-") as tmp:
-        endpoint = f"ipc://{tmp}/agents.sock"
-        log = Path(tmp) / "daemon.log"
-        cmd = [sys.executable, "-m", "scheduler", "serve", "--model", model, "--endpoint", endpoint,
-               "--quantum-tokens", str(quantum_tokens)]  # fmt: skip
-        with open(log, "w") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            asyncio.run(_demo(endpoint, proc, log, max_tokens))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        print(f"daemon stopped (exit {proc.returncode}).")
+    daemon = DaemonProcess("--model", model, "--quantum-tokens", str(quantum_tokens)).spawn()
+    try:
+        asyncio.run(_demo(daemon, max_tokens))
+    finally:
+        code = daemon.stop(cut=False)
+    print(f"daemon stopped (exit {code}).")
     return 0

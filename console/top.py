@@ -13,9 +13,9 @@ import shutil
 import sys
 from typing import Any
 
+from console import views
 from ipc import protocol as P
 from ipc.client import Client, ClientError
-from scheduler import views
 
 QUIT_KEYS = {ord("q"), ord("Q")}
 

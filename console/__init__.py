@@ -1,0 +1,1 @@
+"""The console: the ``quantad`` command and its text views, on top of every other package."""

@@ -1,0 +1,92 @@
+"""Shutdown: the first SIGTERM/SIGINT drains, a second one cuts the drain short.
+
+Draining refuses new chats and answers the queue at once; running requests go on, no
+longer preempted, until they end or the grace period (less a reserve for stopping the
+workers) runs out.  Whatever is left then gets an ``error`` (code ``shutting_down``) with
+its partial text, the workers are told to stop, and the ones that do not are killed
+within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from ipc import messages as M
+from ipc import protocol as P
+from scheduler import sd_notify
+from scheduler.request import State
+from scheduler.stats import status_line
+
+if TYPE_CHECKING:
+    from scheduler.daemon import Daemon
+
+log = logging.getLogger("quantad")
+
+SHUTTING_DOWN = "the daemon is shutting down; 'text' holds the partial answer"
+
+
+class Drain:
+    def __init__(self, daemon: Daemon):
+        self.d = daemon
+        self._flushing = False
+
+    def on_signal(self, sig: signal.Signals) -> None:
+        """The first SIGTERM/SIGINT drains; a second one cuts the drain short."""
+        if self.d.stopping.is_set():
+            log.info("event=drain_cut signal=%s", sig.name)
+            self.d.drained.set()
+            return
+        log.info("event=signal signal=%s", sig.name)
+        self.d.stopping.set()
+
+    async def run(self) -> int:
+        """Drain, then stop the workers; the daemon's exit status (1 after a fatal error)."""
+        d, t0 = self.d, time.monotonic()
+        grace = d.cfg.grace_s
+        sd_notify.notify("STOPPING=1", status_line(d, "stopping"))
+        live = [r for r in d.sched.table.values() if not r.finished]
+        running = sum(r.state is State.RUNNING for r in live)
+        log.info("event=draining grace_s=%s running=%s queued=%s", grace, running, len(d.sched.ready))
+        self.flush_queue()
+        if d.fatal is None:
+            self.check()
+            reserve = min(2.0, grace / 4)
+            try:
+                await asyncio.wait_for(d.drained.wait(), max(0.0, grace - reserve - (time.monotonic() - t0)))
+            except TimeoutError:
+                pass
+        for req in list(d.sched.table.values()):
+            if not req.finished:
+                log.info("event=drain_cut_request pid=%s tokens=%s", req.pid, req.generated)
+                d.fail(req, P.E_SHUTTING_DOWN, SHUTTING_DOWN)
+        workers = list(d.sched.workers.values())
+        for w in workers:
+            d.to_worker(w.name, M.Shutdown())
+        left = max(0.05, grace - 0.1 - (time.monotonic() - t0))  # then SIGKILL: exit within the grace period
+        await asyncio.gather(*(w.proc.stop(left) for w in workers if w.proc is not None))
+        rc = 0 if d.fatal is None else 1
+        log.info("event=stopped after_s=%.3f rc=%s", time.monotonic() - t0, rc)
+        return rc
+
+    def flush_queue(self) -> None:
+        """While draining, nothing new starts: every queued request gets its terminal reply now."""
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            for req in list(self.d.sched.ready):
+                if not req.finished:
+                    log.info("event=drain_queued pid=%s tokens=%s", req.pid, req.generated)
+                    self.d.fail(req, P.E_SHUTTING_DOWN, SHUTTING_DOWN)
+        finally:
+            self._flushing = False
+        self.check()
+
+    def check(self) -> None:
+        """Draining and no request left: the drain is over."""
+        if self.d.stopping.is_set() and not any(not r.finished for r in self.d.sched.table.values()):
+            self.d.drained.set()

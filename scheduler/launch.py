@@ -1,0 +1,204 @@
+"""The daemon's own entry: ``quantad serve`` and ``quantad config``, from options to a running daemon.
+
+``python -m scheduler serve`` runs ``main`` here; the ``quantad`` console hands these two commands
+here too.  The model is located by ``backends.model_store`` in a child process, so the daemon
+never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ipc.endpoints import agent_endpoint, state_dir, worker_endpoint
+from ipc.logfmt import setup as setup_logging
+from ipc.worker_spec import WorkerSpec
+from scheduler import config as C
+from scheduler import netaddr
+from scheduler.options import (
+    add_config_command,
+    add_serve_command,
+    command_parser,
+    effective_options,
+    policy_from,
+    serve_parser,
+)
+
+COMMANDS = ("serve", "config")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap, sub = command_parser("The quantad daemon: serve, and check its configuration.")
+    add_serve_command(sub)
+    add_config_command(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd == "serve":
+        sp = serve_parser(parser)
+        given = C.given_flags(sp, argv[argv.index("serve") + 1 :])
+        try:
+            args = effective_options(sp, given, args.config)
+        except C.ConfigError as exc:
+            print("quantad serve: bad configuration:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
+            return 2
+    try:
+        return cmd_serve(args) if args.cmd == "serve" else cmd_config(args)
+    except TimeoutError as exc:
+        print(f"quantad: {exc} (is 'quantad serve' running?)", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    path = C.config_path(args.config)
+    try:
+        eff = C.resolve(serve_parser(), argparse.Namespace(), path)
+    except C.ConfigError as exc:
+        print("quantad config: invalid:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
+        return 1
+    if args.config_cmd == "show":
+        print(C.show(eff, args.json))
+    else:
+        from_file = sum(src.startswith("file:") for src in eff.sources.values())
+        from_env = sum(src.startswith("env:") for src in eff.sources.values())
+        print(f"quantad config: OK ({path or 'no config file'}: {from_file} keys set; {from_env} from QUANTAD_*)")
+    return 0
+
+
+# ---- serve --------------------------------------------------------------------------------
+def resolve_model(model: str) -> str:
+    """Convert/locate the model in a child process (the daemon never imports torch)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "backends.model_store", model], stdout=subprocess.PIPE, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"quantad: cannot load model {model!r} (see above)")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def prepare_ipc_dir(endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        d = Path(endpoint[len("ipc://") :]).parent
+        d.mkdir(mode=0o750, parents=True, exist_ok=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from scheduler.daemon import serve
+
+    setup_logging(args.log_level, args.log_format)
+    if args.config:
+        logging.getLogger("quantad").info("event=config file=%s", args.config)
+    endpoint = agent_endpoint(args.endpoint, client=False)
+    wep = args.worker_endpoint or worker_endpoint(endpoint)
+    for ep in (endpoint, wep):
+        prepare_ipc_dir(ep)
+    try:
+        policy = policy_from(args)
+        http, token = http_options(args)
+    except ValueError as exc:
+        print(f"quantad serve: {exc}", file=sys.stderr)
+        return 2
+    return serve(daemon_config(args, endpoint, wep, policy, http, token))
+
+
+def daemon_config(args: argparse.Namespace, endpoint: str, wep: str, policy, http, token):
+    """The ``DaemonConfig`` of these options (the model is located first, for the hf backend)."""
+    from scheduler.daemon import DaemonConfig
+
+    spec = worker_spec(args, wep)
+    if args.backend == "openai":
+        name, aliases = spec.model, ()
+    else:
+        name, aliases = Path(spec.model).name, (args.model or "smollm2", spec.model)
+    return DaemonConfig(
+        endpoint=endpoint,
+        worker_endpoint=wep,
+        policy=policy,
+        spec=spec,
+        workers=args.workers,
+        liveness_s=args.liveness_s,
+        max_restarts=args.max_restarts,
+        grace_s=args.grace_s,
+        log_format=args.log_format,
+        options=getattr(args, "effective", None),
+        reload_options=getattr(args, "reload_options", None),
+        build_policy=policy_from,
+        model_name=name,
+        model_aliases=aliases,
+        http=http,
+        http_token=token,
+        metrics_port=args.metrics_port,
+    )
+
+
+def worker_spec(args: argparse.Namespace, wep: str) -> WorkerSpec:
+    """Every worker's options (each worker's name and own state directory are filled in at its start)."""
+    common = {"backend": args.backend, "endpoint": wep, "slots": args.slots, "heartbeat_s": args.heartbeat_s}
+    if args.backend == "openai":
+        return WorkerSpec(model=args.model, **common, **api_options(args))
+    return WorkerSpec(
+        model=resolve_model(args.model or "smollm2"),
+        device=args.device,
+        dtype=args.dtype,
+        device_budget=args.device_budget,
+        host_budget=args.host_budget,
+        disk_budget=args.disk_budget,
+        snapshot_tier=args.snapshot_tier,
+        state_dir=(args.state_dir or str(state_dir())) if args.disk_budget > 0 else None,
+        prefill_chunk=args.prefill_chunk,
+        **common,
+    )
+
+
+def http_options(args: argparse.Namespace) -> tuple[tuple[str, int] | None, str | None]:
+    """Where the HTTP front listens and its token; a non-loopback address needs --http-allow-remote."""
+    token = None
+    if args.http_token_file:
+        try:
+            token = Path(args.http_token_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read --http-token-file {args.http_token_file}: {exc.strerror}") from None
+    elif args.http_token_env:
+        token = os.environ.get(args.http_token_env, "").strip()
+    if token == "":
+        raise ValueError("the HTTP bearer token is empty (--http-token-file / --http-token-env)")
+    if not args.http:
+        return None, token
+    host, port = netaddr.split(args.http)
+    if not netaddr.is_loopback(host):
+        if not args.http_allow_remote:
+            raise ValueError(
+                f"--http {args.http} is not a loopback address; pass --http-allow-remote to listen "
+                "there (with --http-token-file)"
+            )
+        if token is None:
+            logging.getLogger("quantad").warning("event=http_remote_without_token address=%s", args.http)
+    return (host, port), token
+
+
+def api_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The API workers' options.  The key itself never goes on a command line, only where to find it."""
+    if not args.base_url or not args.model:
+        raise SystemExit("quantad serve: --backend openai needs --base-url URL and --model NAME")
+    if args.api_key_file and not Path(args.api_key_file).is_file():
+        raise SystemExit(f"quantad serve: no API key file {args.api_key_file}")
+    return {
+        "base_url": args.base_url,
+        "api_timeout_s": args.api_timeout_s,
+        "api_retries": args.api_retries,
+        "resume_method": args.resume_method,
+        "api_key_env": args.api_key_env or None,
+        "api_key_file": str(Path(args.api_key_file).resolve()) if args.api_key_file else None,
+        "tokenizer": str(Path(args.tokenizer).resolve()) if args.tokenizer else None,
+    }

@@ -1,0 +1,282 @@
+"""The options of ``quantad serve``: its flags (the one source of every setting) and what they mean.
+
+The ``serve`` and ``config`` sub-parsers are built here, for the daemon's own entry
+(``scheduler.launch``) and for the ``quantad`` console, which adds its client commands around
+them.  ``effective_options`` layers flags over environment over file over defaults
+(``scheduler.config``); ``policy_from`` turns the result into a scheduling policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from ipc import protocol as P
+from ipc.logfmt import FORMATS
+from scheduler import config as C
+from scheduler import netaddr
+from scheduler.policy import POLICY_NAMES
+
+DEFAULT_QUANTUM_MS = 100.0
+PROG = "quantad"
+SERVE_HELP = "run the scheduler daemon in the foreground"
+SERVE_DESCRIPTION = (
+    "Every --some-flag is also the key some_flag of the TOML config file and the environment "
+    "variable QUANTAD_SOME_FLAG; precedence: flag > environment > file > default."
+)
+
+
+# ---- argument types ---------------------------------------------------------------------
+def size(text: str) -> int:
+    """Byte sizes like 512M, 4G, 1048576."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 512M, 4G)") from None
+
+
+def positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return value
+
+    return parse
+
+
+def port(text: str) -> int:
+    if not text.strip().isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
+    return int(text)
+
+
+def endpoint_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--endpoint",
+        help="daemon's agent endpoint (ipc://PATH or tcp://HOST:PORT); "
+        "default: $QUANTAD_ENDPOINT, else ipc://$XDG_RUNTIME_DIR/quantad/agents.sock",
+    )
+
+
+def config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"TOML config file (default: $QUANTAD_CONFIG, else {C.DEFAULT_FILE} when it exists)",
+    )
+
+
+# ---- the serve and config commands ------------------------------------------------------------
+def add_serve_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``serve`` with every option of the daemon, in the order ``--help`` shows them."""
+    s = sub.add_parser("serve", help=SERVE_HELP, description=SERVE_DESCRIPTION)
+    config_arg(s)
+    endpoint_arg(s)
+    _scheduling_flags(s)
+    _worker_flags(s)
+    _api_flags(s.add_argument_group("API backend (--backend openai)"))
+    _http_flags(s.add_argument_group("HTTP listeners (both off by default)"))
+    return s
+
+
+def add_config_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    c = sub.add_parser("config", help="check the configuration, or show the effective values and their sources")
+    csub = c.add_subparsers(dest="config_cmd", required=True, metavar="ACTION")
+    check = csub.add_parser("check", help="validate the config file and QUANTAD_* variables (exit 0 or 1)")
+    config_arg(check)
+    shown = csub.add_parser("show", help="effective serve options and where each came from")
+    config_arg(shown)
+    shown.add_argument("--json", action="store_true")
+    return c
+
+
+def command_parser(description: str | None = None) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The ``quantad`` parser with no commands yet (the daemon's entry adds two, the console all)."""
+    ap = argparse.ArgumentParser(prog=PROG, description=description)
+    return ap, ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+
+def serve_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The ``serve`` sub-parser (of ``parser``, else a new one), the one source of every configurable option."""
+    if parser is None:
+        _, sub = command_parser()
+        return add_serve_command(sub)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["serve"]
+
+
+def _scheduling_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--worker-endpoint", help="endpoint workers connect to (default: derived from --endpoint)")
+    s.add_argument(
+        "--model",
+        help="model directory, .gguf file, or 'smollm2' (default, embedded); "
+        "with --backend openai, the remote model's name",
+    )
+    s.add_argument(
+        "--quantum-ms",
+        type=positive(float),
+        help=f"time quantum in ms: the request's share of its worker's compute (a batched step "
+        f"charges each row 1/B of it; default {DEFAULT_QUANTUM_MS:g})",
+    )
+    s.add_argument("--quantum-tokens", type=positive(int), help="quantum in tokens (deterministic preemption points)")
+    s.add_argument(
+        "--policy",
+        default="rr",
+        choices=POLICY_NAMES,
+        help="scheduling policy: rr, fifo (infinite quantum), mlfq (feedback queue with skip-join), "
+        "fair (virtual token counters across agents), plas (least attained service per program); "
+        "see docs/policies.md",
+    )
+    s.add_argument(
+        "--policy-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a policy parameter, e.g. levels=6 for mlfq (repeatable; see docs/policies.md)",
+    )
+
+
+def _worker_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--workers", type=positive(int), default=1, help="worker processes to start")
+    s.add_argument("--slots", type=positive(int), default=1, help="requests each worker runs at once")
+    s.add_argument("--device", default="cpu", help="torch device for workers (cpu, cuda, cuda:1)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--device-budget", type=size, default="512M", help="suspended KV kept in place per worker")
+    s.add_argument("--host-budget", type=size, default="4G", help="KV swapped to host memory per worker")
+    s.add_argument("--disk-budget", type=size, default="8G", help="KV in safetensors files per worker (0: no disk)")
+    s.add_argument(
+        "--state-dir",
+        help="where disk snapshots go (default: $QUANTAD_STATE_DIR, else "
+        "$XDG_STATE_HOME/quantad, else ~/.local/state/quantad)",
+    )
+    s.add_argument(
+        "--snapshot-tier",
+        default="auto",
+        choices=["auto", "device", "host", "disk", "recompute"],
+        help="auto: device, then host/disk/recompute under budget pressure; "
+        "else every preempted context goes straight to that tier (tests, benchmarks)",
+    )
+    s.add_argument("--heartbeat-s", type=positive(float), default=1.0, help="worker heartbeat period")
+    s.add_argument("--liveness-s", type=positive(float), default=30.0, help="silence after which a worker is dead")
+    s.add_argument(
+        "--prefill-chunk",
+        type=positive(int),
+        default=P.DEFAULT_PREFILL_CHUNK,
+        help="prompt tokens a worker feeds per step, so running requests keep streaming "
+        "(larger: prompts prefill in bigger batches, running rows wait longer)",
+    )
+    s.add_argument("--max-restarts", type=int, default=5, help="restarts of a dying worker before giving up")
+    s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    s.add_argument(
+        "--log-format",
+        default="kv",
+        choices=list(FORMATS),
+        help="one line per event: key=value or JSON (journald: no timestamp, <N> priority)",
+    )
+    s.add_argument(
+        "--grace-s",
+        type=positive(float),
+        default=30.0,
+        help="SIGTERM/SIGINT: how long running requests may finish before they are cut",
+    )
+
+
+def _api_flags(a: argparse._ArgumentGroup) -> None:
+    a.add_argument(
+        "--backend",
+        default="hf",
+        choices=["hf", "openai"],
+        help="hf: local HuggingFace workers; openai: workers streaming from an OpenAI-compatible API",
+    )
+    a.add_argument("--base-url", help="the API's base URL, e.g. http://127.0.0.1:8000/v1")
+    a.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="environment variable holding the API key (default: OPENAI_API_KEY, else a dummy key for local servers)",
+    )
+    a.add_argument("--api-key-file", metavar="FILE", help="file holding the API key")
+    a.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="the remote model's tokenizer: exact token counts, and "
+        "resuming through /v1/completions with the chat template rendered locally",
+    )
+    a.add_argument(
+        "--api-timeout-s",
+        type=positive(float),
+        default=60.0,
+        help="longest silence of the API before a stream fails (connect: at most 10 s)",
+    )
+    a.add_argument("--api-retries", type=int, default=4, help="retries of a failed stream (exponential backoff)")
+    a.add_argument(
+        "--resume-method",
+        default="auto",
+        choices=["auto", "prefix", "completions", "none"],
+        help="how preempted API requests resume; auto: detect once per endpoint",
+    )
+
+
+def _http_flags(h: argparse._ArgumentGroup) -> None:
+    h.add_argument(
+        "--http",
+        type=netaddr.host_port,
+        metavar="HOST:PORT",
+        help="serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health) on HOST:PORT; "
+        "loopback only unless --http-allow-remote; port 0 picks a free port",
+    )
+    h.add_argument(
+        "--http-allow-remote",
+        action="store_true",
+        help="let --http listen on a non-loopback address (set a token too)",
+    )
+    h.add_argument(
+        "--http-token-file",
+        metavar="FILE",
+        help="file holding the bearer token that /v1/* requests must send",
+    )
+    h.add_argument("--http-token-env", metavar="VAR", help="environment variable holding that token")
+    h.add_argument(
+        "--metrics-port",
+        type=port,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (0: a free port)",
+    )
+
+
+# ---- what the options mean ------------------------------------------------------------------
+def effective_options(sp: argparse.ArgumentParser, given: argparse.Namespace, config: str | None) -> argparse.Namespace:
+    """Flags over environment over file over defaults; the result also carries how to re-read it (SIGHUP)."""
+    path = C.config_path(config)
+    eff = C.resolve(sp, given, path)
+    ns = argparse.Namespace(**vars(eff.values), cmd="serve", config=str(path) if path else None)
+    ns.effective = eff
+    ns.reload_options = lambda: C.resolve(sp, given, path)
+    return ns
+
+
+def policy_from(ns: argparse.Namespace):
+    """The policy named by the options; a time quantum of 100 ms unless a quantum is given."""
+    from scheduler.policy import Quantum, make_policy
+
+    ms = ns.quantum_ms if ns.quantum_ms or ns.quantum_tokens else DEFAULT_QUANTUM_MS
+    if ms is not None and math.isinf(ms):  # --quantum-ms inf: no time limit (rr then runs as FIFO)
+        ms = None
+    return make_policy(ns.policy, Quantum(tokens=ns.quantum_tokens, ms=ms), policy_opts(ns.policy_opt))
+
+
+def policy_opts(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--policy-opt wants KEY=VALUE, got {item!r}")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out

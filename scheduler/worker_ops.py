@@ -1,0 +1,185 @@
+"""What workers tell the daemon, and what the daemon tells them to run a request.
+
+One handler per record from a worker.  News about a request counts only from the worker
+it runs on: anything else is late news (of a cancelled or re-queued request) and is
+dropped.  The migration relay is here too: a context exported by one worker travels,
+frames untouched, to the worker that runs the request next (or straight to that worker's
+inbox, when the exporter could push it there).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ipc import messages as M
+from ipc import protocol as P
+from ipc.tensor_frames import check, spec_bytes
+from scheduler.request import Request, State
+from scheduler.workers import Worker
+
+if TYPE_CHECKING:
+    from scheduler.daemon import Daemon
+
+log = logging.getLogger("quantad")
+
+Handler = Callable[[Worker, Any, list], None]
+
+
+def running(handler: Callable[[WorkerOps, Request, Any], None]) -> Handler:
+    """A handler of news about a request: only from the worker it runs on, and only while it is live."""
+
+    @functools.wraps(handler)
+    def on(self: WorkerOps, w: Worker, rec: Any, frames: list) -> None:
+        req = self.d.sched.running_on(w.name, rec.rid)
+        if req is not None:
+            handler(self, req, rec)
+
+    return on
+
+
+class WorkerOps:
+    def __init__(self, daemon: Daemon):
+        self.d = daemon
+
+    def handlers(self) -> dict[type[M.Message], Handler]:
+        return {
+            M.Ready: self.ready,
+            M.Heartbeat: self.heartbeat,
+            M.Exported: self.exported,
+            M.Tokens: self.tokens,
+            M.QuantumEnd: self.quantum_end,
+            M.Preempted: self.preempted,
+            M.Finished: self.finished,
+            M.Failed: self.failed,
+            M.Context: self.context,
+        }
+
+    # ---- to workers -----------------------------------------------------------------------
+    def start(self, req: Request) -> None:
+        """A request the scheduler just placed: run it there, or first fetch its context from where it lies."""
+        if req.migrate_from is not None:  # its context comes from another worker first
+            log.info("event=migrate pid=%s from=%s to=%s", req.pid, req.migrate_from, req.worker)
+            peer = self.d.sched.workers[req.worker].peer  # the importer's inbox: one hop, not two
+            self.d.to_worker(req.migrate_from, M.Export(req.pid, peer))
+            return
+        self.run(req)  # carries all a worker without the context needs to rebuild it
+        if req.quanta > 0:  # after ``run``: if the agent is gone, the cancel follows the run
+            self.d.emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier)
+
+    def run(
+        self, req: Request, frames: list | None = None, migrate: dict | None = None, tensors: list | None = None
+    ) -> None:
+        quantum = self.d.sched.policy.quantum_for(req)
+        run = M.Run(
+            req.pid,
+            req.params,
+            quantum,
+            resume_ids=req.tokens,
+            resume_text=req.text,
+            resume_tokens=req.generated,
+            emitted_chars=len(req.text),
+            migrate=migrate,
+            tensors=tensors or [],
+        )
+        self.d.to_worker(req.worker, run, frames)
+
+    def restart_on(self, req: Request) -> None:
+        """Run a request on its assigned worker from its streamed tokens (context lost)."""
+        self.d.sched.restart_on(req)
+        self.run(req)
+
+    def next_quantum(self, req: Request) -> None:
+        self.d.to_worker(req.worker, M.Continue(req.pid, self.d.sched.policy.quantum_for(req)))
+
+    # ---- the worker itself ----------------------------------------------------------------
+    def ready(self, w: Worker, rec: M.Ready, frames: list) -> None:
+        if w.alive or any(r.worker == w.name for r in self.d.sched.table.values()):
+            self.d.supervisor.lose(w)  # it restarted: whatever it held is gone
+        w.up(rec)
+        log.info("event=worker_ready worker=%s device=%s slots=%s", w.name, rec.device, w.slots)
+        if all(x.alive for x in self.d.sched.workers.values()) and not self.d.ready.is_set():
+            self.d.announce_ready()
+        self.d.schedule()
+
+    def heartbeat(self, w: Worker, rec: M.Heartbeat, frames: list) -> None:
+        w.beat = rec
+
+    # ---- the migration relay --------------------------------------------------------------
+    def exported(self, w: Worker, rec: M.Exported, frames: list) -> None:
+        """Relay a migrating context, frames untouched (zero copy), to the worker that runs it."""
+        req = self.d.sched.table.get(rec.rid)
+        if req is None or req.finished or req.migrate_from != w.name:
+            return
+        try:
+            if rec.lost:
+                raise P.ProtocolError(P.E_NOT_FOUND, "the exporting worker no longer had the context")
+            if rec.migrate is None:
+                raise P.ProtocolError(P.E_BAD_FIELD, "missing field 'migrate'")
+            specs = rec.tensors  # direct: the frames went straight to the importer's inbox
+            nbytes = spec_bytes(specs) if rec.direct else sum(len(f) for f in frames)
+            if not rec.direct:
+                specs = check(specs, frames)
+        except P.ProtocolError as exc:  # rebuild from the tokens instead
+            log.warning("event=migrate_fallback pid=%s why=%r", req.pid, exc.message)
+            self.restart_on(req)
+            return
+        self.d.sched.migrated(req, nbytes)  # moved between workers
+        if rec.direct:
+            self.run(req, migrate=rec.migrate)
+        else:
+            self.run(req, frames, migrate=rec.migrate, tensors=specs)
+        self.d.emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier, migrated=True, direct=rec.direct)
+
+    # ---- a running request ----------------------------------------------------------------
+    @running
+    def tokens(self, req: Request, rec: M.Tokens) -> None:
+        req.note_output(rec.ids, rec.text, rec.count)
+        self.d.counters.tokens += rec.count
+        if rec.text or rec.ids:
+            self.d.emit(req, P.EV_TOKEN, text=rec.text, token_ids=rec.ids, index=req.generated)
+
+    @running
+    def quantum_end(self, req: Request, rec: M.QuantumEnd) -> None:
+        if self.d.sched.quantum_end(req, rec.emitted, rec.prompt_tokens, rec.preemptible):
+            self.d.to_worker(req.worker, M.Preempt(req.pid))
+        else:
+            self.next_quantum(req)
+
+    @running
+    def preempted(self, req: Request, rec: M.Preempted) -> None:
+        self.d.sched.preempt(req, rec.tier, rec.bytes, rec.switch_s)
+        self.d.counters.preemptions += 1
+        log.info("event=preempted pid=%s tier=%s bytes=%s", req.pid, req.tier, req.context_bytes)
+        self.d.emit(req, P.EV_PREEMPTED, quantum=req.quanta, tokens=req.generated, context=req.tier)
+        self.d.schedule()
+
+    @running
+    def context(self, req: Request, rec: M.Context) -> None:
+        req.note_context(rec.tier, rec.bytes)
+
+    @running
+    def finished(self, req: Request, rec: M.Finished) -> None:
+        self.d.sched.last_quantum(req, rec.prompt_tokens)
+        if rec.session_kept:
+            self.d.sched.keep_session(req)
+        log.info(
+            "event=done pid=%s tokens=%s quanta=%s preemptions=%s", req.pid, req.generated, req.quanta, req.preemptions
+        )
+        self.d.terminal(
+            req,
+            State.DONE,
+            P.EV_DONE,
+            text=req.text,
+            finish_reason=rec.finish_reason,
+            content=rec.content,
+            tool_calls=rec.tool_calls,
+            usage=rec.usage,
+            stats=rec.stats,
+        )
+
+    @running
+    def failed(self, req: Request, rec: M.Failed) -> None:
+        self.d.fail(req, rec.agent_code, rec.message)
