@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from backends.hf_engine import HFEngine
+from backends.hf_model import HFModel
 from benchmarks.common import (
     like_a_worker,
     load_engine,
@@ -57,8 +57,9 @@ from benchmarks.overhead import READY_LINE, REPO, DaemonProc, Pass, chat_message
 from contexts import disk as diskfile
 from contexts.cost import CostModel
 from contexts.manager import ContextManager
-from contexts.snapshot import TIER_DISK, TIER_HOST, Snapshot
+from contexts.snapshot import Snapshot
 from ipc.client import AsyncClient, ChatResult
+from ipc.protocol import TIER_DISK, TIER_HOST
 
 MiB = float(1 << 20)
 
@@ -169,7 +170,7 @@ def cleanup_report(daemons: dict[str, Daemon]) -> str:
 # ---- 1. throughput ------------------------------------------------------------------------------
 @torch.inference_mode()
 def bare_batch(
-    engine: HFEngine, prompts: list[list[int]], max_tokens: int, step_times: list[float] | None = None
+    engine: HFModel, prompts: list[list[int]], max_tokens: int, step_times: list[float] | None = None
 ) -> list[list[int]]:
     """One static batch, greedy: left-padded prefill, then one token per row and step over a DynamicCache.
 
@@ -204,7 +205,7 @@ def bare_batch(
             step_times.append(time.perf_counter() - t0)
 
 
-def bare_pass(engine: HFEngine, s: Settings, step_times: list[float]) -> Pass:
+def bare_pass(engine: HFModel, s: Settings, step_times: list[float]) -> Pass:
     """The same requests as a daemon pass, ``slots`` at a time (rendering included, as the worker does it)."""
     t0 = time.perf_counter()
     outputs: list[list[int]] = []
@@ -221,7 +222,7 @@ def _nearest(passes: list[Pass], i: int, kind: str) -> list[Pass]:
     return before + after
 
 
-async def throughput(engine: HFEngine, batched: Daemon, single: Daemon, fifo: Daemon, s: Settings) -> str:
+async def throughput(engine: HFModel, batched: Daemon, single: Daemon, fifo: Daemon, s: Settings) -> str:
     many, one, nopre = f"quantad --slots {s.slots}", "quantad --slots 1", f"quantad --slots {s.slots} fifo"
     async with contextlib.AsyncExitStack() as stack:
         clients = {kind: await stack.enter_async_context(AsyncClient(d.endpoint, timeout=900.0))
@@ -316,7 +317,7 @@ _FACTS = [
 ]
 
 
-def turn_text(engine: HFEngine, turn: int, n_tokens: int) -> str:
+def turn_text(engine: HFModel, turn: int, n_tokens: int) -> str:
     """About ``n_tokens`` of tool-output-like text, different every turn (so no turn repeats another)."""
     rng = random.Random(turn)
     facts = rng.sample(_FACTS, len(_FACTS))
@@ -351,7 +352,7 @@ async def agent_loops(
     return turns[""], turns[session]
 
 
-async def sessions(engine: HFEngine, daemon: Daemon, s: Settings) -> str:
+async def sessions(engine: HFModel, daemon: Daemon, s: Settings) -> str:
     texts = [turn_text(engine, t, s.turn_tokens) for t in range(s.turns)]
     runs: list[tuple[list[Turn], list[Turn]]] = []
     async with AsyncClient(daemon.endpoint, timeout=900.0) as c:
@@ -504,7 +505,7 @@ def crossover(cost: CostModel, bytes_per_token: float, fixed_bytes: int, limit: 
 
 
 @torch.inference_mode()
-def switch_costs(engine: HFEngine, s: Settings) -> str:
+def switch_costs(engine: HFModel, s: Settings) -> str:
     n = s.switch_tokens
     ids = prompt_ids(engine, n)
     engine.prefill(ids)  # untimed: the first pass at a new length pays one-off setup

@@ -4,7 +4,7 @@ Why: preemption, the ZeroMQ hops and the per-token messages must cost little nex
 model itself.  The daemon side is ``quantad serve --policy rr`` started as a subprocess, with
 requests submitted concurrently by ``AsyncClient`` and timed from the first submit to the last
 ``done`` (so every preemption and resume is inside the window).  The baseline runs the same
-greedy generations one after another in this process: ``HFEngine`` prefill, then decode with
+greedy generations one after another in this process: ``HFModel`` prefill, then decode with
 argmax, batch 1, no sockets.  Both sides are warmed up first (the first forward of a process
 pays seconds of one-off initialisation).  Passes alternate, bare / daemon / bare / ..., and each
 daemon pass is compared with the bare passes on either side of it, so drifting background
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from backends.hf_engine import HFEngine
+from backends.hf_model import HFModel
 from benchmarks.common import greedy, load_engine, log, median, psi_stall_s, stall_share, table
 from ipc import protocol as P
 from ipc.client import AsyncClient, ChatResult
@@ -60,7 +60,7 @@ def chat_messages(i: int) -> list[dict[str, str]]:
 
 
 @torch.inference_mode()
-def bare_generate(engine: HFEngine, messages: list[dict[str, str]], max_tokens: int) -> list[int]:
+def bare_generate(engine: HFModel, messages: list[dict[str, str]], max_tokens: int) -> list[int]:
     """The reference loop: what a worker does for one request, minus sockets and scheduling."""
     cache, logits = engine.prefill(engine.render(messages))
     out: list[int] = []
@@ -152,7 +152,7 @@ def token_ids(result: ChatResult) -> list[int]:
     return [int(t) for ev in result.events if ev.event == P.EV_TOKEN for t in ev.data.get("token_ids", [])]
 
 
-def bare_pass(engine: HFEngine, n: int, max_tokens: int) -> Pass:
+def bare_pass(engine: HFModel, n: int, max_tokens: int) -> Pass:
     t0 = time.perf_counter()
     outs = [bare_generate(engine, chat_messages(i), max_tokens) for i in range(n)]
     return Pass("bare", outs, time.perf_counter() - t0)
@@ -168,7 +168,7 @@ async def daemon_pass(client: AsyncClient, n: int, max_tokens: int) -> Pass:
 
 
 async def _alternate(
-    engine: HFEngine, endpoint: str, n: int, max_tokens: int, rounds: int, worker_pids: list[int]
+    engine: HFModel, endpoint: str, n: int, max_tokens: int, rounds: int, worker_pids: list[int]
 ) -> list[Pass]:
     """bare, daemon, bare, daemon, ..., bare: each daemon pass is compared with its two neighbours."""
     async with AsyncClient(endpoint, agent="bench", timeout=600.0) as client:
@@ -195,7 +195,7 @@ class Outcome:
     left: list[int]
 
 
-def measure(engine: HFEngine, model: str, n: int, max_tokens: int, quantum_ms: float, rounds: int) -> Outcome:
+def measure(engine: HFModel, model: str, n: int, max_tokens: int, quantum_ms: float, rounds: int) -> Outcome:
     tmpdir = tempfile.mkdtemp(prefix="qd-bench-")
     log(f"overhead: starting quantad serve --policy rr --quantum-ms {quantum_ms:g}")
     daemon = DaemonProc(model, quantum_ms, tmpdir)
@@ -238,7 +238,7 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.0%}"
 
 
-def run(engine: HFEngine, model: str, n: int, max_tokens: int, quantum_ms: float, rounds: int = 3) -> str:
+def run(engine: HFModel, model: str, n: int, max_tokens: int, quantum_ms: float, rounds: int = 3) -> str:
     out = measure(engine, model, n, max_tokens, quantum_ms, rounds)
     if out.left:
         raise RuntimeError(f"worker processes {out.left} outlived the daemon's SIGTERM (killed them)")
