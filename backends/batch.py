@@ -11,7 +11,7 @@ leavers' rows in place and the other rows are not touched: a copy of the newcome
 of the whole batch's (the re-pack cost 5-19 ms at 16 rows, 3% of a round-robin pass).  A swap
 keeps the batch's width, so it is done only while that stays within ``SWAP_SLACK`` of the
 longest row; otherwise the re-pack shrinks the padding.  The batch's layers are
-``contexts.kv.GrowingLayer`` s: a step appends its token into spare columns instead of
+``backends.growing.GrowingLayer`` s: a step appends its token into spare columns instead of
 concatenating the whole cache (6-9% of a 16-row decode step here), and a re-pack allocates
 the spare columns up front.
 
@@ -25,8 +25,9 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from backends.growing import capacity, growing_cache
 from backends.sequence import Sequence
-from contexts.kv import build_cache, cache_layers, capacity
+from contexts.kv import cache_layers
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 SWAP_SLACK = 16  # padding columns (or an eighth of the width) a swap in place may leave unused
@@ -96,8 +97,9 @@ class Batch:
         layers = cache_layers(self.cache)
         if len(self._gone) == len(self._rows) and not self._joining:  # the last row: a copy only if padded
             # (views of a growing layer's buffer are not contiguous, and would hold its spare columns)
-            out = [(k[i : i + 1, :, start:].contiguous(), v[i : i + 1, :, start:].contiguous())
-                   for k, v in layers] if keep_kv else None  # fmt: skip
+            out = None
+            if keep_kv:
+                out = [(k[i : i + 1, :, start:].contiguous(), v[i : i + 1, :, start:].contiguous()) for k, v in layers]
             self._reset()  # and the next newcomer starts a cache of its own width
             return out
         if not keep_kv:
@@ -123,7 +125,7 @@ class Batch:
             self._joining = []
             return
         if not self._gone and len(self._joining) == 1 and not self._rows:  # one newcomer: its tensors as they are
-            self.cache = build_cache(self._joining[0][1], self.config, growing=True)
+            self.cache = growing_cache(self._joining[0][1], self.config)
         else:
             width = max(lengths)
             cap = capacity(width)  # room to append steps in place (``GrowingLayer``)
@@ -137,7 +139,7 @@ class Batch:
                     self._copy_rows(buf[..., :width, :], old[li][kv] if old is not None else None, keep, li, kv, width)
                     pair.append(buf)
                 new_layers.append(tuple(pair))
-            self.cache = build_cache(new_layers, self.config, length=width, growing=True)
+            self.cache = growing_cache(new_layers, self.config, length=width)
             self.repacks += 1
         self._rows, self._lengths, self._gone, self._joining = rows, lengths, set(), []
 
@@ -154,8 +156,9 @@ class Batch:
             self._rows[i], self._lengths[i] = seq, n
         self._gone, self._joining = set(), []
 
-    def _copy_rows(self, out: torch.Tensor, old: torch.Tensor | None, keep: list[int], li: int, kv: int,
-                   width: int) -> None:  # fmt: skip
+    def _copy_rows(
+        self, out: torch.Tensor, old: torch.Tensor | None, keep: list[int], li: int, kv: int, width: int
+    ) -> None:
         """Survivors (in runs of consecutive rows, one copy each), then each newcomer, right-aligned.
 
         Padding columns are zeroed (masked out, but they must hold finite numbers: 0 x NaN is NaN).

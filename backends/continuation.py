@@ -11,7 +11,7 @@ call deltas) streamed so far.  Resuming asks the server to go on from that text,
 - ``none``: neither; the request is not preemptible.  If it must restart anyway (its worker
   died), it is replayed from the start and the text already streamed is checked and skipped.
 
-Nothing here does I/O: the worker (``backends.openai_worker``) drives the streams.
+Nothing here does I/O: the API engine (``backends.openai_engine``) drives the streams.
 """
 
 from __future__ import annotations
@@ -138,8 +138,9 @@ class TextContext:
         if base is None:
             known = [a for a in self.attempts if a.prompt_tokens is not None]
             base = known[-1].prompt_tokens - known[-1].prefix_tokens if known else 0
-        computed = sum(a.prompt_tokens if a.prompt_tokens is not None else base + a.prefix_tokens
-                       for a in self.attempts)  # fmt: skip
+        computed = sum(
+            a.prompt_tokens if a.prompt_tokens is not None else base + a.prefix_tokens for a in self.attempts
+        )
         return base, computed, max(computed - base, 0)
 
     def migrate_state(self) -> dict[str, Any]:

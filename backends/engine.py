@@ -6,6 +6,9 @@ model: it runs requests, reports their progress through ``send`` and keeps their
 Engines that need more sockets (a peer inbox, a thread's outbox) list them in ``sockets``;
 the skeleton polls them with its own and calls ``on_readable``.  Everything runs on the
 skeleton's thread: an engine that runs a thread of its own reports through a socket.
+
+Every engine may count its requests' quanta with ``backends.quantum.QuantumMeter`` (tokens
+and/or milliseconds, charged compute or wall time, ``ended``/``paused``).
 """
 
 from __future__ import annotations
@@ -62,15 +65,15 @@ class Engine(ABC):
         """True while ``step`` has something to do now (the skeleton then polls without waiting)."""
         return False
 
-    def step(self) -> None:
+    def step(self) -> None:  # noqa: B027 (optional: a no-op by default)
         """One scheduling step (a batched forward pass, for local engines)."""
 
     def sockets(self) -> list[zmq.Socket]:
         """More sockets for the skeleton to poll."""
         return []
 
-    def on_readable(self, sock: zmq.Socket) -> None:
+    def on_readable(self, sock: zmq.Socket) -> None:  # noqa: B027 (optional: a no-op by default)
         """One of ``sockets`` has a message."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: a no-op by default)
         """The worker is stopping."""

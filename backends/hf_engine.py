@@ -1,87 +1,65 @@
-"""A HuggingFace causal LM run as an incremental loop over its KV cache.
+"""The HuggingFace engine: a transformers causal LM (``backends.hf_model``) in one continuous batch.
 
-Prefill feeds the prompt once; each decode step feeds exactly one token.  The counters
-``prefill_tokens`` and ``decode_tokens`` count every token that goes through the model,
-so tests can prove that a resume recomputed nothing.
+The hooks of ``backends.local.LocalEngine`` on HuggingFace objects: a prefilling row's
+``partial`` is its own ``DynamicCache``; a row's state is its (keys, values) per layer, and the
+running rows share one left-padded batch cache (``backends.batch``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import DynamicCache
+
+from backends.batch import Batch
+from backends.engine import Send
+from backends.hf_model import HFModel
+from backends.local import LocalEngine, State
+from backends.sequence import Sequence
+from contexts.kv import build_cache, cache_layers
+from ipc.worker_spec import WorkerSpec
 
 
-class HFEngine:
-    def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32"):
-        self.device = torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-        self.model.to(self.device).eval()
-        self.config = self.model.config
-        self.eos_ids = self._eos_ids()
-        self.prefill_tokens = 0
-        self.decode_tokens = 0
-
-    def _eos_ids(self) -> set[int]:
-        ids = set()
-        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
-            if isinstance(source, int):
-                ids.add(source)
-            elif source:
-                ids.update(source)
-        return ids
-
-    def without_eos(self, logits: torch.Tensor) -> torch.Tensor:
-        """A copy of ``logits`` in which no end-of-sequence token can be chosen (``min_tokens``)."""
-        out = logits.clone()
-        out[..., sorted(self.eos_ids)] = float("-inf")
-        return out
+class HFEngine(LocalEngine):
+    def __init__(self, spec: WorkerSpec, send: Send, ctx: Any):
+        self.model = HFModel(spec.model, spec.device, spec.dtype)
+        self.device = self.model.device
+        self.tokenizer = self.model.tokenizer
+        self.eos_ids = self.model.eos_ids
+        self.model_name = str(self.model.model.name_or_path)
+        self.batch = Batch(self.model.model, self.model.config)
+        super().__init__(spec, send, ctx)
 
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """Token ids of a chat, with the generation prompt, via the model's chat template."""
-        enc = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
-        ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
-        return list(ids)
+        return self.model.render(messages, tools)
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+    def without_eos(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.model.without_eos(logits)
 
-    @torch.inference_mode()
-    def prefill(self, ids: list[int], cache: DynamicCache | None = None) -> tuple[DynamicCache, torch.Tensor]:
-        """Feed ``ids`` after what ``cache`` holds (a new cache if None); return it and the last logits."""
-        cache = self.new_cache() if cache is None else cache
-        x = torch.tensor([ids], device=self.device)
-        out = self.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
-        self.prefill_tokens += len(ids)
-        return cache, out.logits[:, -1, :]
+    def prefill(self, ids: list[int], partial: DynamicCache | None) -> tuple[DynamicCache, torch.Tensor]:
+        return self.model.prefill(ids, partial)
 
-    @torch.inference_mode()
-    def prefill_many(self, rows: list[list[int]]) -> list[tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]]:
-        """Prefill several fresh prompts in one left-padded forward (about twice the speed of one by one
-        here); return each row's own KV (its real suffix, copied out) and last logits.
+    def prefill_many(self, rows: list[list[int]]) -> list[tuple[State, torch.Tensor]]:
+        return self.model.prefill_many(rows)
 
-        Rows do not see each other (attention mask, explicit positions), so each row's KV and logits
-        equal a prefill alone up to the rounding of batched products (identical in fp32 on CPU, measured).
-        """
-        width = max(len(r) for r in rows)
-        pad = int(self.tokenizer.pad_token_id or 0)
-        x = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = self.new_cache()
-        out = self.model(input_ids=x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                         logits_to_keep=1)  # fmt: skip
-        self.prefill_tokens += sum(len(r) for r in rows)
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
-        return [
-            ([(k[i : i + 1, :, width - len(r) :].clone(), v[i : i + 1, :, width - len(r) :].clone()) for k, v in kv],
-             out.logits[i : i + 1, -1, :].clone())
-            for i, r in enumerate(rows)
-        ]  # fmt: skip
+    def settle(self, partial: DynamicCache) -> State:
+        return cache_layers(partial)
 
-    @torch.inference_mode()
-    def decode(self, cache: DynamicCache, token: int) -> torch.Tensor:
-        x = torch.tensor([[token]], device=self.device)
-        out = self.model(input_ids=x, cache=cache, use_cache=True)
-        self.decode_tokens += 1
-        return out.logits[:, -1, :]
+    def crop(self, state: State, n: int) -> DynamicCache:
+        return build_cache([(k[:, :, :n], v[:, :, :n]) for k, v in state], self.model.config)
+
+    def join(self, seq: Sequence, state: State) -> None:
+        self.batch.add(seq, state)
+
+    def leave(self, seq: Sequence, keep: bool) -> State | None:
+        return self.batch.remove(seq, keep)
+
+    def rows(self) -> list[Sequence]:
+        return self.batch.seqs
+
+    def forward(self, tokens: dict[int, int]) -> tuple[list[Sequence], torch.Tensor]:
+        return self.batch.step(tokens)
+
+    def batch_stats(self) -> dict[str, int]:
+        return {"batch_repacks": self.batch.repacks, "batch_swaps": self.batch.swaps}

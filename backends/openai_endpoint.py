@@ -70,8 +70,15 @@ def classify(exc: BaseException, timeout_s: float) -> RemoteError:
 class Endpoint:
     """The client of one base URL and the resume method it supports."""
 
-    def __init__(self, base_url: str, model: str, key: str, timeout_s: float, method: str = "auto",
-                 template: LocalTemplate | None = None):  # fmt: skip
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        key: str,
+        timeout_s: float,
+        method: str = "auto",
+        template: LocalTemplate | None = None,
+    ):
         self.base_url, self.model, self.timeout_s = base_url, model, timeout_s
         timeout = openai.Timeout(timeout_s, connect=min(timeout_s, 10.0))
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)

@@ -18,6 +18,7 @@ import time
 
 import zmq
 
+from ipc import messages as M
 from ipc import protocol as P
 from ipc.tensor_frames import check
 
@@ -70,8 +71,8 @@ class PeerLink:
                 sock.setsockopt(zmq.SNDBUF, P.BULK_SOCKET_BUFFER)
                 sock.connect(endpoint)
                 self._out[endpoint] = sock
-            sock.send_multipart([P.pack({"op": "context", "rid": rid, "tensors": specs}), *frames], copy=False,
-                                flags=zmq.NOBLOCK)  # fmt: skip
+            head = P.pack(M.Pushed(rid, specs).encode())
+            sock.send_multipart([head, *frames], copy=False, flags=zmq.NOBLOCK)
             return True
         except zmq.ZMQError as exc:
             log.warning("cannot push context %s to %s (%s): relaying it through the daemon", rid, endpoint, exc)
@@ -82,13 +83,12 @@ class PeerLink:
         while self.sock is not None and self.sock.poll(0):
             frames = self.sock.recv_multipart(copy=False)
             try:
-                head = P.unpack(frames[0].bytes, max_size=P.MAX_FRAME)
-                rid = P.field(head, "rid", int)
-                specs = check(P.field(head, "tensors", list), frames[1:])
+                pushed, rest = M.read(frames, M.PEER)
+                specs = check(pushed.tensors, rest)
             except P.ProtocolError as exc:
                 log.error("bad context from a peer: %s", exc.message)
                 continue
-            self.inbox[rid] = (specs, frames[1:])
+            self.inbox[pushed.rid] = (specs, rest)
             while len(self.inbox) > MAX_INBOX:
                 dropped = next(iter(self.inbox))
                 log.warning("context %s was never claimed: dropped", dropped)

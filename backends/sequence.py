@@ -1,4 +1,9 @@
-"""A worker's per-request state: one object that holds it all and derives the rest."""
+"""A local engine's per-request state: one object that holds it all and derives the rest.
+
+It is the ``meta`` of the request's context snapshot, so everything here (generated ids,
+detokenizer, grammar state, counters) survives a preemption at any tier; the model's state
+(KV) lives beside it in the snapshot.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from backends.detok import TextStream
+from backends.quantum import QuantumMeter
+from backends.structured import parse_tool_calls
+from ipc import messages as M
 
-QUANTUM_ROUNDING = 0.25  # the share of a time quantum a row may give up to end it with others (see worker)
 
-
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     rid: int
     params: dict[str, Any]
@@ -22,15 +27,10 @@ class Sequence:
     constraint: Any = None  # backends.structured.Constraint: grammar state, part of the snapshot
     generated: list[int] = field(default_factory=list)
     replay: list[int] = field(default_factory=list)  # ids already emitted before a restart
-    cache: DynamicCache | None = None
-    logits: torch.Tensor | None = None
-    quantum_tokens: int | None = None
-    quantum_ms: float | None = None
-    quantum_used: int = 0
-    quantum_spent_s: float = 0.0  # this quantum's share of the worker's compute (see ``charge``)
-    paused: bool = False  # token quantum over: stopped, waiting for the scheduler's word
-    asked: bool = False  # time quantum over: the scheduler was asked, the row decodes on meanwhile
-    prefilled: int = 0  # tokens of ``context_ids`` already in ``cache`` (chunked prefill)
+    partial: Any = None  # the engine's own state of a row still prefilling (HF: a DynamicCache)
+    logits: torch.Tensor | None = None  # the next token's, when the row has them (no forward pass needed)
+    quantum: QuantumMeter = field(default_factory=QuantumMeter)
+    prefilled: int = 0  # tokens of ``context_ids`` already in ``partial`` (chunked prefill)
     prefill_computed: int = 0  # prompt (and replayed) tokens this request pushed through the model
     decode_computed: int = 0
     reused: int = 0  # prompt tokens whose KV came from the agent's session
@@ -58,28 +58,51 @@ class Sequence:
     def remaining(self) -> int:
         return int(self.params["max_tokens"]) - len(self.generated)
 
-    def new_quantum(self, tokens: int | None, ms: float | None) -> None:
-        self.quantum_tokens, self.quantum_ms = tokens, ms
-        self.quantum_used, self.quantum_spent_s, self.paused, self.asked = 0, 0.0, False, False
+    @property
+    def under_min(self) -> bool:
+        return len(self.generated) < self.min_tokens
 
-    def charge(self, seconds: float) -> None:
-        """Count compute time against the time quantum: a batched step of B rows charges each row 1/B of it.
+    def advance(self, token: int, eos_ids: set[int]) -> tuple[str, str | None]:
+        """Take the chosen token: the text now safe to stream, and why the request ends here (None: it goes on)."""
+        self.generated.append(token)
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        delta, stopped = self.stream.push(token, stops=len(self.generated) >= self.min_tokens)
+        reason = None
+        if stopped or token in eos_ids or (self.constraint is not None and self.constraint.done):
+            reason = "stop"
+        elif self.remaining <= 0:
+            reason = "length"
+        if reason is not None and not stopped:
+            delta += self.stream.flush()
+        return delta, reason
 
-        As an OS charges a time slice in CPU time used, not in time spent resident: a row in a full
-        batch gets a token per step but uses only its share of the step, so a quantum of wall-clock
-        residency would shrink with the batch and switch contexts every step or two.
-        """
-        self.quantum_spent_s += seconds
+    def over(self, eos_ids: set[int]) -> str | None:
+        """Why a restarted request is already over (its last token came before its ``finished`` got out)."""
+        if not self.generated:
+            return None
+        if self.generated[-1] in eos_ids or self.stream.stopped:
+            return "stop"
+        return "length" if self.remaining <= 0 else None
 
-    def quantum_nearly_over(self) -> bool:
-        """A time quantum (only) with at most ``QUANTUM_ROUNDING`` of it left: it may end with another's."""
-        if self.quantum_tokens is not None or self.quantum_ms is None:
-            return False
-        return self.quantum_spent_s * 1000.0 >= (1.0 - QUANTUM_ROUNDING) * self.quantum_ms
-
-    def quantum_over(self) -> bool:
-        if self.quantum_tokens is not None and self.quantum_used >= self.quantum_tokens:
-            return True
-        if self.quantum_ms is not None:
-            return self.quantum_spent_s * 1000.0 >= self.quantum_ms
-        return False
+    def finished(self, reason: str, kept: bool = False) -> M.Finished:
+        content, calls = parse_tool_calls(self.stream.text, self.params.get("tools"), self.rid)
+        return M.Finished(
+            rid=self.rid,
+            finish_reason="tool_calls" if calls else reason,
+            session_kept=kept,
+            content=content,
+            tool_calls=calls,
+            usage={
+                "prompt_tokens": len(self.prompt_ids),
+                "completion_tokens": len(self.generated),
+                "total_tokens": len(self.prompt_ids) + len(self.generated),
+            },
+            stats={
+                "prompt_tokens_computed": self.prefill_computed,
+                "prompt_tokens_reused": self.reused,
+                "decode_tokens_computed": self.decode_computed,
+                "restores": self.restores,
+                "worker_switch_s": round(self.switch_s, 6),
+            },
+        )

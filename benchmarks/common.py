@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from backends.hf_engine import HFEngine
+from backends.hf_model import HFModel
 from backends.model_store import resolve
 from ipc.client import AsyncClient, ChatResult
 from ipc.launcher import DaemonProcess
@@ -55,17 +55,17 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def load_engine(model: str = "smollm2") -> HFEngine:
+def load_engine(model: str = "smollm2") -> HFModel:
     """Load the model and run one warm-up pass: the first forward pays one-off initialisation (seconds)."""
     t0 = time.perf_counter()
-    engine = HFEngine(str(resolve(model)))
+    engine = HFModel(str(resolve(model)))
     cache, logits = engine.prefill(prompt_ids(engine, 64))
     engine.decode(cache, int(torch.argmax(logits[0])))
     log(f"model loaded and warmed up in {time.perf_counter() - t0:.1f} s ({torch.get_num_threads()} threads)")
     return engine
 
 
-def prompt_ids(engine: HFEngine, n: int) -> list[int]:
+def prompt_ids(engine: HFModel, n: int) -> list[int]:
     """Exactly ``n`` token ids of plain prose (no chat template), the same on every run."""
     per_paragraph = len(engine.tokenizer(_PARAGRAPH)["input_ids"])
     ids = engine.tokenizer(_PARAGRAPH * (n // per_paragraph + 1))["input_ids"]

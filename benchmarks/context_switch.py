@@ -19,11 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-from backends.hf_engine import HFEngine
+from backends.hf_model import HFModel
 from benchmarks.common import greedy, like_a_worker, load_engine, log, median, parse_ints, prompt_ids, table
 from contexts.kv import build_cache, cache_layers
 from contexts.manager import ContextManager
-from contexts.snapshot import TIER_DEVICE, TIER_HOST, Snapshot
+from contexts.snapshot import Snapshot
+from ipc.protocol import TIER_DEVICE, TIER_HOST
 
 HUGE = 1 << 50  # a budget that never fills
 
@@ -75,7 +76,7 @@ def memcpy_roundtrip(src: list[torch.Tensor], mid: list[torch.Tensor], dst: list
 
 
 @torch.inference_mode()
-def measure(engine: HFEngine, n_tokens: int, repeats: int) -> SwitchResult:
+def measure(engine: HFModel, n_tokens: int, repeats: int) -> SwitchResult:
     cache, logits = engine.prefill(prompt_ids(engine, n_tokens))
     # The state at the preemption point, kept apart from the cache the reference run goes on with.
     layers = [(k.clone(), v.clone()) for k, v in cache_layers(cache)]
@@ -125,7 +126,7 @@ def measure(engine: HFEngine, n_tokens: int, repeats: int) -> SwitchResult:
     )
 
 
-def run(engine: HFEngine, sizes: list[int], repeats: int) -> str:
+def run(engine: HFModel, sizes: list[int], repeats: int) -> str:
     results = []
     for n in sizes:
         log(f"context switch: {n} tokens x {repeats} repeats")

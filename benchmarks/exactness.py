@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from backends.hf_engine import HFEngine
+from backends.hf_model import HFModel
 from benchmarks import suite
 from benchmarks.common import Daemon, chat_messages, log, serve_flags, table
 from ipc.client import AsyncClient
@@ -71,7 +71,7 @@ async def exactness(alone: Daemon, batched: Daemon, s: Settings) -> str:
     )
 
 
-def run(engine: HFEngine, daemons: dict[str, Daemon], s: Settings) -> str:
+def run(engine: HFModel, daemons: dict[str, Daemon], s: Settings) -> str:
     return asyncio.run(exactness(daemons["fifo1"], daemons["fifo16"], s))
 
 

@@ -4,7 +4,7 @@ Why: preemption, the ZeroMQ hops and the per-token messages must cost little nex
 model itself.  The daemon side is ``quantad serve --policy rr`` started as a subprocess, with
 requests submitted concurrently by ``AsyncClient`` and timed from the first submit to the last
 ``done`` (so every preemption and resume is inside the window).  The baseline runs the same
-greedy generations one after another in this process: ``HFEngine`` prefill, then decode with
+greedy generations one after another in this process: ``HFModel`` prefill, then decode with
 argmax, batch 1, no sockets.  Both sides are warmed up first (the first forward of a process
 pays seconds of one-off initialisation).  Passes alternate, bare / daemon / bare / ..., and each
 daemon pass is compared with the bare passes on either side of it, so drifting background
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from backends.hf_engine import HFEngine
+from backends.hf_model import HFModel
 from benchmarks.common import (
     Pass,
     chat_messages,
@@ -40,7 +40,7 @@ from ipc.client import AsyncClient
 
 
 @torch.inference_mode()
-def bare_generate(engine: HFEngine, messages: list[dict[str, str]], max_tokens: int) -> list[int]:
+def bare_generate(engine: HFModel, messages: list[dict[str, str]], max_tokens: int) -> list[int]:
     """The reference loop: what a worker does for one request, minus sockets and scheduling."""
     cache, logits = engine.prefill(engine.render(messages))
     out: list[int] = []
@@ -52,13 +52,13 @@ def bare_generate(engine: HFEngine, messages: list[dict[str, str]], max_tokens: 
         logits = engine.decode(cache, token)
 
 
-def bare_pass(engine: HFEngine, n: int, max_tokens: int) -> Pass:
+def bare_pass(engine: HFModel, n: int, max_tokens: int) -> Pass:
     t0 = time.perf_counter()
     outs = [bare_generate(engine, chat_messages(i), max_tokens) for i in range(n)]
     return Pass("bare", outs, time.perf_counter() - t0)
 
 
-async def _alternate(engine: HFEngine, endpoint: str, n: int, max_tokens: int, rounds: int) -> list[Pass]:
+async def _alternate(engine: HFModel, endpoint: str, n: int, max_tokens: int, rounds: int) -> list[Pass]:
     """bare, daemon, bare, daemon, ..., bare: each daemon pass is compared with its two neighbours."""
     async with AsyncClient(endpoint, agent="bench", timeout=600.0) as client:
         await client.chat(chat_messages(0), max_tokens=4, temperature=0)  # warm the worker up
@@ -83,7 +83,7 @@ class Outcome:
     left: list[int]
 
 
-def measure(engine: HFEngine, model: str, n: int, max_tokens: int, quantum_ms: float, rounds: int) -> Outcome:
+def measure(engine: HFModel, model: str, n: int, max_tokens: int, quantum_ms: float, rounds: int) -> Outcome:
     """The alternating passes through ``quantad serve --policy rr``, then its exit code and leftover workers."""
     with serving({"a": ["--policy", "rr", "--quantum-ms", f"{quantum_ms:g}"]}, model, prefix="qd-bench-") as daemons:
         passes = asyncio.run(_alternate(engine, daemons["a"].endpoint, n, max_tokens, rounds))
@@ -116,7 +116,7 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.0%}"
 
 
-def run(engine: HFEngine, model: str, n: int, max_tokens: int, quantum_ms: float, rounds: int = 3) -> str:
+def run(engine: HFModel, model: str, n: int, max_tokens: int, quantum_ms: float, rounds: int = 3) -> str:
     out = measure(engine, model, n, max_tokens, quantum_ms, rounds)
     if out.left:
         raise RuntimeError(f"worker processes {out.left} outlived the daemon's SIGTERM (killed them)")

@@ -14,7 +14,7 @@ import asyncio
 import random
 from dataclasses import dataclass
 
-from backends.hf_engine import HFEngine
+from backends.hf_model import HFModel
 from benchmarks import suite
 from benchmarks.common import Daemon, log, median, serve_flags, table
 from ipc.client import AsyncClient, ChatResult
@@ -57,7 +57,7 @@ _FACTS = [
 ]
 
 
-def turn_text(engine: HFEngine, turn: int, n_tokens: int) -> str:
+def turn_text(engine: HFModel, turn: int, n_tokens: int) -> str:
     """About ``n_tokens`` of tool-output-like text, different every turn (so no turn repeats another)."""
     rng = random.Random(turn)
     facts = rng.sample(_FACTS, len(_FACTS))
@@ -92,7 +92,7 @@ async def agent_loops(
     return turns[""], turns[session]
 
 
-async def sessions(engine: HFEngine, daemon: Daemon, s: Settings) -> str:
+async def sessions(engine: HFModel, daemon: Daemon, s: Settings) -> str:
     texts = [turn_text(engine, t, s.turn_tokens) for t in range(s.turns)]
     runs: list[tuple[list[Turn], list[Turn]]] = []
     async with AsyncClient(daemon.endpoint, timeout=900.0) as c:
@@ -146,7 +146,7 @@ async def sessions(engine: HFEngine, daemon: Daemon, s: Settings) -> str:
     )
 
 
-def run(engine: HFEngine, daemons: dict[str, Daemon], s: Settings) -> str:
+def run(engine: HFModel, daemons: dict[str, Daemon], s: Settings) -> str:
     return asyncio.run(sessions(engine, daemons["rr16"], s))
 
 

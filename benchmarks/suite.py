@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from backends.hf_engine import HFEngine
+from backends.hf_model import HFModel
 from benchmarks.common import (
     Daemon,
     add_wait_quiet,
@@ -36,7 +36,7 @@ class Part:
     default: Any  # its settings at the default sizes
     quick: Any  # and at the ``--quick`` sizes
     daemons: Callable[[Any], dict[str, list[str]]]  # settings -> {daemon name: ``quantad serve`` flags}
-    run: Callable[[HFEngine, dict[str, Daemon], Any], str]  # (engine, daemons, settings) -> its tables
+    run: Callable[[HFModel, dict[str, Daemon], Any], str]  # (engine, daemons, settings) -> its tables
 
 
 def build_parser(prog: str, description: str, parts: Sequence[Part], quick_help: str) -> argparse.ArgumentParser:
@@ -61,7 +61,7 @@ def daemon_specs(parts: Sequence[Part], settings: dict[str, Any]) -> dict[str, l
     return specs
 
 
-def run_parts(engine: HFEngine, model: str, parts: Sequence[Part], settings: dict[str, Any], wait_s: float) -> None:
+def run_parts(engine: HFModel, model: str, parts: Sequence[Part], settings: dict[str, Any], wait_s: float) -> None:
     """The parts that need daemons, with all their daemons up at once; then the others, after the daemons stop."""
     if specs := daemon_specs(parts, settings):
         with serving(specs, model) as daemons:

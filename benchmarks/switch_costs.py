@@ -20,14 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
-from backends.hf_engine import HFEngine
+from backends.hf_model import HFModel
 from benchmarks import suite
 from benchmarks.common import Daemon, log, median, prompt_ids, table
 from benchmarks.context_switch import HUGE, memcpy_roundtrip, switch_once
 from contexts import disk as diskfile
 from contexts.cost import CostModel
 from contexts.manager import ContextManager
-from contexts.snapshot import TIER_DISK, TIER_HOST, Snapshot
+from contexts.snapshot import Snapshot
+from ipc.protocol import TIER_DISK, TIER_HOST
 
 MiB = float(1 << 20)
 
@@ -121,7 +122,7 @@ class Subject:
 
 
 @torch.inference_mode()
-def subject(engine: HFEngine, n: int) -> Subject:
+def subject(engine: HFModel, n: int) -> Subject:
     ids = prompt_ids(engine, n)
     engine.prefill(ids)  # untimed: the first pass at a new length pays one-off setup
     cache, logits = engine.prefill(ids)
@@ -135,7 +136,7 @@ def subject(engine: HFEngine, n: int) -> Subject:
     return Subject(ids, snap, snap.nbytes, kv_bytes, src, mid, dst)
 
 
-def _round(engine: HFEngine, x: Subject, host_cm: ContextManager, disk_cm: ContextManager, tmpdir: str,
+def _round(engine: HFModel, x: Subject, host_cm: ContextManager, disk_cm: ContextManager, tmpdir: str,
            t: dict[str, list[float]]) -> None:  # fmt: skip
     """One round, back to back: host tier, memcpy, disk tier, raw file, the disk tier's steps, a prefill."""
     x.snap, dt, _ = switch_once(host_cm, x.snap, TIER_HOST)
@@ -153,7 +154,7 @@ def _round(engine: HFEngine, x: Subject, host_cm: ContextManager, disk_cm: Conte
 
 
 @torch.inference_mode()
-def measure(engine: HFEngine, s: Settings) -> tuple[Subject, dict[str, list[float]], ContextManager]:
+def measure(engine: HFModel, s: Settings) -> tuple[Subject, dict[str, list[float]], ContextManager]:
     """Every round's times by name (round 0 included), and the disk tier's manager (its cost model)."""
     x = subject(engine, s.switch_tokens)
     tmpdir = tempfile.mkdtemp(prefix="qd-batch-disk-")
@@ -240,7 +241,7 @@ def report(x: Subject, t: dict[str, list[float]], disk_cm: ContextManager, s: Se
     )
 
 
-def run(engine: HFEngine, daemons: dict[str, Daemon], s: Settings) -> str:
+def run(engine: HFModel, daemons: dict[str, Daemon], s: Settings) -> str:
     return report(*measure(engine, s), s)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from backends.hf_engine import HFEngine
+from backends.hf_model import HFModel
 from benchmarks import suite
 from benchmarks.common import Daemon, Pass, chat_messages, daemon_pass, log, median, serve_flags, table
 from ipc.client import AsyncClient
@@ -54,7 +54,7 @@ def daemons(s: Settings) -> dict[str, list[str]]:
 # ---- the bare loop ------------------------------------------------------------------------------
 @torch.inference_mode()
 def bare_batch(
-    engine: HFEngine, prompts: list[list[int]], max_tokens: int, step_times: list[float] | None = None
+    engine: HFModel, prompts: list[list[int]], max_tokens: int, step_times: list[float] | None = None
 ) -> list[list[int]]:
     """One static batch, greedy: left-padded prefill, then one token per row and step over a DynamicCache.
 
@@ -89,7 +89,7 @@ def bare_batch(
             step_times.append(time.perf_counter() - t0)
 
 
-def bare_pass(engine: HFEngine, s: Settings, step_times: list[float]) -> Pass:
+def bare_pass(engine: HFModel, s: Settings, step_times: list[float]) -> Pass:
     """The same requests as a daemon pass, ``slots`` at a time (rendering included, as the worker does it)."""
     t0 = time.perf_counter()
     outputs: list[list[int]] = []
@@ -100,7 +100,7 @@ def bare_pass(engine: HFEngine, s: Settings, step_times: list[float]) -> Pass:
 
 
 # ---- the passes ---------------------------------------------------------------------------------
-async def _warm_up(engine: HFEngine, clients: dict[str, AsyncClient], s: Settings) -> None:
+async def _warm_up(engine: HFModel, clients: dict[str, AsyncClient], s: Settings) -> None:
     """A short batch in this process and on every daemon: a process's first passes pay one-off setup."""
     log("throughput: warming up")
     bare_batch(engine, [engine.render(chat_messages(0))] * 2, 2)
@@ -109,7 +109,7 @@ async def _warm_up(engine: HFEngine, clients: dict[str, AsyncClient], s: Setting
         await asyncio.gather(*(c.chat(chat_messages(i), max_tokens=2, temperature=0) for i in range(n)))
 
 
-async def measure(engine: HFEngine, daemons: dict[str, Daemon], s: Settings) -> tuple[list[Pass], list[float]]:
+async def measure(engine: HFModel, daemons: dict[str, Daemon], s: Settings) -> tuple[list[Pass], list[float]]:
     """The interleaved passes, and the bare loop's decode step times."""
     many, one, nopre = s.kinds
     by_kind = {many: daemons["rr16"], one: daemons["rr1"], nopre: daemons["fifo16"]}
@@ -203,7 +203,7 @@ def report(passes: list[Pass], steps: list[float], s: Settings) -> str:
     )
 
 
-def run(engine: HFEngine, daemons: dict[str, Daemon], s: Settings) -> str:
+def run(engine: HFModel, daemons: dict[str, Daemon], s: Settings) -> str:
     return report(*asyncio.run(measure(engine, daemons, s)), s)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from backends.hf_engine import HFEngine
+from backends.hf_model import HFModel
 from benchmarks.common import greedy, load_engine, log, median, prompt_ids, table
 
 
@@ -44,13 +44,13 @@ class Way:
 
 
 @torch.inference_mode()
-def _full_pass(engine: HFEngine, seq: list[int]) -> torch.Tensor:
+def _full_pass(engine: HFModel, seq: list[int]) -> torch.Tensor:
     """One step of the seed approach: the whole sequence through the model, no cache kept."""
     x = torch.tensor([seq], device=engine.device)
     return engine.model(input_ids=x, use_cache=False, logits_to_keep=1).logits[:, -1, :]
 
 
-def measure(engine: HFEngine, context: int, new_tokens: int) -> tuple[Way, Way]:
+def measure(engine: HFModel, context: int, new_tokens: int) -> tuple[Way, Way]:
     prompt = prompt_ids(engine, context)
     engine.prefill(prompt)  # untimed warm-up at this length, so neither way pays one-off setup
     kv = Way("incremental KV (ours)", [], [])
@@ -75,7 +75,7 @@ def measure(engine: HFEngine, context: int, new_tokens: int) -> tuple[Way, Way]:
     return kv, full
 
 
-def run(engine: HFEngine, context: int, new_tokens: int) -> str:
+def run(engine: HFModel, context: int, new_tokens: int) -> str:
     if new_tokens < 2:
         raise ValueError("--new-tokens must be at least 2 (the steady state starts at the second token)")
     log(f"vs recompute: {context}-token prompt, {new_tokens} new tokens each way")

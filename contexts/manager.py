@@ -24,7 +24,9 @@ from contexts import disk, pressure
 from contexts.cost import CostModel
 from contexts.kv import copy_to
 from contexts.reaper import Reaper
-from contexts.snapshot import TIER_DEVICE, TIER_DISK, TIER_HOST, TIER_RECOMPUTE, TIERS, Snapshot
+from contexts.snapshot import Snapshot
+from ipc.protocol import TIER_DEVICE, TIER_DISK, TIER_HOST, TIER_RECOMPUTE, TIERS
+from ipc.worker_spec import WorkerSpec
 
 log = logging.getLogger("quantad.contexts")
 
@@ -45,7 +47,7 @@ class ContextManager:
         device_budget: int,
         host_budget: int,
         *,
-        disk_budget: int = 16 << 30,
+        disk_budget: int = WorkerSpec.disk_budget,
         state_dir: str | None = None,
         cost: CostModel | None = None,
     ):

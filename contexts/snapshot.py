@@ -7,14 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ipc.protocol import TIER_DEVICE
+
 if TYPE_CHECKING:
     from contexts.disk import DiskFile
-
-TIER_DEVICE = "device"
-TIER_HOST = "host"
-TIER_DISK = "disk"
-TIER_RECOMPUTE = "recompute"
-TIERS = (TIER_DEVICE, TIER_HOST, TIER_DISK, TIER_RECOMPUTE)  # fastest to resume first
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -38,7 +34,6 @@ class Snapshot:
     meta: Any
     tier: str = TIER_DEVICE
     last_used: int = 0
-    extra: dict = field(default_factory=dict)
     tokens: int = 0
     file: DiskFile | None = None
     _nbytes: int | None = field(default=None, repr=False, compare=False)

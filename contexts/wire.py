@@ -35,8 +35,9 @@ def from_frames(specs: list, frames: list, device: torch.device) -> list[torch.T
 
     On the CPU the tensors are views of the received frames (no copy: the tensor keeps its frame
     alive).  Frames are read-only; a context's KV is only ever read (a cache appends into tensors
-    of its own: a ``GrowingLayer`` that adopted a full tensor reallocates before its first append;
-    joining a batch copies rows), so that is safe, and torch's warning is muted.
+    of its own: the batch's ``backends.growing.GrowingLayer`` that adopted a full tensor
+    reallocates before its first append; joining a batch copies rows), so that is safe, and
+    torch's warning is muted.
     """
     out = []
     for spec, frame in zip(check(specs, frames), frames, strict=True):

@@ -313,6 +313,35 @@ class Pushed(Message):
     tensors: list
 
 
+@dataclass(frozen=True, slots=True)
+class Carried(Message):
+    """What a local engine's migrating context carries in ``Exported.migrate`` and ``Run.migrate``.
+
+    The request's worker counters, ``layers`` (the (keys, values) pairs among the tensor frames,
+    which end with the last logits; 0: no KV came along, the importer recomputes) and ``direct``
+    (the frames were pushed to the importer's inbox, not relayed).  Not a message of its own:
+    ``of`` reads the map, ``encode`` gives it back (without an op).
+    """
+
+    prefill_computed: int = 0
+    decode_computed: int = 0
+    restores: int = 0
+    reused: int = 0
+    switch_s: float = 0.0
+    layers: int = 0
+    direct: bool = False
+
+    @classmethod
+    def of(cls, migrate: Mapping[str, Any] | None) -> Carried:
+        return cls.decode(migrate or {})  # type: ignore[return-value]
+
+    def encode(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if not self.direct:
+            del out["direct"]
+        return out
+
+
 FROM_WORKER = _table(Ready, Heartbeat, Tokens, QuantumEnd, Preempted, Context, Finished, Failed, Exported)
 TO_WORKER = _table(Run, Continue, Preempt, Cancel, Export, Shutdown)
 PEER = _table(Pushed)

@@ -95,7 +95,7 @@ TIER_HOST = "host"
 TIER_DISK = "disk"
 TIER_RECOMPUTE = "recompute"
 TIER_NONE = "none"
-TIERS = (TIER_DEVICE, TIER_HOST, TIER_DISK, TIER_RECOMPUTE)  # where a saved context can be
+TIERS = (TIER_DEVICE, TIER_HOST, TIER_DISK, TIER_RECOMPUTE)  # where a saved context can be, fastest to resume first
 
 
 class ProtocolError(Exception):

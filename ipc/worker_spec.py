@@ -1,17 +1,9 @@
 """Every worker option and its default, once: the daemon builds a worker's command line from it, the worker parses it.
 
 The daemon never imports a backend, so it starts each worker by command line; this record is
-the one place that knows those flags.  The API key itself never goes on a command line, only
+the one place that knows those flags.  ``WorkerSpec.parse(spec.argv()[3:]) == spec`` holds for
+every spec (``tests/test_units.py``).  The API key itself never goes on a command line, only
 where to find it (``api_key_env`` / ``api_key_file``).
-
-Until the one worker skeleton (``backends.worker --backend X``) lands, each backend has its own
-worker module, which parses only its own flags: ``argv`` picks the module and the flags by
-backend from ``MODULE_BY_BACKEND`` and ``FLAGS_BY_BACKEND``.  A backend missing from those
-tables gets ``WORKER_MODULE`` with every flag (``--backend`` included), so switching to the one
-worker is emptying both tables.  ``WorkerSpec.parse(spec.argv()[3:]) == spec`` holds for every
-spec of a backend started that way, and now for ``hf`` specs whose API options are left at their
-defaults (as ``quantad serve`` builds them: ``hf`` is the default backend, and API flags are not
-passed to the local worker).
 """
 
 from __future__ import annotations
@@ -66,36 +58,16 @@ class WorkerSpec:
 
     def argv(self, python: str = sys.executable) -> list[str]:
         """The command line that starts this worker (unset options are left out)."""
-        module = MODULE_BY_BACKEND.get(self.backend, WORKER_MODULE)
-        out = [python, "-m", module]
-        for name in FLAGS_BY_BACKEND.get(self.backend, ALL_FLAGS):
-            value = getattr(self, name)
+        out = [python, "-m", WORKER_MODULE]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
             if value is not None:
-                out += [_flag(name), str(value)]
+                out += [_flag(f.name), str(value)]
         return out
 
     @classmethod
     def parse(cls, argv: list[str] | None = None) -> WorkerSpec:
         return cls(**vars(parser().parse_args(argv)))
-
-
-ALL_FLAGS = tuple(f.name for f in dataclasses.fields(WorkerSpec))
-COMMON_FLAGS = ("endpoint", "name", "model", "slots", "heartbeat_s")
-LOCAL_FLAGS = (
-    "device",
-    "dtype",
-    "device_budget",
-    "host_budget",
-    "disk_budget",
-    "snapshot_tier",
-    "state_dir",
-    "prefill_chunk",
-    "peer_endpoint",
-)
-API_FLAGS = ("base_url", "api_key_env", "api_key_file", "tokenizer", "api_timeout_s", "api_retries", "resume_method")
-# The worker each backend has today, and the flags it parses (backends/worker.py, backends/openai_worker.py).
-MODULE_BY_BACKEND = {"hf": "backends.worker", "openai": "backends.openai_worker"}
-FLAGS_BY_BACKEND = {"hf": COMMON_FLAGS + LOCAL_FLAGS, "openai": COMMON_FLAGS + API_FLAGS}
 
 
 def _flag(name: str) -> str:

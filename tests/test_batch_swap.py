@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from backends.batch import Batch
-from backends.hf_engine import HFEngine
+from backends.hf_model import HFModel
 from contexts.kv import cache_layers
 
 PROMPTS = ["Tell me a joke.", "Describe a cat in one long sentence, please.", "Hi", "What is two plus two?"]
@@ -19,7 +19,7 @@ class Row:
     rid: int
 
 
-def _own_kv(engine: HFEngine, rid: int):
+def _own_kv(engine: HFModel, rid: int):
     cache, logits = engine.prefill(engine.render([{"role": "user", "content": PROMPTS[rid]}]))
     return [(k.clone(), v.clone()) for k, v in cache_layers(cache)], logits
 
@@ -31,7 +31,7 @@ def _greedy_steps(batch: Batch, logits: dict[int, torch.Tensor], n: int) -> None
             logits[s.rid] = out[i : i + 1]
 
 
-def _alone(engine: HFEngine, rid: int, steps: int) -> torch.Tensor:
+def _alone(engine: HFModel, rid: int, steps: int) -> torch.Tensor:
     batch, logits = Batch(engine.model, engine.config), {}
     kv, logits[rid] = _own_kv(engine, rid)
     batch.add(Row(rid), kv)
@@ -41,7 +41,7 @@ def _alone(engine: HFEngine, rid: int, steps: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def test_swap_in_place_matches_each_row_alone(tiny_model_dir):
-    engine = HFEngine(str(tiny_model_dir))
+    engine = HFModel(str(tiny_model_dir))
     batch, logits, rows = Batch(engine.model, engine.config), {}, [Row(i) for i in range(len(PROMPTS))]
     for rid in range(3):
         kv, logits[rid] = _own_kv(engine, rid)
@@ -67,7 +67,7 @@ def test_swap_in_place_matches_each_row_alone(tiny_model_dir):
 @torch.inference_mode()
 def test_no_swap_that_would_keep_the_batch_padded_wide(tiny_model_dir):
     """A long row replaced by a short one: re-packed, so the padding shrinks to the longest row left."""
-    engine = HFEngine(str(tiny_model_dir))
+    engine = HFModel(str(tiny_model_dir))
     batch, logits, rows = Batch(engine.model, engine.config), {}, [Row(i) for i in range(3)]
     long_prompt = engine.render([{"role": "user", "content": "Describe a cat. " * 40}])
     cache, logits[0] = engine.prefill(long_prompt)

@@ -135,9 +135,9 @@ def test_min_tokens_suppresses_eos(tiny_model_dir):
     """With EOS made the certain choice, min_tokens still gets its tokens (checked in the worker's engine)."""
     import torch
 
-    from backends.hf_engine import HFEngine
+    from backends.hf_model import HFModel
 
-    engine = HFEngine(str(tiny_model_dir))
+    engine = HFModel(str(tiny_model_dir))
     logits = torch.zeros(1, engine.config.vocab_size)
     logits[0, sorted(engine.eos_ids)] = 100.0
     out = engine.without_eos(logits)

@@ -1,0 +1,358 @@
+"""The shared base of logits-based (local) engines: slots, quanta, decoding, snapshots, migration, sessions.
+
+An engine that runs a model in this process (HuggingFace today, llama.cpp next) subclasses
+``LocalEngine``, loads its model, calls ``super().__init__`` and implements the hooks at the end
+of the class; everything else is here, once:
+
+* slots: ``running`` (every request holding a slot), the prefill line (``backends.prefill``),
+  and the batch the engine keeps (``join``/``leave``/``rows``/``forward``);
+* the decode loop: each step chooses every row's token (``backends.decode``: sampling, greedy
+  rows in one argmax, ``min_tokens``, grammars), streams its text (stop strings), ends rows
+  (finish reasons, tool calls, usage and stats in ``Finished``), then feeds the others in one
+  batched forward;
+* quantum accounting after each step (``backends.quantum``): a token quantum pauses the row
+  until the daemon's word; a time quantum decodes on, and rows near their end end with it;
+* snapshots through the ``ContextManager``: preempt -> snapshot (device tier, or the forced
+  ``--snapshot-tier``), ``Context`` messages for moves under the budgets, resume with no
+  recomputation (recompute tier: the prefix is prefilled again);
+* migration (``backends.migration``) and sessions (``backends.sessions``).
+
+A row's model state travels between the hooks in two forms: ``partial`` (the engine's own
+running form while a row prefills, e.g. a ``DynamicCache``) and ``state`` (the snapshot form the
+context manager and the wire hold: a list of (keys, values) tensor pairs, of which ``kv_length``
+tokens are the context).  Logits are torch tensors, one row [1, vocab] each.
+
+Writing an engine (``backends/hf_engine.py`` is the example): set ``device``, ``tokenizer``,
+``eos_ids`` and ``model_name``, then implement ``render``, ``without_eos``, ``prefill`` (and
+``prefill_many`` where several prompts go in one forward), ``settle``, ``crop``, ``join``,
+``leave``, ``rows`` and ``forward``.  For llama.cpp's low-level API that is: ``partial`` a
+sequence id in llama's KV, ``forward`` one ``llama_batch`` with a token per sequence, ``crop``
+a ``llama_memory_seq_rm`` after ``n``, and a state the sequence's state bytes (as a uint8
+tensor; override ``kv_length``).  An engine whose tokenizer is not a HuggingFace one overrides
+``structurer`` too (llguidance takes other tokenizers).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from abc import abstractmethod
+from typing import Any
+
+import psutil
+import torch
+import zmq
+
+from backends.decode import greedy_rows, next_token, quantum_ends
+from backends.detok import TextStream
+from backends.engine import Engine, Send
+from backends.migration import Migration
+from backends.prefill import PrefillLine
+from backends.sequence import Sequence
+from backends.sessions import Sessions
+from backends.structured import Structurer, as_text_message
+from contexts.manager import ContextManager
+from contexts.snapshot import Snapshot
+from ipc import messages as M
+from ipc import protocol as P
+from ipc.worker_spec import WorkerSpec
+
+log = logging.getLogger("quantad.worker")
+
+State = list[tuple[torch.Tensor, torch.Tensor]]  # a row's model state in snapshot form
+
+
+class LocalEngine(Engine):
+    """A model in this process, stepped by the skeleton; subclasses implement the hooks below."""
+
+    def __init__(self, spec: WorkerSpec, send: Send, ctx: zmq.Context):
+        super().__init__(spec, send, ctx)
+        self.running: dict[int, Sequence] = {}
+        self.line = PrefillLine(self, spec.prefill_chunk)
+        self.contexts = ContextManager(
+            self.device, spec.device_budget, spec.host_budget, disk_budget=spec.disk_budget, state_dir=spec.state_dir
+        )
+        self.migration = Migration(self)
+        self.sessions = Sessions(self)
+        self.prefill_tokens = 0  # every token through the model: tests prove a resume recomputed nothing
+        self.decode_tokens = 0
+        self._structurer: Structurer | None = None
+        self._step_logits: torch.Tensor | None = None  # the last decode step's [B, vocab] output
+
+    # ---- the skeleton's calls -------------------------------------------------------------
+    def ready(self) -> M.Ready:
+        return M.Ready(
+            worker=self.spec.name,
+            slots=self.spec.slots,
+            device=str(self.device),
+            model=self.model_name,
+            pid=os.getpid(),
+            peer=self.migration.peers.endpoint,
+        )
+
+    def run(self, run: M.Run, frames: list) -> None:
+        rid = run.rid
+        if rid in self.running:
+            log.error("run for request %s, which is already running: ignored", rid)
+            return
+        try:
+            if rid in self.contexts:
+                seq = self._resume(rid)
+            elif run.migrate is not None:
+                seq = self.migration.bring_in(run, frames)
+            else:
+                seq = self.admit(run)
+        except Exception as exc:  # a bad prompt must not kill the worker
+            log.exception("cannot start request %s", rid)
+            self.contexts.discard(rid)
+            self.send(M.Failed(rid=rid, code=P.E_INTERNAL, message=f"{type(exc).__name__}: {exc}"))
+            return
+        seq.quantum.start(run.quantum)
+        self.running[rid] = seq
+        reason = seq.over(self.eos_ids)
+        if reason is not None:  # restarted after its last token, before its ``finished`` got out
+            self._release(seq)
+            self.send(M.Tokens(rid=rid, ids=[], text="" if seq.stream.stopped else seq.stream.flush()))
+            self._finish(seq, reason)
+
+    def keep(self, cont: M.Continue) -> None:
+        seq = self.running.get(cont.rid)
+        if seq is not None:
+            seq.quantum.start(cont.quantum)
+
+    def preempt(self, rid: int) -> None:
+        seq = self.running.pop(rid, None)
+        if seq is None:
+            return
+        t0 = time.perf_counter()
+        state, logits = self._release(seq), seq.logits
+        snap = Snapshot(layers=state, logits=None if logits is None else logits.clone(), meta=seq)
+        seq.partial = seq.logits = None
+        moves = self.contexts.snapshot(rid, snap)
+        tier = self.spec.snapshot_tier
+        if tier not in ("auto", snap.tier) and snap.layers is not None:
+            try:
+                moves += self.contexts.demote(rid, tier)
+            except ValueError as exc:
+                log.warning("cannot put request %s in tier %s: %s", rid, tier, exc)
+        dt = time.perf_counter() - t0
+        seq.switch_s += dt
+        self.send(M.Preempted(rid=rid, tier=snap.tier, bytes=snap.nbytes, switch_s=dt))
+        for m in moves:
+            if m.key != rid:
+                self.send(M.Context(rid=m.key, tier=m.tier, bytes=m.nbytes))
+
+    def cancel(self, rid: int) -> None:
+        seq = self.running.pop(rid, None)
+        if seq is not None:
+            self._release(seq, keep=False)
+        self.contexts.discard(rid)
+
+    def export(self, exp: M.Export) -> None:
+        self.migration.export(exp)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "running": len(self.running),
+            "batch": len(self.rows()),
+            **self.batch_stats(),
+            "contexts": self.contexts.stats(),
+            "prefill_tokens": self.prefill_tokens,
+            "decode_tokens": self.decode_tokens,
+            "rss_bytes": psutil.Process().memory_info().rss,
+            "host_available_bytes": psutil.virtual_memory().available,
+        }
+
+    def has_work(self) -> bool:
+        return bool(self.line) or self._decoding()
+
+    def step(self) -> None:
+        """One scheduling step: a budget of prefill, then one decode step for the whole batch."""
+        self.line.run()
+        if self._decoding():
+            try:
+                self._decode()
+            except Exception as exc:  # a failed batched step fails the rows it ran
+                log.exception("decode step failed")
+                for seq in list(self.rows()):
+                    self.fail(seq, exc)
+
+    def sockets(self) -> list[zmq.Socket]:
+        sock = self.migration.peers.sock
+        return [] if sock is None else [sock]
+
+    def on_readable(self, sock: zmq.Socket) -> None:
+        self.migration.peers.take()
+
+    def close(self) -> None:
+        self.migration.peers.close()
+
+    # ---- slots ----------------------------------------------------------------------------
+    @property
+    def structurer(self) -> Structurer:
+        """Built on first use (~0.5 s): plain chats never pay for it."""
+        if self._structurer is None:
+            self._structurer = Structurer(self.tokenizer)
+        return self._structurer
+
+    def admit(self, run: M.Run, reuse: bool = True) -> Sequence:
+        """A request built from the daemon's record: its prompt, and the tokens already streamed replayed."""
+        params, resume = run.params, run.resume_ids
+        structured = params.get("tools") or params.get("response_format")
+        if structured:
+            messages, tools = self.structurer.messages(params)
+        else:
+            messages, tools = [as_text_message(m) for m in params["messages"]], None
+        seq = Sequence(
+            rid=run.rid,
+            params=params,
+            prompt_ids=self.render(messages, tools),
+            stream=TextStream(self.tokenizer, params.get("stop") or []),
+            replay=list(resume),
+            constraint=self.structurer.constraint(params, resume) if structured else None,
+        )
+        for i, t in enumerate(resume):  # rebuild the detokenizer state silently
+            seq.stream.push(t, stops=i + 1 >= seq.min_tokens)
+        seq.generated = list(resume)
+        seq.stream.emitted = min(run.emitted_chars, len(seq.stream.text))
+        if seq.session and reuse and not resume:
+            self.sessions.reuse(seq)
+        self.line.add(seq)
+        return seq
+
+    def _resume(self, rid: int) -> Sequence:
+        t0 = time.perf_counter()
+        snap = self.contexts.restore(rid)
+        seq: Sequence = snap.meta
+        if snap.layers is None:  # recompute tier: feed prompt + generated again
+            seq.partial, seq.logits, seq.prefilled = None, None, 0
+            self.line.add(seq)
+        else:
+            seq.logits = snap.logits
+            self.join(seq, snap.layers)
+        seq.restores += 1
+        seq.switch_s += time.perf_counter() - t0
+        return seq
+
+    def _release(self, seq: Sequence, keep: bool = True) -> State | None:
+        """Take a slot's sequence out of the batch or the prefill line; return its state if asked."""
+        if any(s is seq for s in self.rows()):
+            return self.leave(seq, keep)
+        if seq in self.line:
+            self.line.remove(seq)
+        if keep and seq.partial is not None and seq.logits is not None:
+            return self.settle(seq.partial)
+        return None
+
+    def fail(self, seq: Sequence, exc: Exception) -> None:
+        self.running.pop(seq.rid, None)
+        self._release(seq, keep=False)
+        self.send(M.Failed(rid=seq.rid, code=P.E_INTERNAL, message=f"{type(exc).__name__}: {exc}"))
+
+    def prefilled(self, tokens: int, seconds: float) -> None:
+        """A prefill ran: count it, and let the cost model learn this machine's recompute speed."""
+        self.prefill_tokens += tokens
+        self.contexts.observe_prefill(tokens, seconds)
+
+    # ---- decoding -------------------------------------------------------------------------
+    def _decoding(self) -> bool:
+        """The batch steps only when no row waits for the daemon's word on its quantum."""
+        rows = self.rows()
+        return len(rows) > 0 and not any(s.quantum.paused for s in rows)
+
+    def _decode(self) -> None:
+        """Choose each row's next token, stream it, then feed all continuing rows in one step."""
+        going: dict[int, int] = {}
+        greedy = greedy_rows(self._step_logits, self.rows())
+        for seq in list(self.rows()):
+            token = next_token(seq, greedy.get(seq.rid), self.eos_ids, self.without_eos)
+            delta, reason = seq.advance(token, self.eos_ids)
+            self.send(M.Tokens(rid=seq.rid, ids=[token], text=delta))
+            if reason is None:
+                going[seq.rid] = token
+                continue
+            state = self.leave(seq, keep=bool(seq.session))
+            self.running.pop(seq.rid, None)
+            self._finish(seq, reason, kept=self.sessions.keep(seq, state))
+        if not going:
+            self._step_logits = None
+            return
+        t0 = time.perf_counter()
+        rows, logits = self.forward(going)
+        share = (time.perf_counter() - t0) / len(going)
+        self.decode_tokens += len(going)
+        self._step_logits = logits
+        for i, seq in enumerate(rows):
+            seq.quantum.charge(share)
+            seq.quantum.count()
+            seq.logits = logits[i : i + 1]
+            seq.decode_computed += 1
+        for seq in quantum_ends(rows):
+            # A token quantum stops the row until the daemon answers: exact, repeatable preemption points.
+            # A time quantum is not exact anyway, so the row decodes on while the daemon decides: one row's
+            # quantum end never stalls the whole batch for a round trip (or for a descheduled daemon).
+            seq.quantum.end()
+            self.send(M.QuantumEnd(rid=seq.rid, emitted=len(seq.generated), prompt_tokens=len(seq.prompt_ids)))
+
+    def _finish(self, seq: Sequence, reason: str, kept: bool = False) -> None:
+        self.running.pop(seq.rid, None)
+        self.send(seq.finished(reason, kept))
+
+    # ---- hooks: what an engine implements ---------------------------------------------------
+    device: torch.device  # where the model's tensors are (the context manager's device tier)
+    tokenizer: Any  # a HuggingFace-compatible tokenizer: ``decode`` (detokenizer), chat template (grammars)
+    eos_ids: set[int]  # tokens that end a request
+    model_name: str  # what ``ready`` reports
+
+    @abstractmethod
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a chat, with the generation prompt."""
+
+    @abstractmethod
+    def without_eos(self, logits: torch.Tensor) -> torch.Tensor:
+        """A copy of ``logits`` in which no end-of-sequence token can be chosen (``min_tokens``)."""
+
+    @abstractmethod
+    def prefill(self, ids: list[int], partial: Any) -> tuple[Any, torch.Tensor]:
+        """Feed ``ids`` after what ``partial`` holds (None: a new row); return it and the last logits."""
+
+    def prefill_many(self, rows: list[list[int]]) -> list[tuple[State, torch.Tensor]]:
+        """Prefill several fresh prompts (in one forward, where the engine can); each row's state and logits."""
+        out = []
+        for ids in rows:
+            partial, logits = self.prefill(ids, None)
+            out.append((self.settle(partial), logits))
+        return out
+
+    @abstractmethod
+    def settle(self, partial: Any) -> State:
+        """A prefilled row's state, to ``join`` the batch or to snapshot."""
+
+    @abstractmethod
+    def crop(self, state: State, n: int) -> Any:
+        """A kept state cut to its first ``n`` tokens, as a ``partial`` to prefill on (sessions)."""
+
+    def kv_length(self, state: State) -> int:
+        """Tokens of context a state holds."""
+        return int(state[0][0].shape[-2])
+
+    @abstractmethod
+    def join(self, seq: Sequence, state: State) -> None:
+        """The row joins the batch with this state, from the next ``forward`` on."""
+
+    @abstractmethod
+    def leave(self, seq: Sequence, keep: bool) -> State | None:
+        """The row leaves the batch; its state (tensors of its own) when ``keep``."""
+
+    @abstractmethod
+    def rows(self) -> list[Sequence]:
+        """The batch's rows, in the order the next ``forward`` runs them."""
+
+    @abstractmethod
+    def forward(self, tokens: dict[int, int]) -> tuple[list[Sequence], torch.Tensor]:
+        """Feed one token per row (by request id); the rows in order and their next-token logits [B, vocab]."""
+
+    def batch_stats(self) -> dict[str, int]:
+        """The engine's own heartbeat figures (HF: re-packs and swaps of the batch's KV)."""
+        return {}

@@ -1,0 +1,110 @@
+"""The prefill line of a local engine: slots still feeding their prompt, in order, under a token budget.
+
+Each step feeds at most ``prefill_chunk`` prompt tokens.  New short prompts go together in one
+forward (``prefill_many``); the rest (long prompts, resumed prefixes, session suffixes) go in
+chunks, one row at a time (``prefill``).  A short prompt is never split: when it does not fit what
+is left of the budget, it waits for the next step, where it is prefilled whole (and batched with
+the others waiting).  A row whose context is complete joins the batch with its logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from backends.sequence import Sequence
+
+if TYPE_CHECKING:
+    from backends.local import LocalEngine
+
+log = logging.getLogger("quantad.worker")
+
+
+class PrefillLine:
+    def __init__(self, engine: LocalEngine, chunk: int):
+        self.engine = engine
+        self.chunk = chunk
+        self.seqs: list[Sequence] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+    def __contains__(self, seq: Sequence) -> bool:
+        return seq in self.seqs
+
+    def add(self, seq: Sequence) -> None:
+        self.seqs.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        self.seqs.remove(seq)
+
+    def _fits_whole(self, seq: Sequence) -> bool:
+        """A new prompt short enough to prefill in one go (with others: see ``_fresh``)."""
+        return not seq.prefilled and seq.partial is None and len(seq.context_ids) <= self.chunk
+
+    def run(self) -> None:
+        """One step's budget of prefill: the new short prompts together, then chunks in line order."""
+        budget = self._fresh(self.chunk)
+        for seq in list(self.seqs):
+            if budget <= 0:
+                break
+            if seq not in self.seqs or (self._fits_whole(seq) and len(seq.context_ids) > budget):
+                continue
+            before = seq.prefilled
+            try:
+                self._feed(seq, budget)
+            except Exception as exc:
+                log.exception("request %s failed", seq.rid)
+                self.engine.fail(seq, exc)
+            budget -= max(seq.prefilled - before, 1)
+
+    def _feed(self, seq: Sequence, budget: int) -> None:
+        """Feed the next chunk of a slot's context; when complete, the slot joins the batch."""
+        engine, ids = self.engine, seq.context_ids
+        chunk = ids[seq.prefilled : seq.prefilled + budget]
+        t0 = time.perf_counter()
+        seq.partial, logits = engine.prefill(chunk, seq.partial)
+        dt = time.perf_counter() - t0
+        engine.prefilled(len(chunk), dt)
+        seq.quantum.charge(dt)
+        seq.prefilled += len(chunk)
+        seq.prefill_computed += len(chunk)
+        if seq.prefilled < len(ids):
+            return
+        self.seqs.remove(seq)
+        seq.logits, state, seq.partial = logits, engine.settle(seq.partial), None
+        engine.join(seq, state)
+
+    def _fresh(self, budget: int) -> int:
+        """Prefill the new prompts at the head of the line that fit the budget together, in one forward."""
+        group: list[Sequence] = []
+        for seq in self.seqs:
+            n = len(seq.context_ids)
+            if not self._fits_whole(seq):
+                continue
+            if n > budget:
+                break
+            group.append(seq)
+            budget -= n
+        if len(group) < 2:
+            return budget + sum(len(s.context_ids) for s in group)  # one alone takes the usual path
+        engine = self.engine
+        t0 = time.perf_counter()
+        try:
+            rows = engine.prefill_many([s.context_ids for s in group])
+        except Exception as exc:
+            log.exception("batched prefill failed")
+            for seq in group:
+                engine.fail(seq, exc)
+            return budget
+        dt, total = time.perf_counter() - t0, sum(len(s.context_ids) for s in group)
+        engine.prefilled(total, dt)
+        for seq, (state, logits) in zip(group, rows, strict=True):
+            n = len(seq.context_ids)
+            seq.quantum.charge(dt * n / total)
+            seq.prefilled, seq.prefill_computed = n, seq.prefill_computed + n
+            self.seqs.remove(seq)
+            seq.logits = logits
+            engine.join(seq, state)
+        return budget
