@@ -1,1 +1,1 @@
-"""Workers that run models: HuggingFace (logits-based context switch)."""
+"""Workers that run models: one skeleton (worker.py) and its engines (HuggingFace; an OpenAI-compatible API)."""
