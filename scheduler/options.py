@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import math
 
-from ipc import protocol as P
 from ipc.logfmt import FORMATS
+from ipc.worker_spec import BACKENDS, DTYPES, RESUME_METHODS, SNAPSHOT_TIERS, WorkerSpec
 from scheduler import config as C
 from scheduler import netaddr
 from scheduler.policy import POLICY_NAMES
+
+W = WorkerSpec()  # every worker option's default, written once (ipc.worker_spec)
 
 DEFAULT_QUANTUM_MS = 100.0
 PROG = "quantad"
@@ -146,12 +148,14 @@ def _scheduling_flags(s: argparse.ArgumentParser) -> None:
 
 def _worker_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--workers", type=positive(int), default=1, help="worker processes to start")
-    s.add_argument("--slots", type=positive(int), default=1, help="requests each worker runs at once")
-    s.add_argument("--device", default="cpu", help="torch device for workers (cpu, cuda, cuda:1)")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    s.add_argument("--device-budget", type=size, default="512M", help="suspended KV kept in place per worker")
-    s.add_argument("--host-budget", type=size, default="4G", help="KV swapped to host memory per worker")
-    s.add_argument("--disk-budget", type=size, default="8G", help="KV in safetensors files per worker (0: no disk)")
+    s.add_argument("--slots", type=positive(int), default=W.slots, help="requests each worker runs at once")
+    s.add_argument("--device", default=W.device, help="torch device for workers (cpu, cuda, cuda:1)")
+    s.add_argument("--dtype", default=W.dtype, choices=DTYPES)
+    s.add_argument("--device-budget", type=size, default=W.device_budget, help="suspended KV kept in place per worker")
+    s.add_argument("--host-budget", type=size, default=W.host_budget, help="KV swapped to host memory per worker")
+    s.add_argument(
+        "--disk-budget", type=size, default=W.disk_budget, help="KV in safetensors files per worker (0: no disk)"
+    )
     s.add_argument(
         "--state-dir",
         help="where disk snapshots go (default: $QUANTAD_STATE_DIR, else "
@@ -159,17 +163,17 @@ def _worker_flags(s: argparse.ArgumentParser) -> None:
     )
     s.add_argument(
         "--snapshot-tier",
-        default="auto",
-        choices=["auto", "device", "host", "disk", "recompute"],
+        default=W.snapshot_tier,
+        choices=SNAPSHOT_TIERS,
         help="auto: device, then host/disk/recompute under budget pressure; "
         "else every preempted context goes straight to that tier (tests, benchmarks)",
     )
-    s.add_argument("--heartbeat-s", type=positive(float), default=1.0, help="worker heartbeat period")
+    s.add_argument("--heartbeat-s", type=positive(float), default=W.heartbeat_s, help="worker heartbeat period")
     s.add_argument("--liveness-s", type=positive(float), default=30.0, help="silence after which a worker is dead")
     s.add_argument(
         "--prefill-chunk",
         type=positive(int),
-        default=P.DEFAULT_PREFILL_CHUNK,
+        default=W.prefill_chunk,
         help="prompt tokens a worker feeds per step, so running requests keep streaming "
         "(larger: prompts prefill in bigger batches, running rows wait longer)",
     )
@@ -192,8 +196,8 @@ def _worker_flags(s: argparse.ArgumentParser) -> None:
 def _api_flags(a: argparse._ArgumentGroup) -> None:
     a.add_argument(
         "--backend",
-        default="hf",
-        choices=["hf", "openai"],
+        default=W.backend,
+        choices=BACKENDS,
         help="hf: local HuggingFace workers; openai: workers streaming from an OpenAI-compatible API",
     )
     a.add_argument("--base-url", help="the API's base URL, e.g. http://127.0.0.1:8000/v1")
@@ -212,14 +216,16 @@ def _api_flags(a: argparse._ArgumentGroup) -> None:
     a.add_argument(
         "--api-timeout-s",
         type=positive(float),
-        default=60.0,
+        default=W.api_timeout_s,
         help="longest silence of the API before a stream fails (connect: at most 10 s)",
     )
-    a.add_argument("--api-retries", type=int, default=4, help="retries of a failed stream (exponential backoff)")
+    a.add_argument(
+        "--api-retries", type=int, default=W.api_retries, help="retries of a failed stream (exponential backoff)"
+    )
     a.add_argument(
         "--resume-method",
-        default="auto",
-        choices=["auto", "prefix", "completions", "none"],
+        default=W.resume_method,
+        choices=RESUME_METHODS,
         help="how preempted API requests resume; auto: detect once per endpoint",
     )
 

@@ -22,9 +22,9 @@ from benchmarks.harness.servers import (
     QuantadServer,
     ServerError,
     eos_token_id,
-    resolve_model,
 )
 from benchmarks.harness.workloads import Call, Workload, make_workload
+from scheduler.launch import resolve_model  # the model store, in a child process (no torch here)
 
 WARMUP = Call(idx=-1, agent="warmup", session="", cls="short", prompt="Say hello.", max_tokens=4, min_tokens=0)
 

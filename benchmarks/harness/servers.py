@@ -94,19 +94,6 @@ class QuantadServer:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def resolve_model(model: str) -> str:
-    """The model's directory from the backends' model store (a GGUF is converted once).
-
-    ``python -m backends.model_store`` runs in a child process, so the harness never imports torch.
-    """
-    out = subprocess.run(
-        [sys.executable, "-m", "backends.model_store", model], stdout=subprocess.PIPE, text=True, check=False
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"quantad: cannot load model {model!r} (see above)")
-    return out.stdout.strip().splitlines()[-1]
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
