@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from backends import chat
+
 
 class HFModel:
     def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32"):
@@ -33,15 +35,11 @@ class HFModel:
 
     def without_eos(self, logits: torch.Tensor) -> torch.Tensor:
         """A copy of ``logits`` in which no end-of-sequence token can be chosen (``min_tokens``)."""
-        out = logits.clone()
-        out[..., sorted(self.eos_ids)] = float("-inf")
-        return out
+        return chat.without_eos(logits, self.eos_ids)
 
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of a chat, with the generation prompt, via the model's chat template."""
-        enc = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
-        ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
-        return list(ids)
+        return chat.render(self.tokenizer, messages, tools)
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)

@@ -1,6 +1,6 @@
 """The shared base of logits-based (local) engines: slots, quanta, decoding, snapshots, migration, sessions.
 
-An engine that runs a model in this process (HuggingFace today, llama.cpp next) subclasses
+An engine that runs a model in this process (HuggingFace, llama.cpp) subclasses
 ``LocalEngine``, loads its model, calls ``super().__init__`` and implements the hooks at the end
 of the class; everything else is here, once:
 
@@ -17,18 +17,11 @@ of the class; everything else is here, once:
   recomputation (recompute tier: the prefix is prefilled again);
 * migration (``backends.migration``) and sessions (``backends.sessions``).
 
-A row's model state travels between the hooks in two forms: ``partial`` (the engine's own
-running form while a row prefills, e.g. a ``DynamicCache``) and ``state`` (the snapshot form the
-context manager and the wire hold: a list of (keys, values) tensor pairs, of which ``kv_length``
-tokens are the context).  Logits are torch tensors, one row [1, vocab] each.
-
-Writing an engine (``backends/hf_engine.py`` is the example): set ``device``, ``tokenizer``,
-``eos_ids`` and ``model_name``, then implement ``render``, ``without_eos``, ``prefill`` (and
-``prefill_many`` where several prompts go in one forward), ``settle``, ``crop``, ``join``,
-``leave``, ``rows`` and ``forward``.  For llama.cpp's low-level API that is: ``partial`` a
-sequence id in llama's KV, ``forward`` one ``llama_batch`` with a token per sequence, ``crop``
-a ``llama_memory_seq_rm`` after ``n``, and a state the sequence's state bytes (as a uint8
-tensor; override ``kv_length``).  An engine whose tokenizer is not a HuggingFace one overrides
+The hooks (their contract: ``backends.hooks.ModelHooks``) are written twice: by
+``backends/hf_engine.py`` (a ``DynamicCache`` per prefilling row, one left-padded batch cache)
+and by ``backends/llamacpp_engine.py`` (a llama.cpp sequence id per row in one unified cache;
+a suspended row stays there as a ``contexts.resident.Resident``, its host form the bytes of
+``llama_state_seq_get_data``).  An engine whose tokenizer is not a HuggingFace one overrides
 ``structurer`` too (llguidance takes other tokenizers).
 """
 
@@ -37,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from abc import abstractmethod
 from typing import Any
 
 import psutil
@@ -47,6 +39,7 @@ import zmq
 from backends.decode import greedy_rows, next_token, quantum_ends
 from backends.detok import TextStream
 from backends.engine import Engine, Send
+from backends.hooks import ModelHooks, State
 from backends.migration import Migration
 from backends.prefill import PrefillLine
 from backends.sequence import Sequence
@@ -60,10 +53,8 @@ from ipc.worker_spec import WorkerSpec
 
 log = logging.getLogger("quantad.worker")
 
-State = list[tuple[torch.Tensor, torch.Tensor]]  # a row's model state in snapshot form
 
-
-class LocalEngine(Engine):
+class LocalEngine(Engine, ModelHooks):
     """A model in this process, stepped by the skeleton; subclasses implement the hooks below."""
 
     def __init__(self, spec: WorkerSpec, send: Send, ctx: zmq.Context):
@@ -77,6 +68,8 @@ class LocalEngine(Engine):
         self.sessions = Sessions(self)
         self.prefill_tokens = 0  # every token through the model: tests prove a resume recomputed nothing
         self.decode_tokens = 0
+        self.ended = 0  # requests finished, failed or cancelled here
+        self.beats = 0  # heartbeats sent: a test waits for one sent after a moment it knows
         self._structurer: Structurer | None = None
         self._step_logits: torch.Tensor | None = None  # the last decode step's [B, vocab] output
 
@@ -103,8 +96,14 @@ class LocalEngine(Engine):
                 seq = self.migration.bring_in(run, frames)
             else:
                 seq = self.admit(run)
+        except P.ProtocolError as exc:  # the request itself is wrong (a prompt too long for the context)
+            self.ended += 1
+            self.contexts.discard(rid)
+            self.send(M.Failed(rid=rid, code=exc.code, message=exc.message))
+            return
         except Exception as exc:  # a bad prompt must not kill the worker
             log.exception("cannot start request %s", rid)
+            self.ended += 1
             self.contexts.discard(rid)
             self.send(M.Failed(rid=rid, code=P.E_INTERNAL, message=f"{type(exc).__name__}: {exc}"))
             return
@@ -144,6 +143,7 @@ class LocalEngine(Engine):
                 self.send(M.Context(rid=m.key, tier=m.tier, bytes=m.nbytes))
 
     def cancel(self, rid: int) -> None:
+        self.ended += 1
         seq = self.running.pop(rid, None)
         if seq is not None:
             self._release(seq, keep=False)
@@ -153,13 +153,16 @@ class LocalEngine(Engine):
         self.migration.export(exp)
 
     def stats(self) -> dict[str, Any]:
+        self.beats += 1
         return {
+            "beat": self.beats,
             "running": len(self.running),
             "batch": len(self.rows()),
             **self.batch_stats(),
             "contexts": self.contexts.stats(),
             "prefill_tokens": self.prefill_tokens,
             "decode_tokens": self.decode_tokens,
+            "requests_ended": self.ended,
             "rss_bytes": psutil.Process().memory_info().rss,
             "host_available_bytes": psutil.virtual_memory().available,
         }
@@ -204,10 +207,17 @@ class LocalEngine(Engine):
             messages, tools = self.structurer.messages(params)
         else:
             messages, tools = [as_text_message(m) for m in params["messages"]], None
+        prompt_ids = self.render(messages, tools)
+        if self.max_context is not None and len(prompt_ids) >= self.max_context:
+            raise P.ProtocolError(
+                P.E_CONTEXT_LENGTH,
+                f"the prompt is {len(prompt_ids)} tokens; the model's context holds {self.max_context}",
+            )
         seq = Sequence(
             rid=run.rid,
             params=params,
-            prompt_ids=self.render(messages, tools),
+            prompt_ids=prompt_ids,
+            limit=self.max_context or 0,
             stream=TextStream(self.tokenizer, params.get("stop") or []),
             replay=list(resume),
             constraint=self.structurer.constraint(params, resume) if structured else None,
@@ -243,9 +253,12 @@ class LocalEngine(Engine):
             self.line.remove(seq)
         if keep and seq.partial is not None and seq.logits is not None:
             return self.settle(seq.partial)
+        self.drop_partial(seq.partial)
+        seq.partial = None
         return None
 
     def fail(self, seq: Sequence, exc: Exception) -> None:
+        self.ended += 1
         self.running.pop(seq.rid, None)
         self._release(seq, keep=False)
         self.send(M.Failed(rid=seq.rid, code=P.E_INTERNAL, message=f"{type(exc).__name__}: {exc}"))
@@ -296,63 +309,6 @@ class LocalEngine(Engine):
             self.send(M.QuantumEnd(rid=seq.rid, emitted=len(seq.generated), prompt_tokens=len(seq.prompt_ids)))
 
     def _finish(self, seq: Sequence, reason: str, kept: bool = False) -> None:
+        self.ended += 1
         self.running.pop(seq.rid, None)
         self.send(seq.finished(reason, kept))
-
-    # ---- hooks: what an engine implements ---------------------------------------------------
-    device: torch.device  # where the model's tensors are (the context manager's device tier)
-    tokenizer: Any  # a HuggingFace-compatible tokenizer: ``decode`` (detokenizer), chat template (grammars)
-    eos_ids: set[int]  # tokens that end a request
-    model_name: str  # what ``ready`` reports
-
-    @abstractmethod
-    def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """Token ids of a chat, with the generation prompt."""
-
-    @abstractmethod
-    def without_eos(self, logits: torch.Tensor) -> torch.Tensor:
-        """A copy of ``logits`` in which no end-of-sequence token can be chosen (``min_tokens``)."""
-
-    @abstractmethod
-    def prefill(self, ids: list[int], partial: Any) -> tuple[Any, torch.Tensor]:
-        """Feed ``ids`` after what ``partial`` holds (None: a new row); return it and the last logits."""
-
-    def prefill_many(self, rows: list[list[int]]) -> list[tuple[State, torch.Tensor]]:
-        """Prefill several fresh prompts (in one forward, where the engine can); each row's state and logits."""
-        out = []
-        for ids in rows:
-            partial, logits = self.prefill(ids, None)
-            out.append((self.settle(partial), logits))
-        return out
-
-    @abstractmethod
-    def settle(self, partial: Any) -> State:
-        """A prefilled row's state, to ``join`` the batch or to snapshot."""
-
-    @abstractmethod
-    def crop(self, state: State, n: int) -> Any:
-        """A kept state cut to its first ``n`` tokens, as a ``partial`` to prefill on (sessions)."""
-
-    def kv_length(self, state: State) -> int:
-        """Tokens of context a state holds."""
-        return int(state[0][0].shape[-2])
-
-    @abstractmethod
-    def join(self, seq: Sequence, state: State) -> None:
-        """The row joins the batch with this state, from the next ``forward`` on."""
-
-    @abstractmethod
-    def leave(self, seq: Sequence, keep: bool) -> State | None:
-        """The row leaves the batch; its state (tensors of its own) when ``keep``."""
-
-    @abstractmethod
-    def rows(self) -> list[Sequence]:
-        """The batch's rows, in the order the next ``forward`` runs them."""
-
-    @abstractmethod
-    def forward(self, tokens: dict[int, int]) -> tuple[list[Sequence], torch.Tensor]:
-        """Feed one token per row (by request id); the rows in order and their next-token logits [B, vocab]."""
-
-    def batch_stats(self) -> dict[str, int]:
-        """The engine's own heartbeat figures (HF: re-packs and swaps of the batch's KV)."""
-        return {}

@@ -43,7 +43,8 @@ class Migration:
         t0 = time.perf_counter()
         snap = engine.contexts.restore(rid)
         seq: Sequence = snap.meta
-        tensors = [] if snap.layers is None else [t for kv in snap.layers for t in kv] + [snap.logits]
+        layers = snap.layers.evict() if snap.resident else snap.layers  # out of llama.cpp's cache, as bytes
+        tensors = [] if layers is None else [t for kv in layers for t in kv] + [snap.logits]
         specs, frames = to_frames(tensors)
         direct = bool(frames) and exp.peer is not None and self.peers.push(exp.peer, rid, specs, frames)
         if direct:
@@ -55,7 +56,7 @@ class Migration:
             restores=seq.restores,
             reused=seq.reused,
             switch_s=seq.switch_s,
-            layers=0 if snap.layers is None else len(snap.layers),
+            layers=0 if layers is None else len(layers),
             direct=direct,
         )
         engine.send(M.Exported(rid=rid, migrate=carried.encode(), tensors=specs), frames)

@@ -53,6 +53,21 @@ def resolve(model: str | None) -> Path:
     raise FileNotFoundError(f"model {model!r}: not a model directory or a .gguf file")
 
 
+def resolve_gguf(model: str | None) -> Path:
+    """The GGUF file the llama.cpp engine (and llama-server) loads as it is: no conversion."""
+    if not model or model == DEFAULT_MODEL:
+        return default_gguf()
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.resolve()
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) == 1:
+            return found[0].resolve()
+        raise FileNotFoundError(f"{path} holds {len(found)} .gguf files: name one (the llamacpp backend loads a GGUF)")
+    raise FileNotFoundError(f"model {model!r}: not a .gguf file (the llamacpp backend loads a GGUF)")
+
+
 def convert_gguf(gguf: Path, target: Path) -> Path:
     if (target / "config.json").is_file():
         return target
@@ -88,10 +103,12 @@ def _convert(gguf: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m backends.model_store MODEL``: print the resolved directory."""
+    """``python -m backends.model_store [--gguf] MODEL``: print the resolved directory (or GGUF file)."""
     args = sys.argv[1:] if argv is None else argv
+    gguf = bool(args) and args[0] == "--gguf"
+    args = args[1:] if gguf else args
     try:
-        print(resolve(args[0] if args else None))
+        print((resolve_gguf if gguf else resolve)(args[0] if args else None))
     except (FileNotFoundError, OSError, ValueError) as exc:
         print(f"quantad: {exc}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ class Sequence:
     params: dict[str, Any]
     prompt_ids: list[int]
     stream: TextStream
+    limit: int = 0  # the most tokens the context may hold (the model's context; 0: no limit)
     constraint: Any = None  # backends.structured.Constraint: grammar state, part of the snapshot
     generated: list[int] = field(default_factory=list)
     replay: list[int] = field(default_factory=list)  # ids already emitted before a restart
@@ -71,7 +72,7 @@ class Sequence:
         reason = None
         if stopped or token in eos_ids or (self.constraint is not None and self.constraint.done):
             reason = "stop"
-        elif self.remaining <= 0:
+        elif self.remaining <= 0 or (self.limit and len(self.prompt_ids) + len(self.generated) >= self.limit):
             reason = "length"
         if reason is not None and not stopped:
             delta += self.stream.flush()

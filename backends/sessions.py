@@ -41,6 +41,8 @@ class Sessions:
         while common < limit and kept[common] == ids[common]:
             common += 1
         if snap.layers is None or common == 0:
+            if snap.resident:  # llama.cpp's cells are not garbage collected
+                snap.layers.free()
             return
         seq.partial = self.engine.crop(snap.layers, common)
         seq.prefilled = seq.reused = common

@@ -1,6 +1,6 @@
 """The worker process: one skeleton (socket, poll loop, heartbeats, dispatch) driving one engine.
 
-``python -m backends.worker --backend hf|openai --endpoint W --name N --model M ...`` (every flag:
+``python -m backends.worker --backend hf|llamacpp|openai --endpoint W --name N --model M ...`` (every flag:
 ``ipc.worker_spec``).  One DEALER socket to the daemon and one loop: drain every pending daemon
 message (each decoded once into an ``ipc.messages`` record and handed to the engine), let the
 engine take one step while it has work (for a local engine: a budget of prefill and one batched
@@ -28,6 +28,7 @@ log = logging.getLogger("quantad.worker")
 
 ENGINES = {  # imported when chosen: an API worker never loads torch's model code, nor an HF one httpx
     "hf": ("backends.hf_engine", "HFEngine"),
+    "llamacpp": ("backends.llamacpp_engine", "LlamaCppEngine"),
     "openai": ("backends.openai_engine", "ApiEngine"),
 }
 

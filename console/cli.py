@@ -150,10 +150,15 @@ def _bench_sweep_flags(b: argparse.ArgumentParser) -> None:
     b.add_argument("--workers", type=positive(int), default=1, help="'quantad serve --workers' of each point")
     b.add_argument(
         "--peer",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also run the workload against 'transformers serve --continuous-batching'",
+        nargs="?",
+        const="transformers",
+        default="transformers",
+        metavar="NAMES",
+        help="also run the workload against peers, comma-separated: 'transformers' "
+        "('transformers serve --continuous-batching', the default; also plain --peer) and/or "
+        "'llama-server' (llama.cpp's own server on the model's GGUF, same slots; 'make llama-server')",
     )
+    b.add_argument("--no-peer", dest="peer", action="store_const", const="", help="no peer")
 
 
 def _bench_workload_flags(b: argparse.ArgumentParser) -> None:

@@ -8,6 +8,10 @@ token ids (recompute tier: the backend re-prefills on resume), whichever the cos
 says resumes faster.  The disk tier has a budget of its own, counted in real file sizes;
 its least recently used files make room by dropping to recompute.  Without ``state_dir``
 there is no disk tier and host memory spills straight to recompute.
+
+An engine that keeps contexts in memory of its own (llama.cpp's KV cache) hands in a
+``contexts.resident.Resident`` as the device-tier snapshot's layers: moving it down evicts it
+(the engine copies it out and frees its cells), and the engine asks for room with ``evict_device``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,7 +94,7 @@ class ContextManager:
         snap = self._snaps.pop(key)
         t0 = time.perf_counter()
         if snap.tier == TIER_HOST:
-            self._relocate(snap, self.device, pin=False)
+            self._relocate(snap, self.device, pin=False, copy=False)
         elif snap.tier == TIER_DISK:
             self._load(key, snap)
         self.switch_s += time.perf_counter() - t0
@@ -97,8 +102,21 @@ class ContextManager:
 
     def discard(self, key: int) -> None:
         snap = self._snaps.pop(key, None)
-        if snap is not None and snap.file is not None:
+        if snap is None:
+            return
+        if snap.resident:
+            snap.layers.free()
+        if snap.file is not None:
             self._delete(snap.file.path)
+
+    def evict_device(self, enough: Callable[[], bool]) -> list[Move]:
+        """Move device-tier snapshots down, least recently used first, until ``enough()`` (the engine's room)."""
+        moves = []
+        for key in self._lru(TIER_DEVICE):
+            if enough():
+                break
+            moves += self._move(key, TIER_HOST)
+        return moves + self._enforce() if moves else moves
 
     def _delete(self, path: str) -> None:
         """A snapshot file is gone from the state directory on return; its space is freed off this path."""
@@ -181,7 +199,10 @@ class ContextManager:
         moves = []
         t0 = time.perf_counter()
         if tier == TIER_HOST:
-            self._relocate(snap, torch.device("cpu"), pin=self.pin)
+            if snap.resident:
+                snap.layers = snap.layers.evict()
+            else:
+                self._relocate(snap, torch.device("cpu"), pin=self.pin)
             snap.tier = TIER_HOST
         elif tier == TIER_DISK:
             moves = self._to_disk(key, snap, forced)
@@ -200,6 +221,8 @@ class ContextManager:
         if snap.layers is None:
             self._to_recompute(snap)
             return []
+        if snap.resident:
+            snap.layers = snap.layers.evict()
         data, file = disk.encode(snap.layers, snap.logits, snap.tokens)
         victims = [k for k in self._lru(TIER_DISK) if forced or self._snaps[k].last_used < snap.last_used]
         need = self.used(TIER_DISK) + len(data) - self.disk_budget
@@ -247,13 +270,19 @@ class ContextManager:
             self._relocate(snap, self.device, pin=False)
 
     def _to_recompute(self, snap: Snapshot) -> None:
+        if snap.resident:
+            snap.layers.free()
         if snap.file is not None:
             self._delete(snap.file.path)
         snap.layers, snap.logits, snap.file, snap.tier = None, None, None, TIER_RECOMPUTE
 
     @staticmethod
-    def _relocate(snap: Snapshot, device: torch.device, pin: bool) -> None:
-        flat = copy_to(snap.tensors(), device, pin)
+    def _relocate(snap: Snapshot, device: torch.device, pin: bool, copy: bool = True) -> None:
+        """Copy the snapshot's tensors to ``device``; a restore (``copy=False``) keeps them if they are there."""
+        tensors = snap.tensors()
+        if not copy and all(t.device == device for t in tensors):
+            return  # the host tier's own tensors, restored on a CPU: the row takes them (joining copies them)
+        flat = copy_to(tensors, device, pin)
         n = len(snap.layers)
         snap.layers = [(flat[2 * i], flat[2 * i + 1]) for i in range(n)]
         snap.logits = flat[2 * n] if len(flat) > 2 * n else None

@@ -86,8 +86,9 @@ E_WORKER_FAILED = "worker_failed"
 E_SHUTTING_DOWN = "shutting_down"
 E_INTERNAL = "internal"
 E_REMOTE = "remote_error"  # an API endpoint failed (its status is in the message and ``status``)
+E_CONTEXT_LENGTH = "context_length_exceeded"  # the prompt does not fit the model's context (before any compute)
 E_INVALID_OUTPUT = "invalid_output"  # an endpoint returned text that breaks the requested JSON format
-WORKER_CODES = (E_REMOTE, E_INVALID_OUTPUT)  # codes a worker may pass through to the agent
+WORKER_CODES = (E_REMOTE, E_INVALID_OUTPUT, E_CONTEXT_LENGTH)  # codes a worker may pass through to the agent
 
 # Context tiers reported by workers.
 TIER_DEVICE = "device"

@@ -17,7 +17,7 @@ from typing import Any
 
 from ipc import protocol as P
 
-BACKENDS = ("hf", "openai")
+BACKENDS = ("hf", "llamacpp", "openai")
 DTYPES = ("float32", "bfloat16", "float16")
 SNAPSHOT_TIERS = ("auto", P.TIER_DEVICE, P.TIER_HOST, P.TIER_DISK, P.TIER_RECOMPUTE)
 RESUME_METHODS = ("auto", "prefix", "completions", "none")
@@ -42,6 +42,9 @@ class WorkerSpec:
     state_dir: str | None = None  # this worker's own directory for disk snapshots (None: no disk tier)
     prefill_chunk: int = P.DEFAULT_PREFILL_CHUNK
     peer_endpoint: str = "auto"  # inbox for migrating contexts (auto: beside an ipc:// endpoint; '': none)
+    # llama.cpp.
+    threads: int = 0  # compute threads (0: every core)
+    ctx_size: int = 0  # cells of the unified KV cache, shared by every sequence (0: 32768)
     # OpenAI-compatible endpoints.
     base_url: str | None = None
     api_key_env: str | None = None
@@ -75,7 +78,8 @@ def _flag(name: str) -> str:
 
 
 HELP = {
-    "backend": "engine: hf (local HuggingFace model) or openai (an OpenAI-compatible endpoint)",
+    "backend": "engine: hf (local HuggingFace model), llamacpp (a GGUF through llama.cpp) "
+    "or openai (an OpenAI-compatible endpoint)",
     "endpoint": "the daemon's worker endpoint",
     "name": "fixed routing id, so a reconnect is recognised",
     "model": "model directory (already converted), or the remote model's name",
@@ -88,6 +92,8 @@ HELP = {
     "snapshot_tier": "send every preempted context straight to this tier (tests, benchmarks)",
     "state_dir": "this worker's own directory for disk snapshots (none: no disk tier)",
     "prefill_chunk": "prompt tokens fed per step (chunked prefill)",
+    "threads": "llama.cpp compute threads (0: every core)",
+    "ctx_size": "llama.cpp: cells of the unified KV cache every sequence shares (0: 32768)",
     "peer_endpoint": "where other workers push migrating contexts (auto: beside an ipc:// --endpoint; '': none)",
     "base_url": "the API's base URL, e.g. http://127.0.0.1:8000/v1",
     "api_key_env": "environment variable holding the API key (default: OPENAI_API_KEY)",

@@ -77,10 +77,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 # ---- serve --------------------------------------------------------------------------------
-def resolve_model(model: str) -> str:
-    """Convert/locate the model in a child process (the daemon never imports torch)."""
+def resolve_model(model: str, gguf: bool = False) -> str:
+    """Convert/locate the model (``gguf``: the GGUF file itself) in a child process (the daemon never imports torch)."""
+    flag = ["--gguf"] if gguf else []
     out = subprocess.run(
-        [sys.executable, "-m", "backends.model_store", model], stdout=subprocess.PIPE, text=True, check=False
+        [sys.executable, "-m", "backends.model_store", *flag, model], stdout=subprocess.PIPE, text=True, check=False
     )
     if out.returncode != 0:
         raise SystemExit(f"quantad: cannot load model {model!r} (see above)")
@@ -148,7 +149,7 @@ def worker_spec(args: argparse.Namespace, wep: str) -> WorkerSpec:
     if args.backend == "openai":
         return WorkerSpec(model=args.model, **common, **api_options(args))
     return WorkerSpec(
-        model=resolve_model(args.model or "smollm2"),
+        model=resolve_model(args.model or "smollm2", gguf=args.backend == "llamacpp"),
         device=args.device,
         dtype=args.dtype,
         device_budget=args.device_budget,
@@ -157,6 +158,8 @@ def worker_spec(args: argparse.Namespace, wep: str) -> WorkerSpec:
         snapshot_tier=args.snapshot_tier,
         state_dir=(args.state_dir or str(state_dir())) if args.disk_budget > 0 else None,
         prefill_chunk=args.prefill_chunk,
+        threads=args.threads,
+        ctx_size=args.ctx_size,
         **common,
     )
 

@@ -177,6 +177,15 @@ def _worker_flags(s: argparse.ArgumentParser) -> None:
         help="prompt tokens a worker feeds per step, so running requests keep streaming "
         "(larger: prompts prefill in bigger batches, running rows wait longer)",
     )
+    s.add_argument(
+        "--threads", type=int, default=W.threads, help="--backend llamacpp: compute threads per worker (0: every core)"
+    )
+    s.add_argument(
+        "--ctx-size",
+        type=int,
+        default=W.ctx_size,
+        help="--backend llamacpp: cells of each worker's KV cache, shared by its sequences (0: 32768)",
+    )
     s.add_argument("--max-restarts", type=int, default=5, help="restarts of a dying worker before giving up")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     s.add_argument(
@@ -198,7 +207,9 @@ def _api_flags(a: argparse._ArgumentGroup) -> None:
         "--backend",
         default=W.backend,
         choices=BACKENDS,
-        help="hf: local HuggingFace workers; openai: workers streaming from an OpenAI-compatible API",
+        help="hf: local HuggingFace workers (safetensors, or a GGUF converted once; CUDA through torch); "
+        "llamacpp: a GGUF run by llama.cpp in each worker (the fastest on a CPU); "
+        "openai: workers streaming from an OpenAI-compatible API",
     )
     a.add_argument("--base-url", help="the API's base URL, e.g. http://127.0.0.1:8000/v1")
     a.add_argument(

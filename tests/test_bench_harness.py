@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 
+from benchmarks.harness.cli import bench_config
 from benchmarks.harness.config import BenchConfig, parse_quanta
 from benchmarks.harness.driver import Record
 from benchmarks.harness.metrics import fair_share, jain, percentile, union_length
@@ -249,3 +250,61 @@ def test_bench_against_a_running_daemon(tiny_model_dir, start_daemon, tmp_path):
     assert p["error"] is None and (p["policy"], p["quantum"], p["label"]) == ("fifo", "running", "fifo")
     assert p["metrics"]["overall"]["ok"] == 4
     assert (tmp_path / "ep" / "jct_vs_quantum.png").exists()
+
+
+# ---- peers ------------------------------------------------------------------------------
+def test_peer_flag_takes_names():
+    from console.cli import build_parser
+
+    def peers(*flags: str) -> list[str]:
+        args = build_parser().parse_args(["bench", *flags])
+        return bench_config(args).peer
+
+    assert peers() == ["transformers"] and peers("--peer") == ["transformers"]  # as before: on by default
+    assert peers("--no-peer") == [] and peers("--peer", "--no-peer") == []
+    assert peers("--peer", "llama-server") == ["llama-server"]
+    assert peers("--peer", "transformers,llama-server") == ["transformers", "llama-server"]
+    assert peers("--peer=llama-server", "--slots", "2") == ["llama-server"]
+    with pytest.raises(ValueError, match="unknown peer 'vllm'"):
+        peers("--peer", "vllm")
+    assert BenchConfig(peer=True).peer == ["transformers"] and BenchConfig(peer=False).peer == []  # the old bool
+    assert BenchConfig().peer == ["transformers"] and BenchConfig().to_dict()["peer"] == ["transformers"]
+
+
+def test_llama_server_missing_or_no_gguf_is_a_clear_error(tiny_model_dir, tmp_path, monkeypatch):
+    from benchmarks.harness import servers
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(servers.ServerError, match=r"llama-server is not built: run `make llama-server`"):
+        servers.llama_server_exe()
+    monkeypatch.undo()
+    with pytest.raises(servers.ServerError, match="GGUF"):
+        servers.resolve_gguf(str(tiny_model_dir))  # a safetensors directory
+
+
+def test_bench_llama_server_peer(smollm2_dir, tmp_path):
+    """``--peer llama-server``: llama.cpp's server on the default model's GGUF, same slots, its own row."""
+    from benchmarks.harness.servers import ServerError, llama_server_exe
+
+    try:
+        llama_server_exe()
+    except ServerError:
+        pytest.skip("llama-server is not built (make llama-server)")
+    out = tmp_path / "llama"
+    cmd = [sys.executable, "-m", "console", "bench", "--model", "smollm2", "--out", str(out), "--policies", "rr",
+           "--quanta", "30", "--peer", "llama-server", "--warmup", "0", *QUICK]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    rr, llama = data["points"]
+    assert rr["label"] == "rr q=30" and rr["error"] is None
+    assert (llama["label"], llama["target"], llama["error"]) == ("llama-server (peer)", "llama-server", None)
+    assert llama["metrics"]["overall"]["ok"] == 6 and llama["metrics"]["throughput"]["tokens_per_s"] > 0
+    assert all(r["tokens"] == r["max_tokens"] and r["first_token_s"] is not None for r in llama["records"])
+    assert 0 < llama["startup_s"] < 120
+    assert data["targets"]["rr_tokens_per_s_over_llama_server"] > 0
+    assert {"rr_mean_jct_over_llama_server", "rr_p99_ttft_short_over_llama_server"} <= set(data["targets"])
+    assert "| llama-server (peer) |" in (out / "results.md").read_text()
+    log = (out / "logs" / "llama-server.log").read_text()
+    assert "n_slots = 2" in log  # the same slot count as the daemon (QUICK: --slots 2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.harness.config import BenchConfig, parse_quanta, parse_range
+from benchmarks.harness.config import BenchConfig, parse_peers, parse_quanta, parse_range
 
 
 def bench_config(args: argparse.Namespace) -> BenchConfig:
@@ -29,7 +29,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         endpoint=args.endpoint,
         slots=args.slots,
         workers=args.workers,
-        peer=args.peer,
+        peer=parse_peers(args.peer),
         min_tokens=args.min_tokens,
         short_tokens=parse_range(args.short_tokens),
         long_tokens=parse_range(args.long_tokens),

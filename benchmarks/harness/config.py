@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 WORKLOADS = ("heavy-tail", "agents", "uniform")
+PEERS = ("transformers", "llama-server")  # `transformers serve --continuous-batching`; llama.cpp's llama-server
 
 
 @dataclass
@@ -23,7 +24,7 @@ class BenchConfig:
     endpoint: str | None = None  # a running daemon: one point, its own policy and quantum
     slots: int = 4
     workers: int = 1
-    peer: bool = True
+    peer: list[str] | bool = field(default_factory=lambda: ["transformers"])  # peers by name (True/False: old form)
     min_tokens: str = "max"  # "max": min_tokens = max_tokens (exact lengths); "0": free; N: min(N, max_tokens)
     short_tokens: tuple[int, int] = (8, 32)
     long_tokens: tuple[int, int] = (200, 400)
@@ -42,6 +43,9 @@ class BenchConfig:
     serve_args: list[str] = field(default_factory=list)  # extra `quantad serve` flags
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        self.peer = parse_peers(self.peer)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["quanta"] = [quantum_label(q) for q in self.quanta]
@@ -50,6 +54,24 @@ class BenchConfig:
 
 def quantum_label(q: float) -> str:
     return "inf" if math.isinf(q) else f"{q:g}"
+
+
+def parse_peers(value: str | bool | list[str] | tuple[str, ...] | None) -> list[str]:
+    """``"transformers,llama-server"`` -> both, in that order; True -> ``["transformers"]``; False, "" -> none."""
+    if value is None or value is False:
+        return []
+    if value is True:
+        return ["transformers"]
+    names = value.split(",") if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for name in (n.strip().lower() for n in names):
+        if not name:
+            continue
+        if name not in PEERS:
+            raise ValueError(f"--peer: unknown peer {name!r} (known: {', '.join(PEERS)})")
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def parse_quanta(text: str) -> list[float]:

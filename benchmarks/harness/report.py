@@ -27,6 +27,9 @@ def _ratio(a: Any, b: Any) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
+PEER_SUFFIXES = (("peer", "peer"), ("llama-server", "llama_server"))  # a peer point's target -> its keys' suffix
+
+
 def targets(points: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's targets, computed from this run (None where the run lacks the points)."""
     ok = [p for p in points if not p.get("error") and p["target"] == "quantad"]
@@ -60,12 +63,16 @@ def targets(points: list[dict[str, Any]]) -> dict[str, Any]:
         out["fifo_jain"] = _get(fifo, "fairness.jain_share")
     if rr:
         out["rr_jain"] = _get(rr, "fairness.jain_share")
-    peer = next((p for p in points if p["target"] == "peer" and not p.get("error")), None)
-    if peer and rr:
-        out["rr_mean_jct_over_peer"] = _ratio(_get(rr, "overall.jct_s.mean"), _get(peer, "overall.jct_s.mean"))
-        out["rr_tokens_per_s_over_peer"] = _ratio(
-            _get(rr, "throughput.tokens_per_s"), _get(peer, "throughput.tokens_per_s")
-        )
+    for target, suffix in PEER_SUFFIXES:  # the best RR point against each peer of the run
+        peer = next((p for p in points if p["target"] == target and not p.get("error")), None)
+        if peer and rr:
+            out[f"rr_mean_jct_over_{suffix}"] = _ratio(_get(rr, "overall.jct_s.mean"), _get(peer, "overall.jct_s.mean"))
+            out[f"rr_tokens_per_s_over_{suffix}"] = _ratio(
+                _get(rr, "throughput.tokens_per_s"), _get(peer, "throughput.tokens_per_s")
+            )
+            out[f"rr_p99_ttft_short_over_{suffix}"] = _ratio(
+                _get(rr, "by_class.short.ttft_s.p99"), _get(peer, "by_class.short.ttft_s.p99")
+            )
     return out
 
 
@@ -91,8 +98,11 @@ def _targets_md(t: dict[str, Any]) -> list[str]:
         "fair_jain_rate_min",
         "fifo_jain",
         "rr_jain",
-        "rr_mean_jct_over_peer",
-        "rr_tokens_per_s_over_peer",
+        *(
+            f"rr_{m}_over_{suffix}"
+            for _, suffix in PEER_SUFFIXES
+            for m in ("mean_jct", "tokens_per_s", "p99_ttft_short")
+        ),
     ):
         if t.get(key) is not None:
             lines.append(f"| {key} | {_f(t[key], 3)} | (context) | |")

@@ -1,4 +1,9 @@
-"""The sweep: one server per (policy, quantum) point, the same workload against each, then the report."""
+"""The sweep: one server per (policy, quantum) point, the same workload against each, then the report.
+
+Each peer named in ``cfg.peer`` is a point of its own after the sweep: ``transformers`` (target
+``peer``: ``transformers serve --continuous-batching`` on the model directory) and ``llama-server``
+(target ``llama-server``: llama.cpp's server on the model's GGUF, ``cfg.slots`` slots).
+"""
 
 from __future__ import annotations
 
@@ -17,11 +22,15 @@ from benchmarks.harness.config import BenchConfig, quantum_label
 from benchmarks.harness.driver import OpenAITarget, QuantadTarget, drive, new_record
 from benchmarks.harness.metrics import point_metrics
 from benchmarks.harness.servers import (
+    HttpServer,
+    LlamaServer,
     PeerServer,
     PolicyRejected,
     QuantadServer,
     ServerError,
     eos_token_id,
+    llama_server_exe,
+    resolve_gguf,
 )
 from benchmarks.harness.workloads import Call, Workload, make_workload
 from scheduler.launch import resolve_model  # the model store, in a child process (no torch here)
@@ -88,16 +97,31 @@ async def _quantad_point(endpoint: str, workload: Workload, cfg: BenchConfig, de
         await target.close()
 
 
-async def _peer_point(peer: PeerServer, model_dir: str, workload: Workload, cfg: BenchConfig) -> tuple[list, dict]:
-    target = OpenAITarget(peer.url, peer.model, cfg.temperature, eos_token_id(model_dir))
+class LlamaServerTarget(OpenAITarget):
+    """llama-server: lengths through its own ``ignore_eos`` (EOS and the other end-of-generation tokens
+    banned), so min_tokens = max_tokens gives exactly ``max_tokens``; it has no smaller min_tokens."""
+
+    name = "llama-server"
+
+    def _extra(self, call: Call) -> dict[str, Any]:
+        if call.min_tokens and call.min_tokens >= call.max_tokens:
+            return {"extra_body": {"ignore_eos": True}}
+        return {}
+
+
+PEER_TARGETS = {"transformers": "peer", "llama-server": "llama-server"}  # peer name -> the points' target
+PEER_LABELS = {"peer": "transformers serve (peer)", "llama-server": "llama-server (peer)"}  # target -> label
+
+
+async def _peer_point(target: OpenAITarget, workload: Workload, cfg: BenchConfig, desc: str) -> tuple[list, dict]:
     try:
-        return await _run_target(target, workload, cfg, "peer")
+        return await _run_target(target, workload, cfg, desc)
     finally:
         await target.close()
 
 
 def _point(policy: str, quantum: str, target: str, recs=None, costs=None, cfg=None, error=None) -> dict[str, Any]:
-    p: dict[str, Any] = {"label": "transformers serve (peer)" if target == "peer" else label(policy, quantum),
+    p: dict[str, Any] = {"label": PEER_LABELS.get(target) or label(policy, quantum),
                          "policy": policy, "quantum": quantum, "target": target, "error": error}  # fmt: skip
     if error is None:
         p["metrics"] = point_metrics(recs, costs, cfg.workers if target == "quantad" else 1)
@@ -148,28 +172,39 @@ def _sweep_point(
         server.stop()
 
 
-def _peer_run(cfg: BenchConfig, workload: Workload, model_dir: str, out: Path) -> dict[str, Any]:
-    """The same workload against the peer, ``transformers serve --continuous-batching``."""
+def _start_peer(name: str, cfg: BenchConfig, model_dir: str | None, out: Path) -> tuple[HttpServer, OpenAITarget]:
+    if name == "llama-server":
+        llama_server_exe()  # not built: say so before looking for a GGUF
+        server: HttpServer = LlamaServer(resolve_gguf(cfg.model), cfg.slots, out / "logs" / "llama-server.log")
+        return server, LlamaServerTarget(server.url, server.model, cfg.temperature)
+    server = PeerServer(model_dir, out / "logs" / "peer.log")
+    return server, OpenAITarget(server.url, server.model, cfg.temperature, eos_token_id(model_dir))
+
+
+def _peer_run(cfg: BenchConfig, workload: Workload, model_dir: str | None, out: Path, name: str) -> dict[str, Any]:
+    """The same workload against one peer: ``transformers`` (``transformers serve --continuous-batching``)
+    or ``llama-server``.  ``startup_s``: from its start to its first answer of ``/v1/models``."""
+    target = PEER_TARGETS[name]
     try:
-        peer = PeerServer(model_dir, out / "logs" / "peer.log")
+        server, client = _start_peer(name, cfg, model_dir, out)
     except ServerError as exc:
-        print(f"quantad bench: peer failed: {exc}", file=sys.stderr)
-        return _point("peer", "", "peer", error=str(exc))
+        print(f"quantad bench: {target} failed: {exc}", file=sys.stderr)
+        return _point(target, "", target, error=str(exc))
     try:
-        recs, costs = asyncio.run(_peer_point(peer, model_dir, workload, cfg))
-        return _point("peer", "", "peer", recs, costs, cfg)
+        recs, costs = asyncio.run(_peer_point(client, workload, cfg, target))
+        return _point(target, "", target, recs, costs, cfg) | {"startup_s": server.ready_s}
     except (ServerError, TimeoutError) as exc:
-        return _point("peer", "", "peer", error=_failed("peer", exc, cfg))
+        return _point(target, "", target, error=_failed(target, exc, cfg))
     finally:
-        peer.stop()
+        server.stop()
 
 
 def _sweep(cfg: BenchConfig, workload: Workload, model_dir: str | None, out: Path) -> list[dict[str, Any]]:
-    """Every point of the sweep (or the running daemon's one), then the peer's, with a progress bar."""
+    """Every point of the sweep (or the running daemon's one), then each peer's, with a progress bar."""
     points: list[dict[str, Any]] = []
     plan = [("running", "running")] if cfg.endpoint else sweep_points(cfg)
     rejected: dict[str, str] = {}  # policies the daemon does not know
-    with _bar(cfg, total=len(plan) + int(cfg.peer), desc="sweep", unit="point") as bar:
+    with _bar(cfg, total=len(plan) + len(cfg.peer), desc="sweep", unit="point") as bar:
         for policy, q in plan:
             bar.set_postfix_str(label(policy, q if isinstance(q, str) else quantum_label(q)))
             if cfg.endpoint:
@@ -177,9 +212,9 @@ def _sweep(cfg: BenchConfig, workload: Workload, model_dir: str | None, out: Pat
             else:
                 points.append(_sweep_point(cfg, policy, q, workload, model_dir, out, rejected))
             bar.update()
-        if cfg.peer:
-            bar.set_postfix_str("peer")
-            points.append(_peer_run(cfg, workload, model_dir, out))
+        for name in cfg.peer:
+            bar.set_postfix_str(PEER_TARGETS[name])
+            points.append(_peer_run(cfg, workload, model_dir, out, name))
             bar.update()
     return points
 
@@ -191,7 +226,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     workload = make_workload(cfg)
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     psi0, t0 = _psi_total_s(), time.monotonic()
-    model_dir = resolve_model(cfg.model) if cfg.endpoint is None or cfg.peer else None
+    model_dir = resolve_model(cfg.model) if cfg.endpoint is None or "transformers" in cfg.peer else None
     points = _sweep(cfg, workload, model_dir, out)
     psi1, wall = _psi_total_s(), time.monotonic() - t0
     result: dict[str, Any] = {

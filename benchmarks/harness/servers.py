@@ -1,6 +1,7 @@
-"""The servers a sweep point runs against: ``quantad serve`` and the ``transformers serve`` peer.
+"""The servers a sweep point runs against: ``quantad serve`` and the peers, ``transformers serve``
+and llama.cpp's ``llama-server``.
 
-Both are subprocesses with their output in a log file under the run's ``logs/``.  A server
+All are subprocesses with their output in a log file under the run's ``logs/``.  A server
 that exits before it is ready raises ``ServerError`` with the reason from its log (for
 ``quantad serve``: an unknown ``--policy`` is rejected this way).
 """
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -111,19 +113,22 @@ def eos_token_id(model_dir: str) -> int | list[int] | None:
     return None
 
 
-READY_LINE = b"Uvicorn running on"  # both HTTP servers here are uvicorn apps: this line means the port listens
+READY_LINE = b"Uvicorn running on"  # uvicorn apps (transformers serve): this line means the port listens
 
 
 class HttpServer:
     """An OpenAI-compatible server as a subprocess, its output copied to a log, ready once it listens.
 
     Readiness is an event, not a poll: a thread copies the server's output into the log and sets
-    it when uvicorn says it is listening (or when the output ends: the server died).  Then one
-    ``/models`` request names the served model.
+    it when the server prints ``ready_line`` (uvicorn's "listening") or when the output ends (the
+    server died).  Then one ``/models`` request names the served model.  ``ready_s``: start to ready.
     """
+
+    ready_line = READY_LINE
 
     def __init__(self, name: str, cmd: list[str], port: int, log_path: Path, timeout_s: float):
         self.name, self.port, self.log_path = name, port, log_path
+        t0 = time.monotonic()
         self.url = f"http://127.0.0.1:{port}/v1"
         self._ready, self._listening = threading.Event(), False
         self._log = open(log_path, "wb")
@@ -150,12 +155,13 @@ class HttpServer:
         except (OSError, ValueError, KeyError, IndexError) as exc:
             self.stop()
             raise ServerError(f"{name} listens but lists no model ({exc}):\n{_tail(log_path)}") from None
+        self.ready_s = time.monotonic() - t0
 
     def _copy(self) -> None:
         for line in self.proc.stdout:
             self._log.write(line)
             self._log.flush()
-            if not self._listening and READY_LINE in line:
+            if not self._listening and self.ready_line in line:
                 self._listening = True
                 self._ready.set()
         self._ready.set()  # the output ended: the server is gone
@@ -176,3 +182,44 @@ class PeerServer(HttpServer):
         cmd = [str(exe) if exe.exists() else "transformers", "serve", model_dir, "--continuous-batching"]
         cmd += ["--device", device, "--host", "127.0.0.1", "--port", str(port)]
         super().__init__("transformers serve", cmd, port, log_path, timeout_s)
+
+
+LLAMA_SERVER_MISSING = "llama-server is not built: run `make llama-server`"
+
+
+def llama_server_exe() -> str:
+    """``llama-server`` beside this interpreter (``make llama-server`` puts it in the venv), else on PATH."""
+    exe = Path(sys.executable).parent / "llama-server"
+    if exe.is_file() and os.access(exe, os.X_OK):
+        return str(exe)
+    found = shutil.which("llama-server")
+    if found is None:
+        raise ServerError(LLAMA_SERVER_MISSING)
+    return found
+
+
+def resolve_gguf(model: str) -> str:
+    """The model's GGUF file, from the model store in a child process (no torch here)."""
+    cmd = [sys.executable, "-m", "backends.model_store", "--gguf", model]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        why = out.stderr.strip() or f"{' '.join(cmd)} exited with code {out.returncode}"
+        raise ServerError(f"llama-server needs a GGUF model: {why}")
+    return lines[-1]
+
+
+class LlamaServer(HttpServer):
+    """llama.cpp's ``llama-server -m GGUF -np SLOTS``: continuous batching over SLOTS slots, never preempts.
+
+    ``-c`` is the context of all slots together (``max(2048 * slots, 4096)``); ``-t``: one thread per
+    core.  It loads the model before it listens, then logs ``listening on http://...``: ready.
+    """
+
+    ready_line = b"listening on"
+
+    def __init__(self, gguf: str, slots: int, log_path: Path, timeout_s: float = 300.0, threads: int | None = None):
+        port = free_port()
+        cmd = [llama_server_exe(), "-m", gguf, "-np", str(slots), "-c", str(max(2048 * slots, 4096))]
+        cmd += ["-t", str(threads or os.cpu_count() or 1), "--host", "127.0.0.1", "--port", str(port)]
+        super().__init__("llama-server", cmd, port, log_path, timeout_s)

@@ -1,0 +1,183 @@
+"""llama.cpp through llama-cpp-python's low-level API: one context whose unified KV cache holds many sequences.
+
+The llama.cpp engine's model (``backends.llamacpp_engine``).  Every sequence is a llama
+sequence id in one context (``n_seq_max`` of them, ``kv_unified``): a batch of rows is one
+``llama_decode`` over a ``llama_batch`` with one token per row (or a chunk of prompt per row),
+a suspended sequence just stays in the cache under its id, and its state moves out and back in
+as the bytes of ``llama_state_seq_get_data`` / ``set_data`` (memcpy speed, 17-20 GB/s here).
+
+Flash attention stays on (llama.cpp's default on the CPU): with it a row's single-token decode
+computes the same bits wherever its cells lie in the cache (measured: a sequence placed after
+1, 3, 37 or 256 cells of another, or interleaved with one, decodes identically), so a state
+restored at another place continues exactly.  Without it the result depends on the cells'
+offsets.  Batched decodes of several rows differ from single ones at near-ties (llama.cpp's
+batched kernels round differently): ``benchmarks/exactness.py`` measures how often.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+
+import numpy as np
+import torch
+
+log = logging.getLogger("quantad.worker")
+
+MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ
+DEFAULT_CTX = 32768  # cells of the unified KV cache when not given (about 720 MiB for the default model)
+
+
+class KVFull(RuntimeError):
+    """The cache has no room for the tokens a decode would add."""
+
+
+def _quiet(level: int, text: bytes, user: ctypes.c_void_p) -> None:
+    """llama.cpp's log, at warning level and above only (it prints every tensor it loads)."""
+    if level in (3, 4):  # GGML_LOG_LEVEL_WARN, _ERROR (not CONT: the rest of a line)
+        log.warning("llama.cpp: %s", text.decode(errors="replace").rstrip())
+
+
+class LlamaModel:
+    def __init__(self, gguf: str, *, slots: int, ctx_size: int = 0, threads: int = 0, batch: int = 2048,
+                 device: str = "cpu"):  # fmt: skip
+        import llama_cpp as L
+
+        self.L = L
+        self._log_cb = L.llama_log_callback(_quiet)  # kept alive: llama.cpp holds the pointer
+        L.llama_log_set(self._log_cb, None)
+        L.llama_backend_init()
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = 0 if device == "cpu" else 999
+        self.model = L.llama_model_load_from_file(os.fsencode(gguf), mp)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp cannot load {gguf}")
+        self.n_ctx_train = int(L.llama_model_n_ctx_train(self.model))
+        self.n_seq_max = min(MAX_SEQ, max(4 * slots, slots + 8))
+        self.n_batch = max(batch, slots)
+        threads = threads or os.cpu_count() or 1
+        cp = L.llama_context_default_params()
+        cp.n_ctx = ctx_size or DEFAULT_CTX
+        cp.n_batch, cp.n_seq_max, cp.kv_unified = self.n_batch, self.n_seq_max, True
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp cannot make a context of {cp.n_ctx} cells")
+        self.n_ctx = int(L.llama_n_ctx(self.ctx))
+        self.threads = threads
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
+        self.mem = L.llama_get_memory(self.ctx)
+        self.batch = L.llama_batch_init(self.n_batch, 0, 1)
+        self.free_ids = list(range(self.n_seq_max - 1, -1, -1))  # sequence ids not in use (pop: the lowest)
+        self.held = 0  # cells the sequences we hold take (our own count; ``cells_in_use`` asks llama.cpp)
+        self.kv_bytes_per_token = self._kv_bytes_per_token()
+
+    @property
+    def eog_ids(self) -> set[int]:
+        """Tokens that end a generation, as llama.cpp's vocabulary marks them."""
+        return {t for t in range(self.n_vocab) if self.L.llama_vocab_is_eog(self.vocab, t)}
+
+    @property
+    def context_limit(self) -> int:
+        """The most tokens one sequence may hold: the cache, and the model's trained window."""
+        return min(self.n_ctx, self.n_ctx_train) if self.n_ctx_train > 0 else self.n_ctx
+
+    def _kv_bytes_per_token(self) -> int:
+        """K and V bytes of one token (for the budgets), from a one-token state of sequence 0."""
+        sid = self.acquire()
+        try:
+            self.decode([(sid, 0, [0])])
+            one = int(self.L.llama_state_seq_get_size(self.ctx, sid))
+            self.decode([(sid, 1, [0])])
+            return int(self.L.llama_state_seq_get_size(self.ctx, sid)) - one
+        finally:
+            self.release(sid)
+            self.held = 0
+
+    # ---- sequences ------------------------------------------------------------------------
+    def acquire(self) -> int:
+        if not self.free_ids:
+            raise KVFull(f"all {self.n_seq_max} llama.cpp sequence ids are in use")
+        return self.free_ids.pop()
+
+    def release(self, sid: int, tokens: int = 0) -> None:
+        """Free a sequence's cells and its id."""
+        self.L.llama_memory_seq_rm(self.mem, sid, -1, -1)
+        self.held -= tokens
+        self.free_ids.append(sid)
+        self.free_ids.sort(reverse=True)
+
+    def crop(self, sid: int, keep: int, tokens: int) -> None:
+        """Keep the first ``keep`` of the sequence's ``tokens`` cells."""
+        if not self.L.llama_memory_seq_rm(self.mem, sid, keep, -1):
+            raise RuntimeError(f"llama.cpp cannot crop sequence {sid} to {keep} tokens")
+        self.held -= tokens - keep
+
+    @property
+    def free_cells(self) -> int:
+        return self.n_ctx - self.held
+
+    def cells_in_use(self) -> int:
+        """Cells every sequence holds, as llama.cpp itself reports them (tests prove nothing leaks)."""
+        L, n = self.L, 0
+        for sid in range(self.n_seq_max):
+            hi = L.llama_memory_seq_pos_max(self.mem, sid)
+            if hi >= 0:
+                n += hi - L.llama_memory_seq_pos_min(self.mem, sid) + 1
+        return n
+
+    # ---- state bytes ----------------------------------------------------------------------
+    def get_state(self, sid: int) -> torch.Tensor:
+        """The sequence's state (its KV cells) as bytes of our own."""
+        size = int(self.L.llama_state_seq_get_size(self.ctx, sid))
+        out = torch.empty(size, dtype=torch.uint8)
+        n = self.L.llama_state_seq_get_data(self.ctx, _ptr(out), size, sid)
+        if n != size:
+            raise RuntimeError(f"llama.cpp wrote {n} of {size} state bytes of sequence {sid}")
+        return out
+
+    def set_state(self, sid: int, data: torch.Tensor, tokens: int) -> None:
+        """Load state bytes into an empty sequence id."""
+        data = data.contiguous()
+        n = self.L.llama_state_seq_set_data(self.ctx, _ptr(data), data.numel(), sid)
+        if n != data.numel():
+            self.L.llama_memory_seq_rm(self.mem, sid, -1, -1)
+            raise ValueError(f"llama.cpp rejected a {data.numel()}-byte state (read {n})")
+        self.held += tokens
+
+    # ---- compute --------------------------------------------------------------------------
+    def decode(self, rows: list[tuple[int, int, list[int]]]) -> torch.Tensor:
+        """One ``llama_decode``: each row (sequence id, first position, tokens); each row's last logits [R, vocab]."""
+        b, n = self.batch, 0
+        for sid, pos, tokens in rows:
+            for i, t in enumerate(tokens):
+                b.token[n], b.pos[n], b.n_seq_id[n] = t, pos + i, 1
+                b.seq_id[n][0] = sid
+                b.logits[n] = i == len(tokens) - 1
+                n += 1
+        if n > self.n_batch:
+            raise ValueError(f"{n} tokens in one decode, the batch holds {self.n_batch}")
+        if n > self.free_cells:
+            raise KVFull(f"{n} tokens to add, {self.free_cells} cells free of {self.n_ctx}")
+        b.n_tokens = n
+        rc = self.L.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise KVFull(f"llama_decode found no room ({rc})") if rc == 1 else RuntimeError(f"llama_decode: {rc}")
+        self.held += n
+        out = np.ctypeslib.as_array(self.L.llama_get_logits(self.ctx), shape=(len(rows), self.n_vocab))
+        return torch.from_numpy(out.copy())
+
+    def close(self) -> None:
+        L = self.L
+        if self.ctx:
+            L.llama_batch_free(self.batch)
+            L.llama_free(self.ctx)
+            L.llama_model_free(self.model)
+            self.ctx = self.model = None
+
+
+def _ptr(t: torch.Tensor):
+    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_ubyte))

@@ -1,0 +1,220 @@
+"""The llama.cpp engine: a GGUF model in one llama.cpp context, the rows of the batch its sequences.
+
+The hooks of ``backends.local.LocalEngine`` on llama.cpp (``backends.llama_model``):
+
+* a row's ``partial`` and its device-tier ``state`` are the same ``Slot``: its llama sequence id
+  and the tokens it holds.  A preempted row leaves the batch and its cells stay where they are:
+  the device tier costs no copy at all (the context manager holds the ``Slot`` as a
+  ``contexts.resident.Resident``);
+* the host form of a state (host tier, disk tier, migration frames) is one pair of tensors: the
+  sequence's ``llama_state_seq_get_data`` bytes and its token count;
+* ``forward`` is one ``llama_decode`` of one token per row; ``prefill_many`` one of several prompts.
+
+When the cache lacks cells or sequence ids for what comes next, the least recently used
+suspended sequences are evicted to the host tier first (``ContextManager.evict_device``).
+The tokenizer is HuggingFace's, read from the GGUF itself (so grammars, the detokenizer and
+the chat template are the HF engine's), cached beside the converted models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from backends import chat
+from backends.engine import Send
+from backends.llama_model import KVFull, LlamaModel
+from backends.local import LocalEngine, State
+from backends.model_store import cache_root
+from backends.sequence import Sequence
+from contexts.resident import Layers, Resident
+from ipc import messages as M
+from ipc.worker_spec import WorkerSpec
+
+log = logging.getLogger("quantad.worker")
+
+
+class Slot(Resident):
+    """A sequence in llama.cpp's cache: its id and how many tokens it holds."""
+
+    def __init__(self, model: LlamaModel, sid: int, tokens: int = 0):
+        self.model, self.sid, self.tokens = model, sid, tokens
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens * self.model.kv_bytes_per_token
+
+    def evict(self) -> Layers:
+        data = self.model.get_state(self.sid)
+        n = self.tokens
+        self.free()
+        return [(data, torch.tensor([n], dtype=torch.int64))]
+
+    def free(self) -> None:
+        if self.sid is not None:
+            self.model.release(self.sid, self.tokens)
+            self.sid, self.tokens = None, 0
+
+
+def load_tokenizer(gguf: Path) -> Any:
+    """HuggingFace's tokenizer read from the GGUF (a few seconds), saved once beside the converted models."""
+    cached = cache_root() / f"{gguf.stem}.tokenizer"
+    if (cached / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(cached)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, cached)
+    except OSError:  # another worker saved it first
+        pass
+    return tok
+
+
+class LlamaCppEngine(LocalEngine):
+    def __init__(self, spec: WorkerSpec, send: Send, ctx: Any):
+        gguf = Path(spec.model)
+        self.model = LlamaModel(
+            str(gguf), slots=spec.slots, ctx_size=spec.ctx_size, threads=spec.threads,
+            batch=max(2048, spec.prefill_chunk + spec.slots), device=spec.device,
+        )  # fmt: skip
+        self.device = torch.device("cpu")  # state bytes live in host memory, wherever llama.cpp computes
+        self.tokenizer = load_tokenizer(gguf)
+        self.eos_ids = self.model.eog_ids | ({self.tokenizer.eos_token_id} - {None})
+        self.model_name = str(gguf)
+        self.max_context = self.model.context_limit
+        self._rows: list[Sequence] = []
+        self._slots: dict[int, Slot] = {}  # the batch's rows' slots, by request id
+        self.evictions = 0
+        super().__init__(spec, send, ctx)
+        log.info(
+            "event=llamacpp model=%s cells=%d seq_ids=%d threads=%d kv_bytes_per_token=%d",
+            gguf.name, self.model.n_ctx, self.model.n_seq_max, self.model.threads, self.model.kv_bytes_per_token,
+        )  # fmt: skip
+
+    # ---- room in the cache ----------------------------------------------------------------
+    def _room(self, cells: int, ids: int = 0) -> None:
+        """Make room for ``cells`` more tokens and ``ids`` new sequences, evicting suspended ones (LRU)."""
+        m = self.model
+
+        def enough() -> bool:
+            return m.free_cells >= cells and len(m.free_ids) >= ids
+
+        if enough():
+            return
+        moves = self.contexts.evict_device(enough)
+        self.evictions += len(moves)
+        for mv in moves:
+            if mv.key > 0:
+                self.send(M.Context(rid=mv.key, tier=mv.tier, bytes=mv.nbytes))
+        if not enough():
+            raise KVFull(f"no room in llama.cpp's cache for {cells} tokens ({m.free_cells} of {m.n_ctx} cells free)")
+
+    def _new_slot(self, cells: int) -> Slot:
+        self._room(cells, ids=1)
+        return Slot(self.model, self.model.acquire())
+
+    def _run(self, rows: list[tuple[Slot, list[int]]]) -> torch.Tensor:
+        self._room(sum(len(t) for _, t in rows))
+        logits = self.model.decode([(s.sid, s.tokens, t) for s, t in rows])
+        for s, t in rows:
+            s.tokens += len(t)
+        return logits
+
+    # ---- hooks ----------------------------------------------------------------------------
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return chat.render(self.tokenizer, messages, tools)
+
+    def without_eos(self, logits: torch.Tensor) -> torch.Tensor:
+        return chat.without_eos(logits, self.eos_ids)
+
+    def prefill(self, ids: list[int], partial: Slot | None) -> tuple[Slot, torch.Tensor]:
+        slot = self._new_slot(len(ids)) if partial is None else partial
+        logits = None
+        try:
+            for i in range(0, len(ids), self.model.n_batch):
+                logits = self._run([(slot, ids[i : i + self.model.n_batch])])
+        except Exception:
+            if partial is None:
+                slot.free()
+            raise
+        return slot, logits
+
+    def prefill_many(self, rows: list[list[int]]) -> list[tuple[State, torch.Tensor]]:
+        slots: list[Slot] = []
+        try:
+            for ids in rows:
+                slots.append(self._new_slot(len(ids)))
+            self._room(sum(len(r) for r in rows))
+            logits = self._run(list(zip(slots, rows, strict=True)))
+        except Exception:
+            for s in slots:
+                s.free()
+            raise
+        return [(s, logits[i : i + 1]) for i, s in enumerate(slots)]
+
+    def settle(self, partial: Slot) -> Slot:
+        return partial
+
+    def drop_partial(self, partial: Any) -> None:
+        if isinstance(partial, Slot):
+            partial.free()
+
+    def crop(self, state: Slot | Layers, n: int) -> Slot:
+        slot = state if isinstance(state, Slot) else self._restored(state)
+        self.model.crop(slot.sid, n, slot.tokens)
+        slot.tokens = n
+        return slot
+
+    def kv_length(self, state: Slot | Layers) -> int:
+        return state.tokens if isinstance(state, Slot) else int(state[0][1][0])
+
+    def _restored(self, state: Layers) -> Slot:
+        """A host-form state back in the cache, under a new sequence id."""
+        ((data, count),) = state
+        tokens = int(count[0])
+        slot = self._new_slot(tokens)
+        try:
+            self.model.set_state(slot.sid, data, tokens)
+        except Exception:
+            self.model.release(slot.sid)
+            raise
+        slot.tokens = tokens
+        return slot
+
+    def join(self, seq: Sequence, state: Slot | Layers) -> None:
+        self._slots[seq.rid] = state if isinstance(state, Slot) else self._restored(state)
+        self._rows.append(seq)
+
+    def leave(self, seq: Sequence, keep: bool) -> Slot | None:
+        self._rows = [s for s in self._rows if s is not seq]
+        slot = self._slots.pop(seq.rid)
+        if keep:
+            return slot
+        slot.free()
+        return None
+
+    def rows(self) -> list[Sequence]:
+        return self._rows
+
+    def forward(self, tokens: dict[int, int]) -> tuple[list[Sequence], torch.Tensor]:
+        rows = list(self._rows)
+        return rows, self._run([(self._slots[s.rid], [tokens[s.rid]]) for s in rows])
+
+    def batch_stats(self) -> dict[str, int]:
+        m = self.model
+        return {
+            "kv_cells": m.n_ctx,
+            "kv_cells_used": m.cells_in_use(),
+            "kv_seq_ids_free": len(m.free_ids),
+            "kv_evictions": self.evictions,
+        }
+
+    def close(self) -> None:
+        super().close()
+        self.model.close()

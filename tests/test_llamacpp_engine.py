@@ -1,0 +1,277 @@
+"""The llama.cpp engine through the real daemon, real llama.cpp workers and the default model's real GGUF.
+
+Exactness is asserted where llama.cpp's own kernels are deterministic: one compute thread (with two,
+flash attention splits a sequence's cells between the threads by where they lie in the cache, so a
+neighbour's cells can change its last bits; ``benchmarks/exactness.py`` measures how often) and
+single-row decodes (batched rows round differently from single ones at near-ties: measured there
+too).  Under those conditions a request preempted every 2 tokens and resumed from any tier gives the
+same tokens as alone, and a state restored from its bytes continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import time
+
+import jsonschema
+import pytest
+
+from ipc.client import ClientError, result_of
+from tests.conftest import PROMPTS, DaemonProc, messages
+
+pytest.importorskip("llama_cpp")
+
+MAX_TOKENS = 16
+LLAMA = ("--backend", "llamacpp", "--threads", "1")
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    from backends.model_store import default_gguf
+
+    return default_gguf()
+
+
+async def run_all(d, prompts=PROMPTS, **kw):
+    async with d.aclient() as c:
+        return await asyncio.gather(*(c.chat(messages(p), max_tokens=MAX_TOKENS, **kw) for p in prompts))
+
+
+def start(start_daemon, gguf, *flags):
+    return start_daemon(gguf, *LLAMA, *flags)
+
+
+@pytest.fixture(scope="module")
+def alone(gguf, tmp_path_factory):
+    """The reference: each request alone (FIFO, one slot, nothing preempted)."""
+    d = DaemonProc(gguf, tmp_path_factory.mktemp("llama-alone"), *LLAMA, "--policy", "fifo")
+    try:
+        return [r.token_ids for r in asyncio.run(run_all(d))]
+    finally:
+        d.stop()
+
+
+def worker_stats(c) -> dict:
+    return c.ps()["workers"][0]["stats"]
+
+
+def settled_stats(c) -> dict:
+    """A heartbeat the worker sent after everything it had been sent so far (one snapshot of its figures).
+
+    The caller's last request is done, so the worker handled every message before it; the beat
+    the daemon holds now may predate that, the one after it cannot.
+    """
+    c.chat("after", max_tokens=1)  # the worker handles messages in order: every earlier one is done
+    first = worker_stats(c)["beat"]
+    deadline = time.monotonic() + 60
+    while True:
+        st = worker_stats(c)
+        if st["beat"] >= first + 1:
+            return st
+        assert time.monotonic() < deadline, st
+        time.sleep(0.01)  # polling ps with a deadline for the next heartbeat, not synchronising on a guess
+
+
+@pytest.mark.parametrize("tier", ["device", "host", "disk", "recompute"])
+def test_preempted_every_two_tokens_from_each_tier_equals_alone(tier, gguf, start_daemon, alone):
+    d = start(start_daemon, gguf, "--quantum-tokens", "2", "--snapshot-tier", tier, "--heartbeat-s", "0.05")
+    results = asyncio.run(run_all(d))
+    assert [r.token_ids for r in results] == alone
+    assert {e.data["context"] for r in results for e in r.events if e.event == "preempted"} == {tier}
+    for r in results:
+        assert r.stats["preemptions"] > 0
+        if tier == "recompute":
+            assert r.stats["prompt_tokens_computed"] > r.usage["prompt_tokens"]
+        else:  # swap tiers recompute nothing; the device tier copies nothing
+            assert r.stats["prompt_tokens_computed"] == r.usage["prompt_tokens"]
+            assert r.stats["decode_tokens_computed"] == r.usage["completion_tokens"] - 1
+    assert sorted(d.state_dir.rglob("ctx-*")) == []
+    with d.client() as c:
+        st = settled_stats(c)
+    assert st["kv_cells_used"] == 0  # every sequence freed in llama.cpp's cache
+    assert sum(t["count"] for t in st["contexts"]["tiers"].values()) == 0
+
+
+def test_state_bytes_restore_exactly(gguf):
+    """get_data -> set_data into another sequence id and other cells: the same bytes, the same next logits."""
+    import torch
+
+    from backends import chat
+    from backends.llama_model import LlamaModel
+    from backends.llamacpp_engine import load_tokenizer
+
+    m = LlamaModel(str(gguf), slots=2, ctx_size=2048, threads=1)
+    try:
+        ids = chat.render(load_tokenizer(gguf), messages(PROMPTS[0]))
+        a, b, other = m.acquire(), m.acquire(), m.acquire()
+        m.decode([(a, 0, ids)])
+        data = m.get_state(a)
+        m.decode([(other, 0, list(range(100, 157)))])  # cells in between: the copy lands elsewhere
+        m.set_state(b, data, len(ids))
+        moved = m.get_state(b)  # the same cells; only the sequence ids in its header differ
+        la, lb = m.decode([(a, len(ids), [42])]), m.decode([(b, len(ids), [42])])
+        assert torch.equal(la, lb)
+        m.release(a, len(ids) + 1)
+        m.set_state(a, moved, len(ids))  # and back under the first id: the very bytes it left as
+        assert torch.equal(m.get_state(a), data)
+        m.crop(a, len(ids), len(ids))
+        for sid, n in ((a, len(ids)), (b, len(ids) + 1), (other, 57)):
+            m.release(sid, n)
+        assert m.cells_in_use() == 0 and m.held == 0
+    finally:
+        m.close()
+
+
+def test_batched_rows_recompute_nothing_and_free_everything(gguf, start_daemon):
+    d = start(start_daemon, gguf, "--slots", "3", "--quantum-tokens", "2", "--heartbeat-s", "0.05")
+    results = asyncio.run(run_all(d))
+    for r in results:
+        assert r.usage["completion_tokens"] >= 1
+        assert r.stats["prompt_tokens_computed"] == r.usage["prompt_tokens"]
+    with d.client() as c:
+        st = settled_stats(c)
+        assert st["kv_cells_used"] == 0 and st["kv_seq_ids_free"] > 0
+
+
+def test_thousand_requests_killed_cancelled_failed_leak_no_cell(gguf, start_daemon):
+    """Finished, killed while running or suspended, and rejected requests: llama.cpp's cells return to zero."""
+    d = start(start_daemon, gguf, "--slots", "4", "--quantum-tokens", "2", "--ctx-size", "1024",
+              "--heartbeat-s", "0.05")  # fmt: skip
+    short = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    too_long = [{"role": "user", "content": "word " * 1200}]
+    outcomes = collections.Counter()
+
+    async def one(c, i):
+        kind = i % 4
+        try:
+            if kind == 3:
+                await c.chat(too_long, max_tokens=2)
+            elif kind == 2:  # killed after its first token (running, or suspended in the cache) or cancelled
+                cid = await c.submit(short, max_tokens=200)
+                pid = None
+                async for ev in c.events(cid):
+                    pid = ev.data["pid"] if ev.event == "accepted" else pid
+                    if ev.event == "token":
+                        break
+                if i % 8 == 2:
+                    await c.kill(pid)
+                else:
+                    await c.cancel(cid)
+                outcomes["killed"] += 1
+                return
+            else:
+                await c.chat(short, max_tokens=1 + kind)
+            outcomes["finished"] += 1
+        except ClientError as exc:
+            outcomes[exc.code] += 1
+
+    async def main():
+        async with d.aclient() as c:
+            for start_i in range(0, 1000, 50):
+                await asyncio.gather(*(one(c, i) for i in range(start_i, start_i + 50)))
+
+    asyncio.run(main())
+    assert outcomes["context_length_exceeded"] == 250
+    with d.client() as c:
+        st = settled_stats(c)
+    assert st["kv_cells_used"] == 0, st
+    assert sum(t["count"] for t in st["contexts"]["tiers"].values()) == 0
+
+
+def test_prompt_longer_than_the_context_fails_before_compute(gguf, start_daemon):
+    d = start(start_daemon, gguf, "--ctx-size", "256", "--heartbeat-s", "0.05")
+    with d.client() as c:
+        with pytest.raises(ClientError) as err:
+            c.chat("tell me " * 300, max_tokens=4)
+        assert err.value.code == "context_length_exceeded"
+        assert "256" in err.value.message  # llama.cpp rounds the cache up to 256 cells
+        assert worker_stats(c)["prefill_tokens"] == 0
+        r = c.chat(messages(PROMPTS[4]), max_tokens=500)  # fits, then runs into the context's end
+        assert r.finish_reason in ("length", "stop")
+        assert r.usage["total_tokens"] <= 256
+
+
+def test_json_schema_and_tools_survive_preemption(gguf, start_daemon):
+    from tests.test_structured import FORMAT, SCHEMA, WEATHER
+
+    d = start(start_daemon, gguf, "--slots", "2", "--quantum-tokens", "2")
+
+    async def both():
+        async with d.aclient() as c:
+            js = [c.chat(messages(f"Question {i}: is it raining?"), max_tokens=60, response_format=FORMAT)
+                  for i in range(3)]  # fmt: skip
+            tool = c.chat(messages("Weather in Oslo?"), max_tokens=40, tools=[WEATHER], tool_choice="required")
+            return await asyncio.gather(*js, tool)
+
+    *js, tool = asyncio.run(both())
+    for r in js:
+        jsonschema.validate(json.loads(r.text), SCHEMA)
+        assert r.stats["preemptions"] > 0
+    assert tool.finish_reason == "tool_calls"
+    call = tool.tool_calls[0]["function"]
+    assert call["name"] == "get_weather" and json.loads(call["arguments"])["city"] in ("Paris", "Rome", "Oslo")
+
+
+def test_session_keeps_its_sequence_resident(gguf, start_daemon):
+    d = start(start_daemon, gguf)
+    convo = [{"role": "user", "content": "Name a fruit."}]
+    with d.client() as c:
+        first = c.chat(list(convo), max_tokens=8, session="s1")
+        convo += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And a color?"}]
+        second = c.chat(list(convo), max_tokens=8, session="s1")
+    assert first.stats["prompt_tokens_reused"] == 0
+    assert second.stats["prompt_tokens_reused"] >= first.usage["prompt_tokens"]
+    assert second.stats["prompt_tokens_computed"] < second.usage["prompt_tokens"] - first.usage["prompt_tokens"] + 8
+
+
+def greedy_alone(gguf, prompts: list[str], n: int) -> list[list[int]]:
+    """Each prompt alone, greedy, in a plain llama.cpp loop of single-row decodes (one thread)."""
+    from backends import chat
+    from backends.llama_model import LlamaModel
+    from backends.llamacpp_engine import load_tokenizer
+
+    tok, m = load_tokenizer(gguf), LlamaModel(str(gguf), slots=1, threads=1)
+    eog, out = m.eog_ids, []
+    try:
+        for p in prompts:
+            sid, ids, gen = m.acquire(), chat.render(tok, messages(p)), []
+            logits = m.decode([(sid, 0, ids)])
+            while len(gen) < n and (not gen or gen[-1] not in eog):
+                gen.append(int(logits[0].argmax()))
+                logits = m.decode([(sid, len(ids) + len(gen) - 1, gen[-1:])])
+            m.release(sid, len(ids) + len(gen))
+            out.append(gen)
+    finally:
+        m.close()
+    return out
+
+
+def test_migration_between_llamacpp_workers_changes_nothing(gguf, start_daemon):
+    """As tests/test_migration.py for the HF engine: a context waiting on a busy worker moves to a free one."""
+    prompts = [f"Request number {i}: tell me something." for i in range(3)]
+    refs = greedy_alone(gguf, prompts, 60)
+    d = start(start_daemon, gguf, "--workers", "2", "--quantum-tokens", "2", "--snapshot-tier", "host")
+    with d.client() as c:
+        cids = [c.submit(messages(p), max_tokens=60) for p in prompts]
+        streams = [c.events(cid) for cid in cids]
+        pids = [next(s).data["pid"] for s in streams]
+        deadline = time.monotonic() + 120
+        while True:
+            rows = {r["pid"]: r for r in c.ps()["requests"] if r["pid"] in pids}
+            homes = collections.Counter(r["worker"] for r in rows.values())
+            if len(rows) == 3 and all(r["quanta"] >= 1 for r in rows.values()) and sorted(homes.values()) == [1, 2]:
+                break
+            assert time.monotonic() < deadline, rows
+            time.sleep(0.01)  # polling ps with a deadline, not synchronising on a guess
+        lone = next(pid for pid, r in rows.items() if homes[r["worker"]] == 1)
+        c.kill(lone)
+        results = {pid: result_of(list(s)) if pid != lone else list(s) for pid, s in zip(pids, streams, strict=True)}
+    results.pop(lone)
+    migrated = [e for r in results.values() for e in r.events if e.event == "resumed" and e.data.get("migrated")]
+    assert len(migrated) >= 1
+    for pid, ref in zip(pids, refs, strict=True):
+        if pid in results:
+            assert results[pid].token_ids == ref
+            assert results[pid].stats["prompt_tokens_computed"] == results[pid].usage["prompt_tokens"]
