@@ -59,6 +59,36 @@ class PrefillLine:
                 self.engine.fail(seq, exc)
             budget -= max(seq.prefilled - before, 1)
 
+    def plan(self) -> list[tuple[Sequence, list[int]]]:
+        """One step's budget of prefill as chunks, in line order, for an engine that feeds them itself.
+
+        llama.cpp feeds them in the same ``llama_decode`` as the decode rows (one pass over the
+        weights per step, as llama-server does); each fed chunk is then reported with ``fed``.
+        """
+        budget, out = self.chunk, []
+        for seq in self.seqs:
+            if budget <= 0:
+                break
+            if self._fits_whole(seq) and len(seq.context_ids) > budget:
+                continue
+            ids = seq.context_ids[seq.prefilled : seq.prefilled + budget]
+            out.append((seq, ids))
+            budget -= len(ids)
+        return out
+
+    def fed(self, seq: Sequence, n: int, logits, seconds: float) -> None:
+        """A planned chunk of ``n`` tokens went through the model: count it; a complete row joins the batch."""
+        engine = self.engine
+        engine.prefilled(n, seconds)
+        seq.quantum.charge(seconds)
+        seq.prefilled += n
+        seq.prefill_computed += n
+        if seq.prefilled < len(seq.context_ids):
+            return
+        self.seqs.remove(seq)
+        seq.logits, state, seq.partial = logits, engine.settle(seq.partial), None
+        engine.join(seq, state)
+
     def _feed(self, seq: Sequence, budget: int) -> None:
         """Feed the next chunk of a slot's context; when complete, the slot joins the batch."""
         engine, ids = self.engine, seq.context_ids

@@ -158,7 +158,8 @@ def _sweep_point(
     if policy in rejected:
         return _point(policy, ql, "quantad", error=rejected[policy])
     log = out / "logs" / f"{policy}-q{ql}.log"
-    server = QuantadServer(model_dir, policy, q, log, cfg.slots, cfg.workers, cfg.serve_args)
+    model = cfg.model if serves_gguf(cfg) else model_dir  # llama.cpp workers load the GGUF itself
+    server = QuantadServer(model, policy, q, log, cfg.slots, cfg.workers, cfg.serve_args)
     try:
         server.wait_ready()
         recs, costs = asyncio.run(_quantad_point(server.endpoint, workload, cfg, label(policy, ql)))
@@ -170,6 +171,12 @@ def _sweep_point(
         return _point(policy, ql, "quantad", error=msg)
     finally:
         server.stop()
+
+
+def serves_gguf(cfg: BenchConfig) -> bool:
+    """Whether the sweep's daemons run ``--backend llamacpp`` (given through ``--serve-arg``)."""
+    args = " ".join(cfg.serve_args).replace("=", " ").split()
+    return any(a == "--backend" and b == "llamacpp" for a, b in zip(args, args[1:], strict=False))
 
 
 def _start_peer(name: str, cfg: BenchConfig, model_dir: str | None, out: Path) -> tuple[HttpServer, OpenAITarget]:
