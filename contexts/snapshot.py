@@ -43,7 +43,7 @@ class Snapshot:
     def __post_init__(self) -> None:
         if not self.tokens and isinstance(self.layers, Resident):
             self.tokens = self.layers.tokens
-        elif not self.tokens and self.layers:
+        elif not self.tokens and self.layers and self.layers[0][0].dim() >= 2:
             self.tokens = int(self.layers[0][0].shape[-2])
 
     @property

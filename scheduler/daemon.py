@@ -187,10 +187,12 @@ class Daemon:
     def announce_ready(self) -> None:
         """Every worker is up for the first time: serving."""
         self.ready.set()
-        log.info("event=ready endpoint=%s", self.cfg.endpoint)
+        spec = self.cfg.spec
+        log.info("event=ready endpoint=%s backend=%s model=%s", self.cfg.endpoint, spec.backend, spec.model)
         sd_notify.notify("READY=1", status_line(self))
         if not under_journald():  # for a person (and scripts) watching a terminal
-            print(f"quantad: ready on {self.cfg.endpoint}", file=sys.stderr, flush=True)
+            engine = f"{spec.backend} engine, {spec.slots} slot(s), model {spec.model}"
+            print(f"quantad: ready on {self.cfg.endpoint} ({engine})", file=sys.stderr, flush=True)
 
     async def _status_loop(self) -> None:
         last = None

@@ -1,0 +1,107 @@
+"""Four servers side by side on two workloads: quantad on llama.cpp, llama-server, quantad on HF, transformers serve.
+
+One command, one run: for each workload the harness (``benchmarks.harness``) drives quantad with
+``--backend llamacpp`` (round robin and MLFQ at a 100 ms quantum) beside llama.cpp's own
+``llama-server``, then quantad's HF engine (round robin) beside ``transformers serve``, all with
+the same seeded requests and 16 slots.  Workloads:
+
+* ``burst``: 32 requests x 128 tokens, all at once (the issue's first figure);
+* ``heavy-tail``: 64 requests arriving as a Poisson process at 2/s, 10% of 300-400 tokens and 90% of
+  16-48.  At 2/s llama-server's 16 slots queue: its long requests hold slots for 2-3 s each while
+  short ones keep arriving (its own p99 TTFT of the short ones shows the wait).
+
+``python -m benchmarks.engines [--quick] [--out DIR]`` prints one table per workload, ratios
+against llama-server's row; each server's full report is under ``DIR/<workload>/<engine>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import table
+from benchmarks.harness.config import BenchConfig
+from benchmarks.harness.runner import run
+
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "burst": {"workload": "uniform", "uniform_tokens": (128, 128), "requests": 32, "rate": 1000.0},
+    "heavy-tail": {
+        "workload": "heavy-tail",
+        "requests": 64,
+        "rate": 2.0,
+        "short_tokens": (16, 48),
+        "long_tokens": (300, 400),
+        "long_fraction": 0.1,
+    },
+}
+ENGINES: dict[str, dict[str, Any]] = {
+    "llamacpp": {"policies": ["rr", "mlfq"], "peer": ["llama-server"], "serve_args": ["--backend=llamacpp"]},
+    "hf": {"policies": ["rr"], "peer": ["transformers"]},
+}
+COLUMNS = (
+    ("mean JCT s", "overall.jct_s.mean"),
+    ("p99 JCT s", "overall.jct_s.p99"),
+    ("p99 TTFT s", "overall.ttft_s.p99"),
+    ("p99 TTFT short s", "by_class.short.ttft_s.p99"),
+    ("tok/s", "throughput.tokens_per_s"),
+)
+
+
+def _get(point: dict, path: str) -> float | None:
+    v: Any = point.get("metrics", {})
+    for k in path.split("."):
+        v = v.get(k) if isinstance(v, dict) else None
+    return v
+
+
+def _name(engine: str, point: dict) -> str:
+    if point["target"] != "quantad":
+        return point["label"].replace(" (peer)", "")
+    return f"quantad {engine} {point['label']}"
+
+
+def measure(out: Path, quick: bool) -> dict[str, list[tuple[str, dict]]]:
+    rows: dict[str, list[tuple[str, dict]]] = {}
+    for wl, shape in WORKLOADS.items():
+        if quick:
+            shape = shape | {"requests": shape["requests"] // 4}
+        rows[wl] = []
+        for engine, opts in ENGINES.items():
+            cfg = BenchConfig(**shape, **opts, quanta=[100.0], slots=16, out=str(out / wl / engine))
+            for p in run(cfg)["points"]:
+                rows[wl].append((_name(engine, p), p))
+    return rows
+
+
+def report(rows: dict[str, list[tuple[str, dict]]]) -> str:
+    parts = []
+    for wl, points in rows.items():
+        ref = next((p for name, p in points if name == "llama-server" and not p.get("error")), None)
+        body = []
+        for name, p in points:
+            if p.get("error"):
+                body.append([name, *["failed"] * len(COLUMNS), "-"])
+                continue
+            cells = []
+            for _, path in COLUMNS:
+                v, r = _get(p, path), _get(ref, path) if ref else None
+                cells.append("-" if v is None else f"{v:.2f}" + (f" ({v / r:.2f})" if r else ""))
+            body.append([name, *cells, str(_get(p, "preemptions.total") or 0)])
+        head = ["server", *[c for c, _ in COLUMNS], "preemptions"]
+        parts.append(f"## {wl} (ratios: / llama-server)\n\n" + table(head, body))
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.engines", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a quarter of the requests")
+    ap.add_argument("--out", default="bench-results/engines", help="directory for each server's full report")
+    args = ap.parse_args(argv)
+    print(report(measure(Path(args.out), args.quick)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
