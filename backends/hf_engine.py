@@ -28,6 +28,7 @@ class HFEngine(LocalEngine):
         self.tokenizer = self.model.tokenizer
         self.eos_ids = self.model.eos_ids
         self.model_name = str(self.model.model.name_or_path)
+        self.max_context = getattr(self.model.config, "max_position_embeddings", None)
         self.batch = Batch(self.model.model, self.model.config)
         super().__init__(spec, send, ctx)
 
