@@ -10,8 +10,10 @@ The hooks of ``backends.local.LocalEngine`` on llama.cpp (``backends.llama_model
   sequence's ``llama_state_seq_get_data`` bytes and its token count;
 * ``forward`` is one ``llama_decode`` of one token per row; ``prefill_many`` one of several prompts.
 
-When the cache lacks cells or sequence ids for what comes next, the least recently used
-suspended sequences are evicted to the host tier first (``ContextManager.evict_device``).
+Each sequence id has a stream of the cache of its own (``backends.llama_model``), so a
+suspended sequence costs the running rows nothing; when a new row needs an id and none is
+free, the least recently used suspended sequences are evicted to the host tier first
+(``ContextManager.evict_device``).
 The tokenizer is HuggingFace's, read from the GGUF itself (so grammars, the detokenizer and
 the chat template are the HF engine's), cached beside the converted models.
 """
@@ -38,14 +40,6 @@ from ipc import messages as M
 from ipc.worker_spec import WorkerSpec
 
 log = logging.getLogger("quantad.worker")
-
-# Suspended sequences cost compute while they stay in the cache: every decode step's attention spans
-# every used cell (llama.cpp's n_kv is the highest one in use), so 16 rows decoded 14% slower beside 16
-# suspended ones of the same length, and 36% slower beside 48 (measured here).  Moving one out costs a
-# memcpy of its bytes once (0.25 ms for 4.4 MB).  So the suspended keep at most this share of the
-# running rows' cells (and at least ``RESIDENT_MIN`` cells), the least recently used moving to host.
-RESIDENT_SHARE = 0.25
-RESIDENT_MIN = 512
 
 
 class Slot(Resident):
@@ -108,30 +102,15 @@ class LlamaCppEngine(LocalEngine):
         )  # fmt: skip
 
     # ---- room in the cache ----------------------------------------------------------------
-    def _room(self, cells: int, ids: int = 0) -> None:
-        """Make room for ``cells`` more tokens and ``ids`` new sequences, evicting suspended ones (LRU)."""
+    def _room(self, ids: int) -> None:
+        """Make room for ``ids`` new sequences (each has a stream of its own), evicting suspended ones (LRU)."""
         m = self.model
 
         def enough() -> bool:
-            return m.free_cells >= cells and len(m.free_ids) >= ids
+            return len(m.free_ids) >= ids
 
         if not self._evict(enough):
-            raise KVFull(f"no room in llama.cpp's cache for {cells} tokens ({m.free_cells} of {m.n_ctx} cells free)")
-
-    def preempt(self, rid: int) -> None:
-        super().preempt(rid)
-        self._trim_resident()
-
-    def _trim_resident(self) -> None:
-        """Evict suspended sequences beyond their share of the cache (see ``RESIDENT_SHARE``)."""
-        active = sum(s.tokens for s in self._slots.values())
-        active += sum(s.partial.tokens for s in self.line.seqs if isinstance(s.partial, Slot))
-        limit = max(RESIDENT_MIN, int(RESIDENT_SHARE * active))
-
-        def enough() -> bool:
-            return self.model.held - active <= limit
-
-        self._evict(enough)
+            raise KVFull(f"all {m.n_seq_max} llama.cpp sequence ids are in use")
 
     def _evict(self, enough) -> bool:
         """Move suspended sequences out of the cache (LRU) until ``enough()``; tell the daemon where they went."""
@@ -145,11 +124,10 @@ class LlamaCppEngine(LocalEngine):
         return enough()
 
     def _new_slot(self, cells: int) -> Slot:
-        self._room(cells, ids=1)
+        self._room(ids=1)
         return Slot(self.model, self.model.acquire())
 
     def _run(self, rows: list[tuple[Slot, list[int]]]) -> torch.Tensor:
-        self._room(sum(len(t) for _, t in rows))
         logits = self.model.decode([(s.sid, s.tokens, t) for s, t in rows])
         for s, t in rows:
             s.tokens += len(t)
@@ -179,7 +157,6 @@ class LlamaCppEngine(LocalEngine):
         try:
             for ids in rows:
                 slots.append(self._new_slot(len(ids)))
-            self._room(sum(len(r) for r in rows))
             logits = self._run(list(zip(slots, rows, strict=True)))
         except Exception:
             for s in slots:

@@ -44,7 +44,7 @@ class WorkerSpec:
     peer_endpoint: str = "auto"  # inbox for migrating contexts (auto: beside an ipc:// endpoint; '': none)
     # llama.cpp.
     threads: int = 0  # compute threads (0: every core)
-    ctx_size: int = 0  # cells of the unified KV cache, shared by every sequence (0: 32768)
+    ctx_size: int = 0  # cells of the KV cache, split evenly between the sequence ids (0: 2048 per id)
     # OpenAI-compatible endpoints.
     base_url: str | None = None
     api_key_env: str | None = None
@@ -93,7 +93,7 @@ HELP = {
     "state_dir": "this worker's own directory for disk snapshots (none: no disk tier)",
     "prefill_chunk": "prompt tokens fed per step (chunked prefill)",
     "threads": "llama.cpp compute threads (0: every core)",
-    "ctx_size": "llama.cpp: cells of the unified KV cache every sequence shares (0: 32768)",
+    "ctx_size": "llama.cpp: cells of the KV cache, split evenly between its sequence ids (0: 2048 per id)",
     "peer_endpoint": "where other workers push migrating contexts (auto: beside an ipc:// --endpoint; '': none)",
     "base_url": "the API's base URL, e.g. http://127.0.0.1:8000/v1",
     "api_key_env": "environment variable holding the API key (default: OPENAI_API_KEY)",

@@ -184,7 +184,8 @@ def _worker_flags(s: argparse.ArgumentParser) -> None:
         "--ctx-size",
         type=int,
         default=W.ctx_size,
-        help="--backend llamacpp: cells of each worker's KV cache, shared by its sequences (0: 32768)",
+        help="--backend llamacpp: cells of each worker's KV cache, split evenly between its sequence ids "
+        "(slots + max(2, slots/2) of them; 0: 2048 per id); a request's context is one id's share",
     )
     s.add_argument("--max-restarts", type=int, default=5, help="restarts of a dying worker before giving up")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
