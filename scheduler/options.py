@@ -209,7 +209,7 @@ def _api_flags(a: argparse._ArgumentGroup) -> None:
         default=W.backend,
         choices=BACKENDS,
         help="hf: local HuggingFace workers (safetensors, or a GGUF converted once; CUDA through torch); "
-        "llamacpp: a GGUF run by llama.cpp in each worker (the fastest on a CPU); "
+        "llamacpp: a GGUF run by llama.cpp in each worker (quantized weights, llama.cpp's kernels); "
         "openai: workers streaming from an OpenAI-compatible API",
     )
     a.add_argument("--base-url", help="the API's base URL, e.g. http://127.0.0.1:8000/v1")
