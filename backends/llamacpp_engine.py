@@ -123,7 +123,7 @@ class LlamaCppEngine(LocalEngine):
                 self.send(M.Context(rid=mv.key, tier=mv.tier, bytes=mv.nbytes))
         return enough()
 
-    def _new_slot(self, cells: int) -> Slot:
+    def _new_slot(self) -> Slot:
         self._room(ids=1)
         return Slot(self.model, self.model.acquire())
 
@@ -141,7 +141,7 @@ class LlamaCppEngine(LocalEngine):
         return chat.without_eos(logits, self.eos_ids)
 
     def prefill(self, ids: list[int], partial: Slot | None) -> tuple[Slot, torch.Tensor]:
-        slot = self._new_slot(len(ids)) if partial is None else partial
+        slot = self._new_slot() if partial is None else partial
         logits = None
         try:
             for i in range(0, len(ids), self.model.n_batch):
@@ -155,8 +155,8 @@ class LlamaCppEngine(LocalEngine):
     def prefill_many(self, rows: list[list[int]]) -> list[tuple[State, torch.Tensor]]:
         slots: list[Slot] = []
         try:
-            for ids in rows:
-                slots.append(self._new_slot(len(ids)))
+            for _ in rows:
+                slots.append(self._new_slot())
             logits = self._run(list(zip(slots, rows, strict=True)))
         except Exception:
             for s in slots:
@@ -184,7 +184,7 @@ class LlamaCppEngine(LocalEngine):
         """A host-form state back in the cache, under a new sequence id."""
         ((data, count),) = state
         tokens = int(count[0])
-        slot = self._new_slot(tokens)
+        slot = self._new_slot()
         try:
             self.model.set_state(slot.sid, data, tokens)
         except Exception:
@@ -215,11 +215,7 @@ class LlamaCppEngine(LocalEngine):
             return
         self._merged = True
         try:
-            self._decode()
-        except Exception as exc:  # a failed batched step fails the rows it ran
-            log.exception("decode step failed")
-            for seq in list(self.rows()):
-                self.fail(seq, exc)
+            self._decode_step()
         finally:
             self._merged = False
 
@@ -242,7 +238,7 @@ class LlamaCppEngine(LocalEngine):
         out = []
         for seq, ids in self.line.plan():
             try:
-                slot = seq.partial if seq.partial is not None else self._new_slot(len(ids))
+                slot = seq.partial if seq.partial is not None else self._new_slot()
             except KVFull as exc:
                 self.fail(seq, exc)
                 continue

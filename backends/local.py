@@ -68,7 +68,6 @@ class LocalEngine(Engine, ModelHooks):
         self.sessions = Sessions(self)
         self.prefill_tokens = 0  # every token through the model: tests prove a resume recomputed nothing
         self.decode_tokens = 0
-        self.ended = 0  # requests finished, failed or cancelled here
         self.beats = 0  # heartbeats sent: a test waits for one sent after a moment it knows
         self._structurer: Structurer | None = None
         self._step_logits: torch.Tensor | None = None  # the last decode step's [B, vocab] output
@@ -97,13 +96,11 @@ class LocalEngine(Engine, ModelHooks):
             else:
                 seq = self.admit(run)
         except P.ProtocolError as exc:  # the request itself is wrong (a prompt too long for the context)
-            self.ended += 1
             self.contexts.discard(rid)
             self.send(M.Failed(rid=rid, code=exc.code, message=exc.message))
             return
         except Exception as exc:  # a bad prompt must not kill the worker
             log.exception("cannot start request %s", rid)
-            self.ended += 1
             self.contexts.discard(rid)
             self.send(M.Failed(rid=rid, code=P.E_INTERNAL, message=f"{type(exc).__name__}: {exc}"))
             return
@@ -143,7 +140,6 @@ class LocalEngine(Engine, ModelHooks):
                 self.send(M.Context(rid=m.key, tier=m.tier, bytes=m.nbytes))
 
     def cancel(self, rid: int) -> None:
-        self.ended += 1
         seq = self.running.pop(rid, None)
         if seq is not None:
             self._release(seq, keep=False)
@@ -162,7 +158,6 @@ class LocalEngine(Engine, ModelHooks):
             "contexts": self.contexts.stats(),
             "prefill_tokens": self.prefill_tokens,
             "decode_tokens": self.decode_tokens,
-            "requests_ended": self.ended,
             "rss_bytes": psutil.Process().memory_info().rss,
             "host_available_bytes": psutil.virtual_memory().available,
         }
@@ -174,12 +169,16 @@ class LocalEngine(Engine, ModelHooks):
         """One scheduling step: a budget of prefill, then one decode step for the whole batch."""
         self.line.run()
         if self._decoding():
-            try:
-                self._decode()
-            except Exception as exc:  # a failed batched step fails the rows it ran
-                log.exception("decode step failed")
-                for seq in list(self.rows()):
-                    self.fail(seq, exc)
+            self._decode_step()
+
+    def _decode_step(self) -> None:
+        """One decode step for the whole batch; a failed batched step fails the rows it ran."""
+        try:
+            self._decode()
+        except Exception as exc:
+            log.exception("decode step failed")
+            for seq in list(self.rows()):
+                self.fail(seq, exc)
 
     def sockets(self) -> list[zmq.Socket]:
         sock = self.migration.peers.sock
@@ -258,7 +257,6 @@ class LocalEngine(Engine, ModelHooks):
         return None
 
     def fail(self, seq: Sequence, exc: Exception) -> None:
-        self.ended += 1
         self.running.pop(seq.rid, None)
         self._release(seq, keep=False)
         self.send(M.Failed(rid=seq.rid, code=P.E_INTERNAL, message=f"{type(exc).__name__}: {exc}"))
@@ -309,6 +307,5 @@ class LocalEngine(Engine, ModelHooks):
             self.send(M.QuantumEnd(rid=seq.rid, emitted=len(seq.generated), prompt_tokens=len(seq.prompt_ids)))
 
     def _finish(self, seq: Sequence, reason: str, kept: bool = False) -> None:
-        self.ended += 1
         self.running.pop(seq.rid, None)
         self.send(seq.finished(reason, kept))

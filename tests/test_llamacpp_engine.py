@@ -20,6 +20,7 @@ import pytest
 
 from ipc.client import ClientError, result_of
 from tests.conftest import PROMPTS, DaemonProc, messages
+from tests.test_migration import lone_request
 
 pytest.importorskip("llama_cpp")
 
@@ -257,15 +258,7 @@ def test_migration_between_llamacpp_workers_changes_nothing(gguf, start_daemon):
         cids = [c.submit(messages(p), max_tokens=60) for p in prompts]
         streams = [c.events(cid) for cid in cids]
         pids = [next(s).data["pid"] for s in streams]
-        deadline = time.monotonic() + 120
-        while True:
-            rows = {r["pid"]: r for r in c.ps()["requests"] if r["pid"] in pids}
-            homes = collections.Counter(r["worker"] for r in rows.values())
-            if len(rows) == 3 and all(r["quanta"] >= 1 for r in rows.values()) and sorted(homes.values()) == [1, 2]:
-                break
-            assert time.monotonic() < deadline, rows
-            time.sleep(0.01)  # polling ps with a deadline, not synchronising on a guess
-        lone = next(pid for pid, r in rows.items() if homes[r["worker"]] == 1)
+        lone = lone_request(c, pids)
         c.kill(lone)
         results = {pid: result_of(list(s)) if pid != lone else list(s) for pid, s in zip(pids, streams, strict=True)}
     results.pop(lone)

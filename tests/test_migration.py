@@ -14,6 +14,18 @@ PROMPTS = [f"Request number {i}: tell me something." for i in range(3)]
 MAX_TOKENS = 40
 
 
+def lone_request(c, pids: list[int]) -> int:
+    """Once all three requests have run and two share one worker's slot, the one alone on the other."""
+    deadline = time.monotonic() + 120
+    while True:
+        rows = {r["pid"]: r for r in c.ps()["requests"] if r["pid"] in pids}
+        homes = collections.Counter(r["worker"] for r in rows.values())
+        if len(rows) == 3 and all(r["quanta"] >= 1 for r in rows.values()) and sorted(homes.values()) == [1, 2]:
+            return next(pid for pid, r in rows.items() if homes[r["worker"]] == 1)
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.01)  # polling ps with a deadline, not synchronising on a guess
+
+
 @pytest.mark.parametrize("transport", ["ipc", "tcp"])
 def test_migrating_contexts_changes_nothing(transport, tiny_model_dir, start_daemon):
     """Three requests on two one-slot workers: two share a worker turn by turn (a waiting request
@@ -29,15 +41,7 @@ def test_migrating_contexts_changes_nothing(transport, tiny_model_dir, start_dae
         cids = [c.submit(messages(p), max_tokens=MAX_TOKENS) for p in PROMPTS]
         streams = [c.events(cid) for cid in cids]
         pids = [next(s).data["pid"] for s in streams]  # accepted
-        deadline = time.monotonic() + 120
-        while True:  # until every request has run and the homes are two on one worker, one on the other
-            rows = {r["pid"]: r for r in c.ps()["requests"] if r["pid"] in pids}
-            homes = collections.Counter(r["worker"] for r in rows.values())
-            if len(rows) == 3 and all(r["quanta"] >= 1 for r in rows.values()) and sorted(homes.values()) == [1, 2]:
-                break
-            assert time.monotonic() < deadline, rows
-            time.sleep(0.01)  # polling ps with a deadline, not synchronising on a guess
-        lone = next(pid for pid, r in rows.items() if homes[r["worker"]] == 1)
+        lone = lone_request(c, pids)
         c.kill(lone)
         results = {pid: result_of(list(s)) if pid != lone else list(s) for pid, s in zip(pids, streams, strict=True)}
     assert results.pop(lone)[-1].event == "cancelled"
