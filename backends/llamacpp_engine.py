@@ -34,6 +34,7 @@ from backends.engine import Send
 from backends.llama_model import KVFull, LlamaModel
 from backends.local import LocalEngine, State
 from backends.model_store import cache_root
+from backends.seq_ids import packing
 from backends.sequence import Sequence
 from contexts.resident import Layers, Resident
 from ipc import messages as M
@@ -94,6 +95,7 @@ class LlamaCppEngine(LocalEngine):
         self._rows: list[Sequence] = []
         self._slots: dict[int, Slot] = {}  # the batch's rows' slots, by request id
         self.evictions = 0
+        self.swaps = 0  # sequence ids exchanged to keep a step's rows side by side
         self._merged = False  # inside a step whose decode also feeds the prefill line
         super().__init__(spec, send, ctx)
         log.info(
@@ -125,9 +127,22 @@ class LlamaCppEngine(LocalEngine):
 
     def _new_slot(self) -> Slot:
         self._room(ids=1)
-        return Slot(self.model, self.model.acquire())
+        slot = Slot(self.model, -1)
+        slot.sid = self.model.acquire(owner=slot)
+        return slot
+
+    def _pack(self, slots: list[Slot]) -> None:
+        """Put the step's rows on consecutive sequence ids (one micro-batch: ``LlamaModel.swap``)."""
+        m = self.model
+        for a, b in packing({s.sid for s in slots}, m.n_seq_max, lambda i: getattr(m.owners.get(i), "tokens", 0)):
+            m.swap(a, b)
+            for sid in (a, b):
+                if sid in m.owners:
+                    m.owners[sid].sid = sid
+            self.swaps += 1
 
     def _run(self, rows: list[tuple[Slot, list[int]]]) -> torch.Tensor:
+        self._pack([s for s, _ in rows])
         logits = self.model.decode([(s.sid, s.tokens, t) for s, t in rows])
         for s, t in rows:
             s.tokens += len(t)
@@ -253,6 +268,7 @@ class LlamaCppEngine(LocalEngine):
             "kv_cells_used": m.cells_in_use(),
             "kv_seq_ids_free": len(m.free_ids),
             "kv_evictions": self.evictions,
+            "kv_id_swaps": self.swaps,
         }
 
     def close(self) -> None:

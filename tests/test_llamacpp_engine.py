@@ -125,6 +125,46 @@ def test_state_bytes_restore_exactly(gguf):
         m.close()
 
 
+def test_swapped_sequence_ids_keep_their_cells_and_owners(gguf):
+    """``swap`` moves a sequence to another id (free or held) with the same next logits; owners follow."""
+    from backends import chat
+    from backends.llama_model import LlamaModel
+    from backends.llamacpp_engine import load_tokenizer
+    from backends.seq_ids import packing
+
+    m = LlamaModel(str(gguf), slots=2, ctx_size=2048, threads=1)
+    try:
+        ids = chat.render(load_tokenizer(gguf), messages(PROMPTS[0]))
+        a, b, c = m.acquire("A"), m.acquire("B"), m.acquire("C")
+        m.decode([(a, 0, ids)])
+        m.decode([(c, 0, ids[:20])])
+        data = m.get_state(a)
+        free = m.free_ids[0]
+        m.swap(a, free)  # to a free id: ``a`` is free now
+        assert m.owners[free] == "A" and a in m.free_ids and free not in m.free_ids
+        m.swap(free, c)  # with a held id: the two exchange
+        assert m.owners[c] == "A" and m.owners[free] == "C"
+        m.set_state(a, data, len(ids))  # the untouched copy, for the reference logits
+        assert torch_equal(m.decode([(c, len(ids), [42])]), m.decode([(a, len(ids), [42])]))
+        rows = m.decode([(free, 20, [7]), (c, len(ids) + 1, [7])])  # unsorted rows: logits in row order
+        assert torch_equal(rows[1], m.decode([(a, len(ids) + 1, [7])])[0])
+        assert m.cells_in_use() == 2 * (len(ids) + 2) + 21
+        for sid in (a, b, c, free):
+            m.release(sid)
+        assert m.cells_in_use() == 0
+    finally:
+        m.close()
+    assert packing({0, 1, 2}, 8, lambda i: 0) == []
+    assert packing({0, 2, 4}, 6, lambda i: 0) == [(4, 1)]
+    assert packing({0, 5}, 6, lambda i: 10 if i == 1 else 0) == [(0, 4)]  # not over the held id 1
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return torch.equal(x, y)
+
+
 def test_batched_rows_recompute_nothing_and_free_everything(gguf, start_daemon):
     d = start(start_daemon, gguf, "--slots", "3", "--quantum-tokens", "2", "--heartbeat-s", "0.05")
     results = asyncio.run(run_all(d))
