@@ -7,8 +7,11 @@ the same seeded requests and 16 slots.  Workloads:
 
 * ``burst``: 32 requests x 128 tokens, all at once (the issue's first figure);
 * ``heavy-tail``: 64 requests arriving as a Poisson process at 2/s, 10% of 300-400 tokens and 90% of
-  16-48.  At 2/s llama-server's 16 slots queue: its long requests hold slots for 2-3 s each while
-  short ones keep arriving (its own p99 TTFT of the short ones shows the wait).
+  16-48 (the issue's own workload); llama-server's slots hardly queue at this load (p99 TTFT of
+  its short requests ~1.1 s, its prefill of the prompt that just arrived);
+* ``queueing``: the load chosen so that llama-server's 16 slots do queue: 3/s, 25% long, prompts of
+  ~20 words (~70 tokens, so that prefill is not the whole machine); its short requests then wait
+  up to 8 s for a slot held by long ones.
 
 ``python -m benchmarks.engines [--quick] [--out DIR]`` prints one table per workload, ratios
 against llama-server's row; each server's full report is under ``DIR/<workload>/<engine>/``.
@@ -35,9 +38,18 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         "long_tokens": (300, 400),
         "long_fraction": 0.1,
     },
+    "queueing": {
+        "workload": "heavy-tail",
+        "requests": 64,
+        "rate": 3.0,
+        "short_tokens": (16, 48),
+        "long_tokens": (300, 400),
+        "long_fraction": 0.25,
+        "prompt_words": 20,
+    },
 }
 ENGINES: dict[str, dict[str, Any]] = {
-    "llamacpp": {"policies": ["rr", "mlfq"], "peer": ["llama-server"], "serve_args": ["--backend=llamacpp"]},
+    "llamacpp": {"policies": ["rr", "mlfq", "srpt"], "peer": ["llama-server"], "serve_args": ["--backend=llamacpp"]},
     "hf": {"policies": ["rr"], "peer": ["transformers"]},
 }
 COLUMNS = (

@@ -134,7 +134,8 @@ def _scheduling_flags(s: argparse.ArgumentParser) -> None:
         default="rr",
         choices=POLICY_NAMES,
         help="scheduling policy: rr, fifo (infinite quantum), mlfq (feedback queue with skip-join), "
-        "fair (virtual token counters across agents), plas (least attained service per program); "
+        "fair (virtual token counters across agents), plas (least attained service per program), "
+        "srpt (fewest tokens left to generate first, by max_tokens); "
         "see docs/policies.md",
     )
     s.add_argument(

@@ -15,7 +15,7 @@ from typing import Any
 from ipc.messages import Quantum  # the wire's record, also ``scheduler.policy.Quantum``
 from scheduler.request import Request
 
-POLICY_NAMES = ("rr", "fifo", "mlfq", "fair", "plas")
+POLICY_NAMES = ("rr", "fifo", "mlfq", "fair", "plas", "srpt")
 
 
 def nice_weight(nice: int) -> float:
@@ -111,6 +111,7 @@ def policy_class(name: str) -> type[Policy]:
     from scheduler.fair import VirtualTokenCounter
     from scheduler.mlfq import Mlfq
     from scheduler.plas import Plas
+    from scheduler.srpt import ShortestRemaining
 
     classes: dict[str, type[Policy]] = {
         "rr": RoundRobin,
@@ -118,6 +119,7 @@ def policy_class(name: str) -> type[Policy]:
         "mlfq": Mlfq,
         "fair": VirtualTokenCounter,
         "plas": Plas,
+        "srpt": ShortestRemaining,
     }
     try:
         return classes[name]

@@ -193,6 +193,29 @@ def test_mlfq_with_two_slots_frees_only_what_waiters_need():
     assert sim.done[0] == c.pid and c.preemptions == 0  # the short one, once in, ran to its end
 
 
+def test_srpt_shortest_remaining_first_strictly_and_aging():
+    sim = Sim("srpt", quantum_tokens=2, aging="0")
+    long_a = sim.submit(40, max_tokens=40)
+    sim.run(until=lambda: long_a.generated >= 4)
+    mid, short = sim.submit(20, max_tokens=20), sim.submit(6, max_tokens=6)
+    sim.run()
+    assert sim.done == [short.pid, mid.pid, long_a.pid]
+    first = sim.trace.index(short.pid)
+    assert sim.trace[first : first + 6] == [short.pid] * 6  # once in, nothing shorter took its slot
+    assert short.preemptions == mid.preemptions == 0 and long_a.preemptions == 1
+    pol = sim.sched.policy
+    assert pol.info(long_a)["remaining"] == 0
+    twins = Sim("srpt", quantum_tokens=2)
+    a, b = twins.submit(10, max_tokens=10), twins.submit(10, max_tokens=10)
+    twins.run()
+    assert twins.done == [a.pid, b.pid] and a.preemptions == 0  # equal: no turns for nothing
+    aged = make_policy("srpt", Quantum(tokens=2), {"aging": "1000"})
+    waiting = Request(1, b"", None, {"messages": messages("x"), "max_tokens": 500})
+    waiting.move(State.READY)
+    waiting.since -= 1.0  # it has waited a second: 1000 tokens of rank
+    assert aged.priority(waiting)[0] < 0 < make_policy("srpt", Quantum(tokens=2)).remaining(waiting)
+
+
 def test_serve_rejects_bad_policy_options(tmp_path):
     out = quantad("serve", "--policy", "mlfq", "--policy-opt", "bogus=1", "--endpoint", f"ipc://{tmp_path}/a.sock")
     assert out.returncode != 0 and "no option 'bogus'" in out.stderr
@@ -267,6 +290,19 @@ def test_daemon_plas_short_agent_not_starved(tiny_model_dir, start_daemon):
     assert short.stats["preemptions"] == 0 and short.stats["level"] == 0
     assert rest[-1].event == "done" and rest[-1].seq > short.events[-1].seq
     assert rest[-1].data["stats"]["level"] >= 1 and rest[-1].data["stats"]["program"] == "agent:chain"
+
+
+def test_daemon_srpt_short_request_overtakes_long_ones(tiny_model_dir, start_daemon):
+    d = start_daemon(tiny_model_dir, "--policy", "srpt", "--quantum-tokens", "2")
+    with d.client(timeout=120) as c:
+        long_a, long_b = submit_in_order(c, [("long A", 40), ("long B", 30)])
+        short = c.submit(messages("short C"), max_tokens=4, temperature=0.0)
+        table = c.ps()
+        assert table["policy"] == "srpt" and all("remaining" in r for r in table["requests"])
+        events = collect(c, [long_a, long_b, short])
+    assert done_order(events) == [short, long_b, long_a]
+    assert events[short][-1].data["stats"]["preemptions"] == 0
+    assert events[long_a][-1].data["stats"]["preemptions"] >= 1
 
 
 def test_daemon_nice_orders_and_renice(tiny_model_dir, start_daemon):
