@@ -19,6 +19,7 @@ import time
 import zmq
 
 from backends.engine import Engine
+from ipc import credentials
 from ipc import messages as M
 from ipc import protocol as P
 from ipc.logfmt import setup as setup_logging
@@ -39,13 +40,14 @@ def build_engine(spec: WorkerSpec, send, ctx: zmq.Context) -> Engine:
 
 
 class Worker:
-    def __init__(self, spec: WorkerSpec):
+    def __init__(self, spec: WorkerSpec, creds: dict | None = None):
         self.spec = spec
         self.ctx = zmq.Context()
         self.engine = build_engine(spec, self.send, self.ctx)  # loads the model: the daemon hears of us when it is up
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, spec.name.encode())
+        credentials.apply(self.sock, spec.name, creds or {})  # the daemon lets no one else in under this name
         for opt in (zmq.SNDBUF, zmq.RCVBUF):  # contexts leave and arrive through it when they migrate
             self.sock.setsockopt(opt, P.BULK_SOCKET_BUFFER)
         self.sock.connect(spec.endpoint)
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = WorkerSpec.parse(argv)
     setup_logging(logging.INFO, worker=spec.name)  # the daemon's format ($QUANTAD_LOG_FORMAT), journald-aware
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when workers stop
-    worker = Worker(spec)
+    creds = credentials.read_stdin() if spec.credentials == "stdin" else None  # before the model loads
+    worker = Worker(spec, creds)
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stop", True))
     worker.serve()
     return 0

@@ -1,4 +1,4 @@
-"""The ``quantad`` command: serve, run, ps, top, workers, kill, nice, config, demo, bench.
+"""The ``quantad`` command: serve, run, ps, top, workers, kill, nice, config, demo, bench, keygen, worker.
 
 The console sits on top of every other package.  ``serve`` and ``config`` are the daemon's own
 commands (``scheduler.launch``, the entry ``python -m scheduler serve`` runs); the client
@@ -8,9 +8,10 @@ commands live in ``console.commands``, the tables they print in ``console.views`
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from console import commands
+from console import commands, remote
 from ipc.client import Cancelled, ClientError
 from scheduler import launch
 from scheduler.options import add_config_command, add_serve_command, command_parser, endpoint_arg, positive
@@ -25,6 +26,8 @@ COMMANDS = {
     "bench": commands.cmd_bench,
     "top": commands.cmd_top,
     "workers": commands.cmd_workers,
+    "keygen": remote.cmd_keygen,
+    "worker": remote.cmd_worker,
 }
 
 
@@ -33,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] and argv[0] in launch.COMMANDS:
         return launch.main(argv)  # the daemon's own commands: the same parser, the same exit codes
     args = build_parser().parse_args(argv)
+    for flag, var in (("curve_key", "QUANTAD_CURVE_KEY"), ("curve_server", "QUANTAD_CURVE_SERVER")):
+        if getattr(args, flag, None):
+            os.environ[var] = getattr(args, flag)  # what ipc.client reads
     try:
         return COMMANDS[args.cmd](args)
     except TimeoutError as exc:
@@ -59,7 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="smollm2")
     d.add_argument("--quantum-tokens", type=positive(int), default=5)
     _add_bench(sub)
+    remote.add_commands(sub)
+    for name in ("run", "ps", "top", "workers", "kill", "nice"):
+        _curve_client_args(sub.choices[name])
     return ap
+
+
+def _curve_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--curve-key", metavar="FILE", help="CURVE: this client's .key_secret (or $QUANTAD_CURVE_KEY)")
+    p.add_argument("--curve-server", metavar="FILE", help="CURVE: the daemon's server.key (or $QUANTAD_CURVE_SERVER)")
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:

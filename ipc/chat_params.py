@@ -82,6 +82,11 @@ def _is_call(c: Any) -> bool:
     return isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments", ""), (str, dict))
 
 
+def _get(value: Any, key: str) -> Any:
+    """``value[key]`` when ``value`` is a map, else None (a string where a map belongs is bad input, not a crash)."""
+    return value.get(key) if isinstance(value, dict) else None
+
+
 def _structured(msg: dict[str, Any]) -> dict[str, Any]:
     """``tools``, ``tool_choice`` and ``response_format``, OpenAI-shaped."""
     out: dict[str, Any] = {}
@@ -99,7 +104,7 @@ def _structured(msg: dict[str, Any]) -> dict[str, Any]:
         out["tools"] = tools
     choice = msg.get("tool_choice")
     if choice is not None:
-        named = isinstance(choice, dict) and isinstance((choice.get("function") or {}).get("name"), str)
+        named = isinstance(choice, dict) and isinstance(_get(choice.get("function"), "name"), str)
         if choice not in ("auto", "none", "required") and not named:
             raise ProtocolError(E_BAD_FIELD, "'tool_choice' must be auto, none, required or {function: {name}}")
         if (named or choice == "required") and tools is None:
@@ -110,7 +115,7 @@ def _structured(msg: dict[str, Any]) -> dict[str, Any]:
     fmt = field(msg, "response_format", dict, None)
     if fmt is not None:
         kind = fmt.get("type")
-        schema = (fmt.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+        schema = _get(fmt.get("json_schema"), "schema") if kind == "json_schema" else None
         if kind not in ("text", "json_object", "json_schema") or (kind == "json_schema") != isinstance(schema, dict):
             raise ProtocolError(E_BAD_FIELD, "'response_format' must be text, json_object or json_schema{schema}")
         out["response_format"] = fmt

@@ -20,6 +20,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from ipc import credentials
 from ipc import protocol as P
 from ipc.endpoints import agent_endpoint
 
@@ -128,12 +129,16 @@ def frame_of(msg: dict[str, Any]) -> bytes:
     return frame
 
 
-def _dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+def _dealer(ctx: zmq.Context, endpoint: str, curve: tuple[bytes, bytes, bytes] | None = None) -> zmq.Socket:
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     # A fixed routing id: after a reconnect the daemon still routes this client's replies.
     s.setsockopt(zmq.IDENTITY, f"agent-{uuid.uuid4().hex}".encode())
     s.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME)
+    if curve is None and endpoint.startswith("tcp://") and os.environ.get("QUANTAD_CURVE_KEY"):
+        curve = credentials.load_client_keys(os.environ["QUANTAD_CURVE_KEY"], os.environ["QUANTAD_CURVE_SERVER"])
+    if curve is not None:  # (server public, own public, own secret): the daemon knows us by our public key
+        credentials.curve_client(s, *curve)
     s.connect(endpoint)
     return s
 
@@ -150,12 +155,12 @@ class _Ids:
 class Client:
     """Blocking client.  ``timeout`` (seconds) bounds each wait for the daemon; None waits forever."""
 
-    def __init__(self, endpoint: str | None = None, agent: str = "", timeout: float | None = None):
+    def __init__(self, endpoint: str | None = None, agent: str = "", timeout: float | None = None, curve=None):
         self.endpoint = agent_endpoint(endpoint)
         self.agent = agent
         self.timeout = timeout
         self._ctx = zmq.Context()
-        self._sock = _dealer(self._ctx, self.endpoint)
+        self._sock = _dealer(self._ctx, self.endpoint, curve)
         self._ids = _Ids()
         self._inbox: dict[Any, deque[dict]] = defaultdict(deque)
 
@@ -239,12 +244,12 @@ class Client:
 class AsyncClient:
     """asyncio client: one long-lived receive task routes replies to per-request queues."""
 
-    def __init__(self, endpoint: str | None = None, agent: str = "", timeout: float | None = None):
+    def __init__(self, endpoint: str | None = None, agent: str = "", timeout: float | None = None, curve=None):
         self.endpoint = agent_endpoint(endpoint)
         self.agent = agent
         self.timeout = timeout
         self._ctx = zmq.asyncio.Context()
-        self._sock = _dealer(self._ctx, self.endpoint)
+        self._sock = _dealer(self._ctx, self.endpoint, curve)
         self._ids = _Ids()
         self._queues: dict[Any, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None

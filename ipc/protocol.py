@@ -102,7 +102,11 @@ TIERS = (TIER_DEVICE, TIER_HOST, TIER_DISK, TIER_RECOMPUTE)  # where a saved con
 class ProtocolError(Exception):
     """Bad input from a peer; ``code`` is one of the ``E_*`` constants."""
 
+    MAX_MESSAGE = 300  # messages quote the peer's input: a 1 MiB op name must not come back (or go to the log) whole
+
     def __init__(self, code: str, message: str):
+        if len(message) > self.MAX_MESSAGE:
+            message = message[: self.MAX_MESSAGE] + f"... ({len(message)} characters)"
         super().__init__(message)
         self.code = code
         self.message = message

@@ -32,6 +32,7 @@ class WorkerSpec:
     model: str = ""  # a model directory (hf), or the remote model's name (openai)
     slots: int = 1
     heartbeat_s: float = 1.0
+    credentials: str = "none"  # stdin: one JSON line from the daemon that started it (``ipc.credentials``)
     # Local engines.
     device: str = "cpu"
     dtype: str = "float32"
@@ -85,6 +86,7 @@ HELP = {
     "model": "model directory (already converted), or the remote model's name",
     "slots": "requests run at once (a batch, or concurrent streams)",
     "heartbeat_s": "seconds between heartbeats",
+    "credentials": "stdin: read the secret the daemon handed over as one JSON line on stdin (none: connect without)",
     "device": "torch device",
     "device_budget": "bytes of suspended KV kept in place",
     "host_budget": "bytes of KV swapped to host memory",
@@ -103,7 +105,13 @@ HELP = {
     "api_retries": "retries of a failed stream, with exponential backoff",
     "resume_method": "how preempted API requests resume (auto: detect once)",
 }
-CHOICES = {"backend": BACKENDS, "dtype": DTYPES, "snapshot_tier": SNAPSHOT_TIERS, "resume_method": RESUME_METHODS}
+CHOICES = {
+    "credentials": ("none", "stdin"),
+    "backend": BACKENDS,
+    "dtype": DTYPES,
+    "snapshot_tier": SNAPSHOT_TIERS,
+    "resume_method": RESUME_METHODS,
+}
 REQUIRED = ("endpoint", "name", "model")
 
 

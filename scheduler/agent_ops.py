@@ -1,13 +1,17 @@
-"""What agents ask of the daemon: one handler per op, each given the decoded record.
+"""What agents ask of the daemon: one handler per op, each given the caller and the decoded record.
 
 A handler raises ``ProtocolError`` for bad input; the daemon's receive loop answers it
-with an ``error`` event under the agent's request id, and goes on.
+with an ``error`` event under the agent's request id, and goes on.  The caller's identity
+comes from the connection (``scheduler.gate``): a request belongs to the identity that sent
+it; ``ps``, ``kill`` and ``nice`` see and touch only the caller's own requests (an admin's:
+all), and sessions are kept per identity, so no one reuses or probes another's context.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ipc import messages as M
@@ -21,11 +25,28 @@ if TYPE_CHECKING:
 log = logging.getLogger("quantad")
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who sent an op: the connection's routing id, the identity ZAP gave it, and whether it is an admin."""
+
+    addr: bytes
+    identity: str | None
+    admin: bool = False
+
+    def owns(self, req: Request) -> bool:
+        return self.admin or req.owner == self.identity
+
+
+def session_key(identity: str | None, session: str) -> str:
+    """A session's name as workers and the scheduler know it: inside its owner's namespace."""
+    return f"{identity}/{session}"
+
+
 class AgentOps:
     def __init__(self, daemon: Daemon):
         self.d = daemon
 
-    def handlers(self) -> dict[type[M.Message], Callable[[bytes, Any, Any], None]]:
+    def handlers(self) -> dict[type[M.Message], Callable[[Caller, Any, Any], None]]:
         return {
             M.Chat: self.chat,
             M.Ps: self.ps,
@@ -37,15 +58,18 @@ class AgentOps:
             M.Workers: self.workers,
         }
 
-    def chat(self, addr: bytes, cid: Any, rec: M.Chat) -> None:
-        d = self.d
+    def chat(self, who: Caller, cid: Any, rec: M.Chat) -> None:
+        d, addr = self.d, who.addr
         if cid is None:
             raise P.ProtocolError(P.E_BAD_FIELD, "a chat needs an 'id' (string or integer) chosen by the agent")
         if (addr, cid) in d.by_client:
             raise P.ProtocolError(P.E_DUPLICATE_ID, f"request id {cid!r} is already in flight")
         if d.stopping.is_set():
             raise P.ProtocolError(P.E_SHUTTING_DOWN, "the daemon is shutting down")
-        req = Request(pid=next(d.pids), agent_addr=addr, client_id=cid, params=rec.params)
+        params = rec.params
+        if params.get("session"):
+            params = params | {"session": session_key(who.identity, params["session"])}
+        req = Request(pid=next(d.pids), agent_addr=addr, client_id=cid, params=params, owner=who.identity or "")
         d.by_client[(addr, cid)] = req
         d.sched.add(req)
         d.counters.accepted += 1
@@ -53,42 +77,44 @@ class AgentOps:
         d.emit(req, P.EV_ACCEPTED, pid=req.pid)
         d.schedule()
 
-    def ps(self, addr: bytes, cid: Any, rec: M.Ps) -> None:
-        self.d.reply(addr, cid, ps_view(self.d))
+    def ps(self, who: Caller, cid: Any, rec: M.Ps) -> None:
+        self.d.reply(who.addr, cid, ps_view(self.d, who.owns))
 
-    def stats(self, addr: bytes, cid: Any, rec: M.Stats) -> None:
-        self.d.reply(addr, cid, stats_view(self.d))
+    def stats(self, who: Caller, cid: Any, rec: M.Stats) -> None:
+        self.d.reply(who.addr, cid, stats_view(self.d))
 
-    def workers(self, addr: bytes, cid: Any, rec: M.Workers) -> None:
+    def workers(self, who: Caller, cid: Any, rec: M.Workers) -> None:
         c = self.d.cfg
         view = {"workers": workers_view(self.d), "heartbeat_s": c.spec.heartbeat_s, "liveness_s": c.liveness_s}
-        self.d.reply(addr, cid, view)
+        self.d.reply(who.addr, cid, view)
 
-    def _live(self, pid: int) -> Request:
+    def _live(self, who: Caller, pid: int) -> Request:
+        """The caller's live request ``pid``; another identity's is as absent as a finished one."""
         req = self.d.sched.table.get(pid)
-        if req is None or req.finished:
-            raise P.ProtocolError(P.E_NOT_FOUND, f"no live request with pid {pid}")
+        if req is None or req.finished or not who.owns(req):
+            raise P.ProtocolError(P.E_NOT_FOUND, f"no live request of yours with pid {pid}")
         return req
 
-    def kill(self, addr: bytes, cid: Any, rec: M.Kill) -> None:
-        self.d.cancel(self._live(rec.pid), "killed")
-        self.d.reply(addr, cid, {"killed": rec.pid})
+    def kill(self, who: Caller, cid: Any, rec: M.Kill) -> None:
+        self.d.cancel(self._live(who, rec.pid), "killed")
+        self.d.reply(who.addr, cid, {"killed": rec.pid})
 
-    def nice(self, addr: bytes, cid: Any, rec: M.Nice) -> None:
-        req = self._live(rec.pid)
+    def nice(self, who: Caller, cid: Any, rec: M.Nice) -> None:
+        req = self._live(who, rec.pid)
         old = req.nice
         self.d.sched.renice(req, rec.nice)
         log.info("event=renice pid=%s old=%s nice=%s", rec.pid, old, rec.nice)
-        self.d.reply(addr, cid, {"pid": rec.pid, "nice": rec.nice, "old": old})
+        self.d.reply(who.addr, cid, {"pid": rec.pid, "nice": rec.nice, "old": old})
 
-    def cancel(self, addr: bytes, cid: Any, rec: M.CancelOwn) -> None:
-        req = self.d.by_client.get((addr, cid))
+    def cancel(self, who: Caller, cid: Any, rec: M.CancelOwn) -> None:
+        req = self.d.by_client.get((who.addr, cid))
         if req is None:
             raise P.ProtocolError(P.E_NOT_FOUND, f"no request with id {cid!r} in flight")
         self.d.cancel(req, "cancelled by agent")
 
-    def ping(self, addr: bytes, cid: Any, rec: M.Ping) -> None:
+    def ping(self, who: Caller, cid: Any, rec: M.Ping) -> None:
         """``wait: true`` holds the answer until every worker is up (clients wait on an event, not a timer)."""
+        addr = who.addr
         if rec.wait and not self.d.ready.is_set():
             self.d.background(self._pong_when_ready(addr, cid))
             return

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -30,11 +32,12 @@ from ipc import protocol as P
 from ipc.logfmt import under_journald
 from ipc.worker_spec import WorkerSpec
 from scheduler import reload, sd_notify
-from scheduler.agent_ops import AgentOps
+from scheduler.agent_ops import AgentOps, Caller
 from scheduler.config import Effective
 from scheduler.core import Scheduler
 from scheduler.counters import Counters
 from scheduler.drain import Drain
+from scheduler.gate import AGENTS, WORKERS, Gate, Keys, uses_curve
 from scheduler.policy import Policy
 from scheduler.request import Request, State
 from scheduler.stats import status_line
@@ -66,6 +69,7 @@ class DaemonConfig:
     http: tuple[str, int] | None = None  # OpenAI-compatible HTTP front (host, port); None: off
     http_token: str | None = None  # bearer token the HTTP front requires
     metrics_port: int | None = None  # Prometheus /metrics on 127.0.0.1; None: off
+    keys: Keys | None = None  # CURVE: the daemon's key pair and the allowed keys (``--curve-dir``)
 
 
 class Daemon:
@@ -73,8 +77,10 @@ class Daemon:
         self.cfg = cfg
         self.sched = Scheduler(cfg.policy)
         self.ctx = zmq.asyncio.Context()
-        self.agents = self._socket(P.MAX_FRAME)
-        self.workers_sock = self._socket(P.MAX_TENSOR_FRAME)
+        self.gate = Gate(self.ctx, "ipc" if cfg.endpoint.startswith("ipc://") else "tcp", cfg.keys)
+        self.agents = self._socket(P.MAX_FRAME, AGENTS, curve=uses_curve(cfg.endpoint, cfg.keys))
+        self.workers_sock = self._socket(P.MAX_TENSOR_FRAME, WORKERS, curve=uses_curve(cfg.worker_endpoint, cfg.keys))
+        self.workers_sock.setsockopt(zmq.ROUTER_HANDOVER, 0)  # a second connection claiming a live worker is refused
         for opt in (zmq.SNDBUF, zmq.RCVBUF):  # migrations relay whole contexts through it
             self.workers_sock.setsockopt(opt, P.BULK_SOCKET_BUFFER)
         # Synchronous shadows: sends are non-blocking and fail here, where we can handle them.
@@ -99,11 +105,16 @@ class Daemon:
         self.on_agent = self.agent_ops.handlers()
         self.on_worker = self.worker_ops.handlers()
 
-    def _socket(self, max_size: int) -> zmq.asyncio.Socket:
+    def _socket(self, max_size: int, domain: bytes, curve: bool) -> zmq.asyncio.Socket:
         s = self.ctx.socket(zmq.ROUTER)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)
         s.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer reconnecting with its fixed id takes its place
+        s.zap_domain = domain  # every connection goes past the gate (``scheduler.gate``)
+        if curve:
+            s.curve_server, s.curve_secretkey = True, self.cfg.keys.secret
+        elif domain == WORKERS:
+            s.plain_server = True  # the daemon's workers log in with their name and the secret it gave them
         s.setsockopt(zmq.MAXMSGSIZE, max_size)
         s.setsockopt(zmq.SNDHWM, 100_000)
         s.setsockopt(zmq.RCVHWM, 100_000)
@@ -111,6 +122,7 @@ class Daemon:
 
     # ---- life cycle ---------------------------------------------------------------------
     async def run(self) -> int:
+        self.gate.start()  # before the binds: no connection gets past without it
         old = os.umask(0o007)  # sockets are created with this mode; no chmod race
         try:
             self.agents.bind(self.cfg.endpoint)
@@ -146,6 +158,7 @@ class Daemon:
         return rc
 
     def _close(self) -> None:
+        self.gate.stop()
         self.agents.close(0)
         self.workers_sock.close(0)
         self.ctx.term()
@@ -154,7 +167,10 @@ class Daemon:
         env = {"QUANTAD_LOG_FORMAT": self.cfg.log_format}
         for i in range(self.cfg.workers):
             name = f"w{i}"
-            proc = WorkerProcess(name, self.cfg.spec.named(name).argv(), env)
+            curve = uses_curve(self.cfg.worker_endpoint, self.cfg.keys)
+            creds = functools.partial(self.gate.mint, name, curve)
+            argv = dataclasses.replace(self.cfg.spec.named(name), credentials="stdin").argv()
+            proc = WorkerProcess(name, argv, env, credentials=creds)
             self.sched.workers[name] = Worker(name, self.cfg.spec.slots, proc=proc)
             proc.start()
 
@@ -219,24 +235,25 @@ class Daemon:
     # ---- agent side ---------------------------------------------------------------------
     async def _agent_loop(self) -> None:
         while True:
-            frames = await self.agents.recv_multipart(copy=True)
+            raw = await self.agents.recv_multipart(copy=False)
             await asyncio.sleep(0)  # a ready recv does not yield: let the other socket's loop run
+            frames = [f.bytes for f in raw]
             try:
-                self._from_agent(frames)
+                self._from_agent(frames, raw[-1].get("User-Id"))
             except Exception:  # a bug must not stop the loop; the agent still gets an answer
                 log.exception("event=internal_error side=agent")
                 if len(frames) >= 2:
                     error = {"event": P.EV_ERROR, "id": None, "code": P.E_INTERNAL, "message": "internal error"}
                     self.send_agent(frames[0], error)
 
-    def _from_agent(self, frames: list[bytes]) -> None:
+    def _from_agent(self, frames: list[bytes], identity: str) -> None:
         addr, cid = frames[0], None
         try:
             cid, rec = M.read_agent(frames[1:])
-            self.on_agent[type(rec)](addr, cid, rec)
+            self.on_agent[type(rec)](Caller(addr, identity, self.gate.is_admin(identity)), cid, rec)
         except P.ProtocolError as exc:
             cid = exc.cid if isinstance(exc, M.AgentError) else cid
-            log.info("event=bad_input id=%r code=%s message=%r", cid, exc.code, exc.message)
+            log.info("event=bad_input id=%.80r code=%s message=%.200r", cid, exc.code, exc.message)
             self.send_agent(addr, {"event": P.EV_ERROR, "id": cid, "code": exc.code, "message": exc.message})
 
     def reply(self, addr: bytes, cid: Any, data: dict) -> None:
@@ -327,16 +344,21 @@ class Daemon:
             try:
                 self._from_worker(frames)
             except P.ProtocolError as exc:
-                log.error("event=bad_worker_message code=%s message=%r", exc.code, exc.message)
+                log.error("event=bad_worker_message code=%s message=%.200r", exc.code, exc.message)
             except Exception:
                 log.exception("event=internal_error side=worker")
 
     def _from_worker(self, frames: list) -> None:
         name = frames[0].bytes.decode("utf-8", "replace")
         w = self.sched.workers.get(name)
-        if w is None or len(frames) < 2:
+        if len(frames) < 2 or frames[1].get("User-Id") != f"worker:{name}":  # the gate let it in as another
             raise P.ProtocolError(P.E_BAD_FRAME, f"message from unknown worker {name!r}")
         rec, extra = M.read(frames[1:], M.FROM_WORKER)
+        if w is None:  # a remote worker (``quantad worker --connect``) whose key the gate knows
+            if not isinstance(rec, M.Ready):
+                raise P.ProtocolError(P.E_BAD_FRAME, f"remote worker {name!r} spoke before its ready")
+            w = self.sched.workers[name] = Worker(name, rec.slots)
+            log.info("event=remote_worker worker=%s", name)
         w.seen()
         self.on_worker[type(rec)](w, rec, extra)
 

@@ -89,9 +89,21 @@ def resolve_model(model: str, gguf: bool = False) -> str:
 
 
 def prepare_ipc_dir(endpoint: str) -> None:
-    if endpoint.startswith("ipc://"):
-        d = Path(endpoint[len("ipc://") :]).parent
-        d.mkdir(mode=0o750, parents=True, exist_ok=True)
+    """The socket's directory: made if missing; refused unless ours and writable by no one else.
+
+    Whoever can write there can replace the socket with their own and read every prompt.
+    """
+    if not endpoint.startswith("ipc://"):
+        return
+    d = Path(endpoint[len("ipc://") :]).parent
+    d.mkdir(mode=0o750, parents=True, exist_ok=True)
+    st = d.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise SystemExit(
+            f"quantad: refusing the socket directory {d}: it must belong to uid {os.getuid()} and not be "
+            f"writable by group or others (owner uid {st.st_uid}, mode {st.st_mode & 0o777:o}); "
+            "fix it (chmod go-w) or choose another --endpoint"
+        )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -123,6 +135,7 @@ def daemon_config(args: argparse.Namespace, endpoint: str, wep: str, policy, htt
     else:
         name, aliases = Path(spec.model).name, (args.model or "smollm2", spec.model)
     return DaemonConfig(
+        keys=curve_keys(args.curve_dir, (endpoint, wep), args.allow_plaintext),
         endpoint=endpoint,
         worker_endpoint=wep,
         policy=policy,
@@ -141,6 +154,26 @@ def daemon_config(args: argparse.Namespace, endpoint: str, wep: str, policy, htt
         http_token=token,
         metrics_port=args.metrics_port,
     )
+
+
+def curve_keys(curve_dir: str | None, endpoints: tuple[str, ...], allow_plaintext: bool):
+    """The daemon's CURVE keys (``--curve-dir``); a plaintext non-loopback tcp:// bind needs ``--allow-plaintext``."""
+    from scheduler.gate import load_keys
+
+    log = logging.getLogger("quantad")
+    if curve_dir:
+        return load_keys(Path(curve_dir))
+    for ep in endpoints:
+        if not ep.startswith("tcp://"):
+            continue
+        host = ep[len("tcp://") :].rpartition(":")[0].strip("[]")
+        if netaddr.is_loopback(host):
+            log.warning("event=plaintext_tcp endpoint=%s note=%r", ep, "any local user may connect; see --curve-dir")
+        elif not allow_plaintext:
+            raise SystemExit(f"quantad: {ep} is not loopback: give --curve-dir (CURVE keys) or --allow-plaintext")
+        else:
+            log.warning("event=plaintext_tcp endpoint=%s note=%r", ep, "open to the network without CURVE")
+    return None
 
 
 def worker_spec(args: argparse.Namespace, wep: str) -> WorkerSpec:

@@ -86,7 +86,23 @@ def add_serve_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     _worker_flags(s)
     _api_flags(s.add_argument_group("API backend (--backend openai)"))
     _http_flags(s.add_argument_group("HTTP listeners (both off by default)"))
+    _security_flags(s.add_argument_group("security (docs/service.md)"))
     return s
+
+
+def _security_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--curve-dir",
+        metavar="DIR",
+        help="CURVE keys ('quantad keygen'): DIR/server.key_secret is the daemon's pair; agents may connect "
+        "with keys in DIR/clients/ (admins: DIR/admins/), remote workers with DIR/workers/NAME.key; "
+        "every tcp:// endpoint then requires CURVE",
+    )
+    g.add_argument(
+        "--allow-plaintext",
+        action="store_true",
+        help="let a tcp:// endpoint on a non-loopback address run without CURVE (anyone who reaches it may submit)",
+    )
 
 
 def add_config_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -70,6 +70,7 @@ class Request:
     charged: float = 0.0  # service already accounted to the policy (weighted tokens)
     queue_s: float | None = None  # accept to first dispatch to a worker
     moved: dict[str, int] = field(default_factory=dict)  # context bytes saved into / restored from each tier
+    owner: str = ""  # the identity that sent it (``scheduler.gate``): who may see, kill and renice it
 
     def __post_init__(self) -> None:
         if self.params.get("seed") is None:  # fixed now, so any restart samples the same stream
@@ -145,6 +146,7 @@ class Request:
             "total_s": round(time.monotonic() - self.submitted_at, 6),
             "queue_s": None if self.queue_s is None else round(self.queue_s, 6),
             "context_bytes_moved": dict(self.moved),
+            "owner": self.owner,
         }
 
     def row(self) -> dict[str, Any]:
@@ -152,6 +154,7 @@ class Request:
         return {
             "pid": self.pid,
             "agent": self.agent,
+            "owner": self.owner,
             "session": self.session,
             "state": self.state.value,
             "nice": self.nice,

@@ -7,10 +7,11 @@ they never drift apart.  Every view is read from the daemon on its own loop, wit
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ipc import protocol as P
-from scheduler.request import State
+from scheduler.request import Request, State
 
 if TYPE_CHECKING:
     from scheduler.daemon import Daemon
@@ -36,10 +37,10 @@ def quantum(d: Daemon) -> dict[str, Any]:
     return {"tokens": q.tokens, "ms": q.ms}
 
 
-def ps_view(d: Daemon) -> dict[str, Any]:
-    """The ``ps`` reply: every live request with the policy's view of it, and the workers."""
+def ps_view(d: Daemon, visible: Callable[[Request], bool] = lambda r: True) -> dict[str, Any]:
+    """The ``ps`` reply: every live request the caller may see, with the policy's view of it, and the workers."""
     policy = d.sched.policy
-    rows = [r.row() | policy.info(r) for r in d.sched.table.values() if not r.finished]
+    rows = [r.row() | policy.info(r) for r in d.sched.table.values() if not r.finished and visible(r)]
     workers = [
         {"name": w.name, "alive": w.alive, "slots": w.slots, "running": sorted(w.running), **w.info()}
         for w in d.sched.workers.values()

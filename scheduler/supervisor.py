@@ -43,7 +43,12 @@ class Supervisor:
     async def _check(self, w: Worker, now: float) -> bool:
         """Handle one worker's death or silence; False when it is fatal."""
         proc, d = w.proc, self.d
-        if proc is None or w.dead:
+        if w.dead:
+            return True
+        if proc is None:  # a remote worker: silence is all we see; it comes back with a new ``ready``
+            if w.alive and w.silent_for(now) > d.cfg.liveness_s:
+                log.warning("event=worker_lost worker=%s remote=true silent=true", w.name)
+                self.lose(w)
             return True
         exited = proc.returncode is not None
         silent = w.alive and w.silent_for(now) > d.cfg.liveness_s

@@ -9,9 +9,11 @@ context it keeps.  Workers are started by command line, so the daemon never impo
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ipc import messages as M
@@ -39,10 +41,14 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class WorkerProcess:
-    def __init__(self, name: str, command: list[str], env: dict[str, str] | None = None):
+    def __init__(
+        self, name: str, command: list[str], env: dict[str, str] | None = None,
+        credentials: Callable[[], dict] | None = None,
+    ):  # fmt: skip
         self.name = name
         self.command = command
         self.env = env
+        self.credentials = credentials  # fresh ones at every start, written to the worker's stdin
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
 
@@ -51,9 +57,16 @@ class WorkerProcess:
 
     async def _spawn(self) -> None:
         # stdout/stderr are inherited: worker logs go where the daemon's go (journald).
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.command, stdin=asyncio.subprocess.DEVNULL, env=worker_env(self.env)
-        )
+        creds = self.credentials() if self.credentials else None
+        stdin = asyncio.subprocess.PIPE if creds is not None else asyncio.subprocess.DEVNULL
+        self.proc = await asyncio.create_subprocess_exec(*self.command, stdin=stdin, env=worker_env(self.env))
+        if creds is not None:  # a pipe only it reads: not its command line, nor an environment others can see
+            try:
+                self.proc.stdin.write(json.dumps(creds).encode() + b"\n")
+                await self.proc.stdin.drain()
+                self.proc.stdin.close()
+            except (BrokenPipeError, ConnectionResetError):  # it died at once: the supervisor sees the exit
+                pass
         log.info("event=worker_started worker=%s os_pid=%s", self.name, self.proc.pid)
 
     @property

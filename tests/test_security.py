@@ -1,0 +1,198 @@
+"""Who may submit and see what: worker authentication, agent identity and ownership, input hygiene.
+
+Real daemons and workers on the tiny model, real sockets.  The other identity on ``ipc://`` is a
+real other Unix uid: a forked child of the test that drops to ``nobody`` before it connects.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import stat
+import tempfile
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+from ipc import messages as M
+from ipc import protocol as P
+from ipc.client import Client, ClientError
+from ipc.endpoints import worker_endpoint
+from ipc.launcher import DaemonProcess
+from tests.conftest import REPO, messages
+from tests.test_cli import quantad
+
+NOBODY = 65534
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def greedy(c: Client, prompt: str, n: int = 6, **kw) -> object:
+    return c.chat(messages(prompt), max_tokens=n, min_tokens=n, temperature=0.0, **kw)
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_impostor_worker_gets_nothing_and_changes_nothing(transport, tiny_model_dir, start_daemon, tmp_path):
+    args = ("--endpoint", f"tcp://127.0.0.1:{free_port()}") if transport == "tcp" else ()
+    d = start_daemon(tiny_model_dir, *args)
+    d.wait_ready()
+    ctx = zmq.Context()
+    impostors = []
+    for mech in ("null", "plain"):  # no credentials; the right name with a guessed secret
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.identity = b"w0"
+        if mech == "plain":
+            s.plain_username, s.plain_password = b"w0", b"guess"
+        s.connect(worker_endpoint(d.endpoint))
+        s.send(P.pack(M.Ready(worker="w0", slots=4).encode()))
+        impostors.append(s)
+    try:
+        with d.client(timeout=120) as c:
+            before = greedy(c, "the secret prompt")
+            after = greedy(c, "the secret prompt")
+            assert before.text == after.text and before.usage["completion_tokens"] == 6
+            assert [w["name"] for w in c.ps()["workers"]] == ["w0"]
+        for s in impostors:
+            assert s.poll(200) == 0  # not one message: no run, no prompt
+    finally:
+        ctx.destroy(0)
+    assert "connection_refused" in d.log()
+
+
+def test_validation_crashes_answer_bad_field_with_the_id(tiny_model_dir, start_daemon):
+    d = start_daemon(tiny_model_dir)
+    with d.client(timeout=60) as c:
+        schema_not_a_map = {"response_format": {"type": "json_schema", "json_schema": "x"}}
+        for bad in (schema_not_a_map, {"tool_choice": {"function": "x"}}):
+            with pytest.raises(ClientError) as err:
+                c.chat(messages("hi"), max_tokens=2, **bad)
+            assert err.value.code == "bad_field"
+        assert c.ping()["pong"]
+
+
+def test_oversized_input_is_quoted_short(tiny_model_dir, start_daemon):
+    d = start_daemon(tiny_model_dir)
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    s.connect(d.endpoint)
+    try:
+        s.send(msgpack.packb({"v": 1, "op": "x" * (1 << 20), "id": 1}))
+        reply = msgpack.unpackb(s.recv())
+        assert reply["code"] in ("unknown_op", "too_large") and len(reply["message"]) < 1000
+    finally:
+        ctx.destroy(0)
+    assert max(len(line) for line in d.log().splitlines()) < 2000
+
+
+def test_a_writable_socket_directory_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    out = quantad("serve", "--model", "smollm2", "--endpoint", f"ipc://{shared}/a.sock", timeout=60)
+    assert out.returncode != 0 and "refusing the socket directory" in out.stderr
+
+
+# ---- two identities: this uid (the daemon's: admin) and nobody -----------------------------------
+def as_nobody(endpoint: str, job: str, arg: dict) -> dict:
+    """Run ``job`` in a forked child that became uid nobody first (modules are loaded: no file access needed)."""
+    mp = multiprocessing.get_context("fork")
+    parent, child = mp.Pipe()
+    proc = mp.Process(target=_nobody_main, args=(child, endpoint, job, arg))
+    proc.start()
+    out = parent.recv() if parent.poll(120) else {"error": "timeout"}
+    proc.join(10)
+    return out
+
+
+def _nobody_main(pipe, endpoint: str, job: str, arg: dict) -> None:
+    try:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+        with Client(endpoint, agent="b", timeout=60) as c:
+            pipe.send(JOBS[job](c, arg))
+    except Exception as exc:  # the parent asserts on it
+        pipe.send({"error": repr(exc)})
+
+
+def _nobody_probe(c: Client, arg: dict) -> dict:
+    out: dict = {"ps": [r["pid"] for r in c.ps()["requests"]]}
+    for op, call in (("kill", lambda: c.kill(arg["pid"])), ("nice", lambda: c.nice(arg["pid"], 10))):
+        try:
+            call()
+            out[op] = "done"
+        except ClientError as exc:
+            out[op] = exc.code
+    r = greedy(c, arg["prompt"], session=arg["session"])
+    out["reused"] = r.stats["prompt_tokens_reused"]
+    out["owner"] = r.stats.get("owner")
+    return out
+
+
+def _nobody_hold(c: Client, arg: dict) -> dict:
+    cid = c.submit(messages("nobody's long one"), max_tokens=400, min_tokens=400, temperature=0.0)
+    pid = c.recv(cid)["pid"]
+    return {"pid": pid, "end": [ev.event for ev in c.events(cid)][-1]}
+
+
+JOBS = {"probe": _nobody_probe, "hold": _nobody_hold}
+
+
+@pytest.fixture
+def open_daemon(tiny_model_dir):
+    """A daemon whose socket directory nobody may enter (0755, the socket 0777: the test opens it on purpose)."""
+    tmp = Path(tempfile.mkdtemp(prefix="qd-open-", dir="/tmp"))
+    tmp.chmod(0o755)
+    env = {"QUANTAD_RUNTIME_DIR": str(tmp), "QUANTAD_STATE_DIR": str(tmp / "state")}
+    d = DaemonProcess("--model", str(tiny_model_dir), "--quantum-tokens", "2", endpoint=f"ipc://{tmp}/agents.sock",
+                      env=env, log=tmp / "daemon.log", cwd=REPO)  # fmt: skip
+    d.start()
+    sock = tmp / "agents.sock"
+    sock.chmod(sock.stat().st_mode | stat.S_IRWXO)
+    yield d
+    d.stop()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to become another uid")
+def test_another_uid_sees_and_touches_nothing_of_ours(open_daemon):
+    d = open_daemon
+    with d.client(timeout=120) as c:
+        secret = "my secret is 7421; now say hello"
+        greedy(c, secret, session="s1")  # the session's context stays on the worker
+        cid = c.submit(messages("a long one of ours"), max_tokens=300, min_tokens=300, temperature=0.0)
+        pid = c.recv(cid)["pid"]
+        seen = as_nobody(d.endpoint, "probe", {"pid": pid, "prompt": secret, "session": "s1"})
+        assert "error" not in seen, seen
+        assert pid not in seen["ps"] and seen["kill"] == seen["nice"] == "not_found"
+        assert seen["reused"] == 0 and seen["owner"] == f"uid:{NOBODY}"  # its s1 is not ours
+        ours = greedy(c, secret, session="s1")
+        assert ours.stats["prompt_tokens_reused"] > 0 and ours.stats["owner"] == "uid:0"
+        row = next(r for r in c.ps()["requests"] if r["pid"] == pid)
+        assert row["owner"] == "uid:0" and row["nice"] == 0
+        c.kill(pid)
+        assert json.dumps(list(c.events(cid))[-1].event) == '"cancelled"'
+    # The admin (the daemon's uid) sees and may kill another identity's request.
+    mp = multiprocessing.get_context("fork")
+    with d.client(timeout=120) as c:
+        parent, child = mp.Pipe()
+        proc = mp.Process(target=_nobody_main, args=(child, d.endpoint, "hold", {}))
+        proc.start()
+        theirs, deadline = [], time.monotonic() + 60
+        while not theirs and time.monotonic() < deadline:  # each ps is a round trip: no sleep needed
+            theirs = [r for r in c.ps()["requests"] if r["owner"] == f"uid:{NOBODY}"]
+        assert theirs, "nobody's request never showed in the admin's ps"
+        c.kill(theirs[0]["pid"])
+        out = parent.recv() if parent.poll(120) else {"error": "timeout"}
+        proc.join(10)
+    assert out.get("end") == "cancelled", out
