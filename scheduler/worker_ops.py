@@ -172,6 +172,7 @@ class WorkerOps:
             req,
             State.DONE,
             P.EV_DONE,
+            worker=req.worker,
             text=req.text,
             finish_reason=rec.finish_reason,
             content=rec.content,

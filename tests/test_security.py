@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -196,3 +199,95 @@ def test_another_uid_sees_and_touches_nothing_of_ours(open_daemon):
         out = parent.recv() if parent.poll(120) else {"error": "timeout"}
         proc.join(10)
     assert out.get("end") == "cancelled", out
+
+
+# ---- CURVE, and a remote worker in another network namespace -------------------------------------
+@pytest.fixture
+def netns():
+    """A network namespace joined to ours by a veth pair: 10.77.0.1 here, 10.77.0.2 there (nothing else)."""
+    name = f"qd{os.getpid() % 100000}"
+    host, peer = f"{name}a", f"{name}b"
+    steps = [
+        ["ip", "netns", "add", name],
+        ["ip", "link", "add", host, "type", "veth", "peer", "name", peer],
+        ["ip", "link", "set", peer, "netns", name],
+        ["ip", "addr", "add", "10.77.0.1/30", "dev", host],
+        ["ip", "link", "set", host, "up"],
+        ["ip", "netns", "exec", name, "ip", "addr", "add", "10.77.0.2/30", "dev", peer],
+        ["ip", "netns", "exec", name, "ip", "link", "set", peer, "up"],
+        ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+    ]
+    try:
+        for cmd in steps:
+            subprocess.run(cmd, check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        pytest.skip(f"cannot make a network namespace here: {exc}")
+    yield name
+    subprocess.run(["ip", "link", "del", host], capture_output=True)
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def keygen(d: Path, name: str) -> tuple[Path, Path]:
+    out = quantad("keygen", str(d), "--name", name)
+    assert out.returncode == 0, out.stderr
+    public, secret = d / f"{name}.key", d / f"{name}.key_secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and stat.S_IMODE(d.stat().st_mode) == 0o700
+    return public, secret
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root for a network namespace")
+def test_curve_clients_and_a_remote_worker_over_a_veth_link(netns, tiny_model_dir, tmp_path):
+    curve, mine = tmp_path / "curve", tmp_path / "mine"
+    server_pub, _ = keygen(curve, "server")
+    alice_pub, alice = keygen(mine, "alice")
+    _, mallory = keygen(mine, "mallory")
+    w_pub, w_secret = keygen(mine, "w-remote")
+    for sub, key in (("clients", alice_pub), ("workers", w_pub)):
+        (curve / sub).mkdir()
+        shutil.copy(key, curve / sub / key.name)
+    port = free_port()
+    ep = f"tcp://10.77.0.1:{port}"
+    env = {"QUANTAD_RUNTIME_DIR": str(tmp_path), "QUANTAD_STATE_DIR": str(tmp_path / "state")}
+    plain = quantad("serve", "--model", str(tiny_model_dir), "--endpoint", ep, timeout=120)
+    assert plain.returncode != 0 and "--curve-dir" in plain.stderr  # not loopback: no plaintext by default
+    d = DaemonProcess("--model", str(tiny_model_dir), "--slots", "1", "--curve-dir", str(curve), endpoint=ep,
+                      env=env, log=tmp_path / "daemon.log", cwd=REPO)  # fmt: skip
+    remote = None
+    try:
+        os.environ["QUANTAD_CURVE_KEY"], os.environ["QUANTAD_CURVE_SERVER"] = str(alice), str(server_pub)
+        d.start()
+        with Client(ep, timeout=120) as c:
+            r = greedy(c, "over curve")
+            assert r.usage["completion_tokens"] == 6 and r.stats["owner"].startswith("key:")
+        for key in (mallory, None):  # an unknown key; no key at all (plaintext)
+            os.environ.pop("QUANTAD_CURVE_KEY")
+            if key is not None:
+                os.environ["QUANTAD_CURVE_KEY"] = str(key)
+            with Client(ep, timeout=2) as c, pytest.raises(TimeoutError):
+                c.ping(timeout=2)  # the handshake fails: not one message gets through
+            os.environ["QUANTAD_CURVE_KEY"] = str(alice)
+        remote = subprocess.Popen(
+            ["ip", "netns", "exec", netns, sys.executable, "-m", "console", "worker", "--connect",
+             f"tcp://10.77.0.1:{port + 1}", "--curve-key", str(w_secret), "--curve-server", str(server_pub),
+             "--model", str(tiny_model_dir), "--slots", "2"],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        with Client(ep, timeout=120) as c:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not any(
+                w["name"] == "w-remote" and w["alive"] for w in c.ps()["workers"]
+            ):
+                c.ping()
+            cids = [c.submit(messages(f"job {i}"), max_tokens=8, min_tokens=8, temperature=0.0) for i in range(6)]
+            done = [list(c.events(cid))[-1] for cid in cids]
+        assert all(ev.event == "done" for ev in done), [ev.data for ev in done]
+        assert {ev.data["worker"] for ev in done} >= {"w-remote"}
+        assert "connection_refused" in d.log()
+    finally:
+        for var in ("QUANTAD_CURVE_KEY", "QUANTAD_CURVE_SERVER"):
+            os.environ.pop(var, None)
+        if remote is not None:
+            remote.kill()
+            remote.wait()
+        d.stop()
