@@ -47,8 +47,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     server, public, secret = load_client_keys(args.curve_key, args.curve_server)
     name = args.name or Path(args.curve_key).name.split(".")[0]
     model = args.model if args.backend == "openai" else resolve_model(args.model, gguf=args.backend == "llamacpp")
-    spec = WorkerSpec(backend=args.backend, endpoint=args.connect, name=name, model=model, slots=args.slots,
-                      threads=args.threads, peer_endpoint="", base_url=args.base_url, credentials="stdin")  # fmt: skip
+    spec = WorkerSpec(
+        backend=args.backend,
+        endpoint=args.connect,
+        name=name,
+        model=model,
+        slots=args.slots,
+        threads=args.threads,
+        peer_endpoint="",
+        base_url=args.base_url,
+        credentials="stdin",
+    )
     creds = {"curve": {"server": server.decode(), "public": public.decode(), "secret": secret.decode()}}
     print(f"quantad worker {name}: connecting to {args.connect} ({args.backend}, {args.slots} slot(s))", flush=True)
     try:

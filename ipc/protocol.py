@@ -88,6 +88,8 @@ E_INTERNAL = "internal"
 E_REMOTE = "remote_error"  # an API endpoint failed (its status is in the message and ``status``)
 E_CONTEXT_LENGTH = "context_length_exceeded"  # the prompt does not fit the model's context (before any compute)
 E_INVALID_OUTPUT = "invalid_output"  # an endpoint returned text that breaks the requested JSON format
+E_QUOTA = "quota_exceeded"  # the identity's live requests or their tokens are at its limit
+E_RATE_LIMITED = "rate_limited"  # the connection sends more messages per second than it may
 WORKER_CODES = (E_REMOTE, E_INVALID_OUTPUT, E_CONTEXT_LENGTH)  # codes a worker may pass through to the agent
 
 # Context tiers reported by workers.

@@ -70,6 +70,7 @@ class AgentOps:
         if params.get("session"):
             params = params | {"session": session_key(who.identity, params["session"])}
         req = Request(pid=next(d.pids), agent_addr=addr, client_id=cid, params=params, owner=who.identity or "")
+        d.admission.admit(req.owner, req.cost, who.admin)  # quota_exceeded: nothing of it is kept
         d.by_client[(addr, cid)] = req
         d.sched.add(req)
         d.counters.accepted += 1

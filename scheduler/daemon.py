@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -38,6 +38,7 @@ from scheduler.core import Scheduler
 from scheduler.counters import Counters
 from scheduler.drain import Drain
 from scheduler.gate import AGENTS, WORKERS, Gate, Keys, uses_curve
+from scheduler.limits import Admission, Limits
 from scheduler.policy import Policy
 from scheduler.request import Request, State
 from scheduler.stats import status_line
@@ -70,6 +71,7 @@ class DaemonConfig:
     http_token: str | None = None  # bearer token the HTTP front requires
     metrics_port: int | None = None  # Prometheus /metrics on 127.0.0.1; None: off
     keys: Keys | None = None  # CURVE: the daemon's key pair and the allowed keys (``--curve-dir``)
+    limits: Limits = field(default_factory=Limits)  # quotas per identity, rates per connection
 
 
 class Daemon:
@@ -81,6 +83,8 @@ class Daemon:
         self.agents = self._socket(P.MAX_FRAME, AGENTS, curve=uses_curve(cfg.endpoint, cfg.keys))
         self.workers_sock = self._socket(P.MAX_TENSOR_FRAME, WORKERS, curve=uses_curve(cfg.worker_endpoint, cfg.keys))
         self.workers_sock.setsockopt(zmq.ROUTER_HANDOVER, 0)  # a second connection claiming a live worker is refused
+        self.agents.setsockopt(zmq.SNDHWM, cfg.limits.max_unread)  # past it: EAGAIN, and its requests are cancelled
+        self.admission = Admission(cfg.limits)
         for opt in (zmq.SNDBUF, zmq.RCVBUF):  # migrations relay whole contexts through it
             self.workers_sock.setsockopt(opt, P.BULK_SOCKET_BUFFER)
         # Synchronous shadows: sends are non-blocking and fail here, where we can handle them.
@@ -214,6 +218,7 @@ class Daemon:
         last = None
         while True:
             self.counters.sample()
+            self.admission.prune()
             status = status_line(self)
             if status != last:
                 sd_notify.notify(status)
@@ -250,6 +255,7 @@ class Daemon:
         addr, cid = frames[0], None
         try:
             cid, rec = M.read_agent(frames[1:])
+            self.admission.message(addr)
             self.on_agent[type(rec)](Caller(addr, identity, self.gate.is_admin(identity)), cid, rec)
         except P.ProtocolError as exc:
             cid = exc.cid if isinstance(exc, M.AgentError) else cid
@@ -266,8 +272,11 @@ class Daemon:
             return True
         except zmq.ZMQError as exc:  # EHOSTUNREACH: agent gone; EAGAIN: agent not reading
             log.info("event=agent_gone errno=%s", exc.errno)
-            for req in [r for r in self.sched.table.values() if r.agent_addr == addr and not r.finished]:
-                self.cancel(req, "agent disconnected", notify=False)
+            gone = [r for r in self.sched.table.values() if r.agent_addr == addr and not r.finished]
+            for req in gone:  # one pass, one schedule: thousands of them must not hold the loop
+                self.cancel(req, "agent disconnected", notify=False, reschedule=False)
+            if gone:
+                self.schedule()
             return False
         finally:
             self.agents.get(zmq.EVENTS)  # re-arm the pending receive: see to_worker
@@ -286,7 +295,7 @@ class Daemon:
         self.schedule()
         self.drain.check()
 
-    def cancel(self, req: Request, why: str, notify: bool = True) -> None:
+    def cancel(self, req: Request, why: str, notify: bool = True, reschedule: bool = True) -> None:
         if req.finished:
             return
         if req.worker is not None:
@@ -296,7 +305,8 @@ class Daemon:
             self.terminal(req, State.CANCELLED, P.EV_CANCELLED, message=why, text=req.text)
         else:
             self._end(req, State.CANCELLED)
-            self.schedule()
+            if reschedule:
+                self.schedule()
 
     def fail(self, req: Request, code: str, message: str) -> None:
         if req.worker is not None:
@@ -305,6 +315,8 @@ class Daemon:
 
     def _end(self, req: Request, state: State) -> dict:
         """Leave the scheduler and the tables; count it and tell the hooks (metrics).  The policy's last view."""
+        if not req.finished:
+            self.admission.release(req.owner, req.cost)
         policy_view = self.sched.finish(req, state)
         self.counters.finish(req.state.value)
         for hook in self.finish_hooks:

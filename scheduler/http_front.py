@@ -37,6 +37,8 @@ ERRORS: dict[str, tuple[int, str]] = {
     P.E_DUPLICATE_ID: (400, "invalid_request_error"),
     P.E_TOO_LARGE: (413, "invalid_request_error"),
     P.E_CONTEXT_LENGTH: (400, "invalid_request_error"),
+    P.E_QUOTA: (429, "rate_limit_error"),
+    P.E_RATE_LIMITED: (429, "rate_limit_error"),
     P.E_NOT_FOUND: (404, "not_found_error"),
     P.EV_CANCELLED: (409, "cancelled"),  # killed (`quantad kill`): not to be retried
     P.E_SHUTTING_DOWN: (503, "service_unavailable"),

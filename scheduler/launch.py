@@ -153,7 +153,24 @@ def daemon_config(args: argparse.Namespace, endpoint: str, wep: str, policy, htt
         http=http,
         http_token=token,
         metrics_port=args.metrics_port,
+        limits=limits_of(args),
     )
+
+
+def limits_of(args: argparse.Namespace):
+    """The quotas and rates of ``--requests-per-identity`` and the rest (unset: the defaults)."""
+    import dataclasses
+
+    from scheduler.limits import Limits
+
+    given = {
+        "requests_per_identity": args.requests_per_identity,
+        "tokens_per_identity": args.tokens_per_identity,
+        "messages_per_s": args.rate_limit,
+        "burst": args.rate_burst,
+        "max_unread": args.max_unread,
+    }
+    return dataclasses.replace(Limits(), **{k: v for k, v in given.items() if v is not None})
 
 
 def curve_keys(curve_dir: str | None, endpoints: tuple[str, ...], allow_plaintext: bool):

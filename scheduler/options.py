@@ -91,6 +91,43 @@ def add_serve_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _security_flags(g: argparse._ArgumentGroup) -> None:
+    from scheduler.limits import Limits
+
+    lim = Limits()
+    g.add_argument(
+        "--requests-per-identity",
+        type=positive(int),
+        metavar="N",
+        help=f"live requests (queued + running) one identity may have; more: quota_exceeded "
+        f"(default {lim.requests_per_identity}; admins are not held to it)",
+    )
+    g.add_argument(
+        "--tokens-per-identity",
+        type=positive(int),
+        metavar="N",
+        help=f"estimated prompt + max_tokens over one identity's live requests; more: quota_exceeded "
+        f"(default {lim.tokens_per_identity})",
+    )
+    g.add_argument(
+        "--rate-limit",
+        type=positive(float),
+        metavar="PER_S",
+        help=f"messages per second one connection may send, sustained; more: rate_limited "
+        f"(default {lim.messages_per_s:g})",
+    )
+    g.add_argument(
+        "--rate-burst",
+        type=positive(int),
+        metavar="N",
+        help=f"messages one connection may send at once (default {lim.burst})",
+    )
+    g.add_argument(
+        "--max-unread",
+        type=positive(int),
+        metavar="N",
+        help=f"replies buffered for a connection that does not read them; then its requests are "
+        f"cancelled (default {lim.max_unread})",
+    )
     g.add_argument(
         "--curve-dir",
         metavar="DIR",

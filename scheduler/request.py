@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ipc.protocol import MAX_TOKENS_LIMIT
+
 
 class State(enum.StrEnum):
     NEW = "NEW"
@@ -35,7 +37,7 @@ def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
     return max(1, (chars + 3) // 4 + 5 * len(messages))
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field by field: a run queue of thousands is searched by ``in``
 class Request:
     """One chat syscall.  Holds what is needed to restart it from scratch on any worker."""
 
@@ -71,6 +73,7 @@ class Request:
     queue_s: float | None = None  # accept to first dispatch to a worker
     moved: dict[str, int] = field(default_factory=dict)  # context bytes saved into / restored from each tier
     owner: str = ""  # the identity that sent it (``scheduler.gate``): who may see, kill and renice it
+    cost: int = 0  # tokens it may take (estimated prompt + max_tokens), counted against its owner's quota
 
     def __post_init__(self) -> None:
         if self.params.get("seed") is None:  # fixed now, so any restart samples the same stream
@@ -78,6 +81,8 @@ class Request:
         self.nice = int(self.params.get("nice", 0))
         if not self.prompt_tokens:
             self.prompt_tokens = estimate_prompt_tokens(self.params.get("messages", []))
+        if not self.cost:  # fixed at accept: what its owner's quota was charged, and is given back
+            self.cost = self.prompt_tokens + (self.max_tokens or MAX_TOKENS_LIMIT)
 
     @property
     def agent(self) -> str:

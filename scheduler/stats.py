@@ -66,6 +66,7 @@ def stats_view(d: Daemon) -> dict[str, Any]:
         "queue": len(d.sched.ready),
         "requests": by_state,
         **d.counters.as_dict(),
+        "refused": dict(d.admission.refused) | {"connections": d.gate.denied},
         "tokens_per_s": round(d.counters.tokens_per_s(), 3),
         "workers": {"configured": len(d.sched.workers), "up": sum(w.alive for w in workers)},
         "endpoints": {"agents": d.cfg.endpoint, **d.urls},

@@ -149,22 +149,83 @@ def _nobody_hold(c: Client, arg: dict) -> dict:
     return {"pid": pid, "end": [ev.event for ev in c.events(cid)][-1]}
 
 
-JOBS = {"probe": _nobody_probe, "hold": _nobody_hold}
+def _nobody_flood(c: Client, arg: dict) -> dict:
+    """Submit ``n`` chats at once; report each one's first answer (accepted, or the error's code)."""
+    cids = [c.submit(messages(f"flood {i}"), max_tokens=arg["tokens"], temperature=0.0) for i in range(arg["n"])]
+    first = []
+    for cid in cids:
+        msg = c.recv(cid)
+        first.append(msg["event"] if msg["event"] != "error" else msg["code"])
+    c.call("ping")
+    return {"first": first}
+
+
+JOBS = {"probe": _nobody_probe, "hold": _nobody_hold, "flood": _nobody_flood}
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to become another uid")
+@pytest.mark.parametrize("policy", ["rr", "fair"])
+def test_quotas_refuse_a_flood_and_a_polite_identity_is_served(policy, open_daemons):
+    d = open_daemons("--policy", policy, "--requests-per-identity", "4", "--tokens-per-identity", "100000")
+    mp = multiprocessing.get_context("fork")
+    parent, child = mp.Pipe()
+    proc = mp.Process(target=_nobody_main, args=(child, d.endpoint, "flood", {"n": 12, "tokens": 40}))
+    proc.start()
+    with d.client(timeout=120) as c:
+        flood = parent.recv() if parent.poll(120) else {"error": "timeout"}
+        polite = greedy(c, "a polite question")  # while the flood's four run
+        assert polite.usage["completion_tokens"] == 6
+        refused = c.call("stats")["refused"]
+    proc.join(30)
+    assert flood.get("first") == ["accepted"] * 4 + ["quota_exceeded"] * 8, flood
+    assert refused["quota_exceeded"] == 8
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to become another uid")
+def test_token_quota_counts_max_tokens(open_daemons):
+    d = open_daemons("--tokens-per-identity", "300")
+    out = as_nobody(d.endpoint, "flood", {"n": 2, "tokens": 200})
+    assert out.get("first") == ["accepted", "quota_exceeded"], out
+
+
+def test_a_connection_over_its_rate_is_refused_and_served_again(tiny_model_dir, start_daemon):
+    d = start_daemon(tiny_model_dir, "--rate-limit", "1", "--rate-burst", "5")
+    d.wait_ready()
+    with d.client(timeout=10) as c:
+        cids = [c.send({"op": "ping"}) for _ in range(10)]
+        codes = [c.recv(cid).get("code", "ok") for cid in cids]
+    assert codes[:5] == ["ok"] * 5 and "rate_limited" in codes[5:]
+    with d.client(timeout=10) as other:  # another connection has a bucket of its own
+        assert other.ping()["pong"]
 
 
 @pytest.fixture
-def open_daemon(tiny_model_dir):
-    """A daemon whose socket directory nobody may enter (0755, the socket 0777: the test opens it on purpose)."""
-    tmp = Path(tempfile.mkdtemp(prefix="qd-open-", dir="/tmp"))
-    tmp.chmod(0o755)
-    env = {"QUANTAD_RUNTIME_DIR": str(tmp), "QUANTAD_STATE_DIR": str(tmp / "state")}
-    d = DaemonProcess("--model", str(tiny_model_dir), "--quantum-tokens", "2", endpoint=f"ipc://{tmp}/agents.sock",
-                      env=env, log=tmp / "daemon.log", cwd=REPO)  # fmt: skip
-    d.start()
-    sock = tmp / "agents.sock"
-    sock.chmod(sock.stat().st_mode | stat.S_IRWXO)
-    yield d
-    d.stop()
+def open_daemons(tiny_model_dir):
+    """Factory of daemons whose socket nobody may reach (directory 0755, socket 0777: opened on purpose)."""
+    started = []
+
+    def start(*flags: str) -> DaemonProcess:
+        tmp = Path(tempfile.mkdtemp(prefix="qd-open-", dir="/tmp"))
+        tmp.chmod(0o755)
+        env = {"QUANTAD_RUNTIME_DIR": str(tmp), "QUANTAD_STATE_DIR": str(tmp / "state")}
+        d = DaemonProcess(
+            "--model", str(tiny_model_dir), "--quantum-tokens", "2", *flags,
+            endpoint=f"ipc://{tmp}/agents.sock", env=env, log=tmp / "daemon.log", cwd=REPO,
+        )  # fmt: skip
+        started.append(d)
+        d.start()
+        sock = tmp / "agents.sock"
+        sock.chmod(sock.stat().st_mode | stat.S_IRWXO)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def open_daemon(open_daemons):
+    return open_daemons()
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to become another uid")
@@ -192,8 +253,9 @@ def test_another_uid_sees_and_touches_nothing_of_ours(open_daemon):
         proc = mp.Process(target=_nobody_main, args=(child, d.endpoint, "hold", {}))
         proc.start()
         theirs, deadline = [], time.monotonic() + 60
-        while not theirs and time.monotonic() < deadline:  # each ps is a round trip: no sleep needed
+        while not theirs and time.monotonic() < deadline:  # polling ps with a deadline for their accept
             theirs = [r for r in c.ps()["requests"] if r["owner"] == f"uid:{NOBODY}"]
+            time.sleep(0.01)
         assert theirs, "nobody's request never showed in the admin's ps"
         c.kill(theirs[0]["pid"])
         out = parent.recv() if parent.poll(120) else {"error": "timeout"}
@@ -278,7 +340,7 @@ def test_curve_clients_and_a_remote_worker_over_a_veth_link(netns, tiny_model_di
             while time.monotonic() < deadline and not any(
                 w["name"] == "w-remote" and w["alive"] for w in c.ps()["workers"]
             ):
-                c.ping()
+                time.sleep(0.01)  # polling ps with a deadline for the remote worker's ready
             cids = [c.submit(messages(f"job {i}"), max_tokens=8, min_tokens=8, temperature=0.0) for i in range(6)]
             done = [list(c.events(cid))[-1] for cid in cids]
         assert all(ev.event == "done" for ev in done), [ev.data for ev in done]
