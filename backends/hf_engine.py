@@ -29,6 +29,7 @@ class HFEngine(LocalEngine):
         self.eos_ids = self.model.eos_ids
         self.model_name = str(self.model.model.name_or_path)
         self.max_context = getattr(self.model.config, "max_position_embeddings", None)
+        self.tokenizer_dir = str(spec.model)
         self.batch = Batch(self.model.model, self.model.config)
         super().__init__(spec, send, ctx)
 

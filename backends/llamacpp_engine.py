@@ -92,6 +92,7 @@ class LlamaCppEngine(LocalEngine):
         self.eos_ids = self.model.eog_ids | ({self.tokenizer.eos_token_id} - {None})
         self.model_name = str(gguf)
         self.max_context = self.model.context_limit
+        self.tokenizer_dir = str(cache_root() / f"{gguf.stem}.tokenizer")
         self._rows: list[Sequence] = []
         self._slots: dict[int, Slot] = {}  # the batch's rows' slots, by request id
         self.evictions = 0

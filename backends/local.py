@@ -57,6 +57,8 @@ log = logging.getLogger("quantad.worker")
 class LocalEngine(Engine, ModelHooks):
     """A model in this process, stepped by the skeleton; subclasses implement the hooks below."""
 
+    tokenizer_dir = ""  # where its tokenizer lies, for the daemon's prompt counts (``ready``)
+
     def __init__(self, spec: WorkerSpec, send: Send, ctx: zmq.Context):
         super().__init__(spec, send, ctx)
         self.running: dict[int, Sequence] = {}
@@ -81,6 +83,8 @@ class LocalEngine(Engine, ModelHooks):
             model=self.model_name,
             pid=os.getpid(),
             peer=self.migration.peers.endpoint,
+            max_context=self.max_context or 0,
+            tokenizer=self.tokenizer_dir,
         )
 
     def run(self, run: M.Run, frames: list) -> None:

@@ -10,8 +10,10 @@ their contexts and reports through ``send``; the skeleton knows no model.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -26,6 +28,8 @@ from ipc.logfmt import setup as setup_logging
 from ipc.worker_spec import WorkerSpec
 
 log = logging.getLogger("quantad.worker")
+
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 ENGINES = {  # imported when chosen: an API worker never loads torch's model code, nor an HF one httpx
     "hf": ("backends.hf_engine", "HFEngine"),
@@ -109,8 +113,24 @@ class Worker:
             log.error("bad message from daemon: %s", exc.message)
 
 
+def die_with_parent() -> None:
+    """A worker must not outlive the daemon that started it (one killed with SIGKILL tells no one).
+
+    Linux's parent-death signal: when the parent exits, the kernel sends this process SIGTERM,
+    and the worker stops as on any SIGTERM.  A parent already gone (we were re-parented) ends it now.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the daemon's heartbeat timeout still finds us silent
+        return
+    if os.getppid() == 1:
+        sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     spec = WorkerSpec.parse(argv)
+    die_with_parent()
     setup_logging(logging.INFO, worker=spec.name)  # the daemon's format ($QUANTAD_LOG_FORMAT), journald-aware
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when workers stop
     creds = credentials.read_stdin() if spec.credentials == "stdin" else None  # before the model loads

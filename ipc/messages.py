@@ -131,6 +131,8 @@ class Ready(Message):
     pid: int = 0
     preemptible: bool = True  # False: its requests run to the end of their turn (an endpoint that cannot resume)
     peer: str | None = None  # the worker's inbox for contexts pushed by other workers
+    max_context: int = 0  # the most tokens one request may hold (0: not known)
+    tokenizer: str = ""  # directory of its tokenizer: the daemon counts prompts as the worker will
 
 
 @dataclass(frozen=True, slots=True)

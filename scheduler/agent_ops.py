@@ -69,7 +69,9 @@ class AgentOps:
         params = rec.params
         if params.get("session"):
             params = params | {"session": session_key(who.identity, params["session"])}
-        req = Request(pid=next(d.pids), agent_addr=addr, client_id=cid, params=params, owner=who.identity or "")
+        exact = d.sizer.check(params["messages"], params.get("tools"), params.get("max_tokens"))  # before any compute
+        req = Request(pid=next(d.pids), agent_addr=addr, client_id=cid, params=params, owner=who.identity or "",
+                      prompt_tokens=exact or 0)  # fmt: skip
         d.admission.admit(req.owner, req.cost, who.admin)  # quota_exceeded: nothing of it is kept
         d.by_client[(addr, cid)] = req
         d.sched.add(req)

@@ -40,6 +40,7 @@ from scheduler.drain import Drain
 from scheduler.gate import AGENTS, WORKERS, Gate, Keys, uses_curve
 from scheduler.limits import Admission, Limits
 from scheduler.policy import Policy
+from scheduler.prompt_size import PromptSizer
 from scheduler.request import Request, State
 from scheduler.stats import status_line
 from scheduler.supervisor import Supervisor
@@ -85,6 +86,7 @@ class Daemon:
         self.workers_sock.setsockopt(zmq.ROUTER_HANDOVER, 0)  # a second connection claiming a live worker is refused
         self.agents.setsockopt(zmq.SNDHWM, cfg.limits.max_unread)  # past it: EAGAIN, and its requests are cancelled
         self.admission = Admission(cfg.limits)
+        self.sizer = PromptSizer()  # exact prompt lengths, once a worker names its tokenizer
         for opt in (zmq.SNDBUF, zmq.RCVBUF):  # migrations relay whole contexts through it
             self.workers_sock.setsockopt(opt, P.BULK_SOCKET_BUFFER)
         # Synchronous shadows: sends are non-blocking and fail here, where we can handle them.

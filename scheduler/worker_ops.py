@@ -99,6 +99,7 @@ class WorkerOps:
         if w.alive or any(r.worker == w.name for r in self.d.sched.table.values()):
             self.d.supervisor.lose(w)  # it restarted: whatever it held is gone
         w.up(rec)
+        self.d.sizer.learn(rec.max_context, rec.tokenizer)
         log.info("event=worker_ready worker=%s device=%s slots=%s", w.name, rec.device, w.slots)
         if all(x.alive for x in self.d.sched.workers.values()) and not self.d.ready.is_set():
             self.d.announce_ready()

@@ -178,7 +178,7 @@ def test_batched_rows_recompute_nothing_and_free_everything(gguf, start_daemon):
 
 def test_thousand_requests_killed_cancelled_failed_leak_no_cell(gguf, start_daemon):
     """Finished, killed while running or suspended, and rejected requests: llama.cpp's cells return to zero."""
-    d = start(start_daemon, gguf, "--slots", "4", "--quantum-tokens", "2", "--ctx-size", "1024",
+    d = start(start_daemon, gguf, "--slots", "4", "--quantum-tokens", "2", "--ctx-size", "2048",
               "--heartbeat-s", "0.05")  # fmt: skip
     short = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     too_long = [{"role": "user", "content": "word " * 1200}]
@@ -229,7 +229,11 @@ def test_prompt_longer_than_the_context_fails_before_compute(gguf, start_daemon)
         assert err.value.code == "context_length_exceeded"
         limit = int(err.value.message.rsplit(" ", 1)[-1])  # "... the model's context holds N"
         assert limit < 400 and worker_stats(c)["prefill_tokens"] == 0
-        r = c.chat(messages(PROMPTS[4]), max_tokens=1000, min_tokens=1000)  # fits, then runs into the end
+        prompt = c.chat(messages(PROMPTS[4]), max_tokens=1).usage["prompt_tokens"]
+        with pytest.raises(ClientError) as err:  # prompt + max_tokens one token over: refused by the daemon
+            c.chat(messages(PROMPTS[4]), max_tokens=limit - prompt + 1)
+        assert err.value.code == "context_length_exceeded"
+        r = c.chat(messages(PROMPTS[4]), max_tokens=limit - prompt, min_tokens=limit - prompt)  # fills it exactly
         assert r.finish_reason == "length"
         assert r.usage["total_tokens"] == limit
 

@@ -353,3 +353,24 @@ def test_curve_clients_and_a_remote_worker_over_a_veth_link(netns, tiny_model_di
             remote.kill()
             remote.wait()
         d.stop()
+
+
+def test_one_token_over_the_context_is_refused_by_the_daemon(tiny_model_dir, start_daemon):
+    """Prompt + max_tokens one over the model's 2048 positions: refused at accept (no pid), no worker sees it."""
+    d = start_daemon(tiny_model_dir)
+    prompt = messages("count the words of this sentence " * 40)
+    with d.client(timeout=120) as c:
+        n = c.chat(prompt, max_tokens=1).usage["prompt_tokens"]
+        cid = c.submit(prompt, max_tokens=2048 - n + 1)
+        t = time.perf_counter()
+        answer = c.recv(cid)
+        took = time.perf_counter() - t
+        assert answer["event"] == "error" and answer["code"] == "context_length_exceeded", answer
+        assert "pid" not in answer and answer["message"].endswith("holds 2048")  # never accepted
+        fits = c.submit(prompt, max_tokens=2048 - n)
+        assert c.recv(fits)["event"] == "accepted"
+        c.send({"op": "cancel", "id": fits})
+        assert list(c.events(fits))[-1].event == "cancelled"
+        huge = c.submit(messages("x " * 400_000), max_tokens=1)  # 800 kB: refused without tokenizing it all
+        assert c.recv(huge)["code"] == "context_length_exceeded"
+    print(f"refused in {took * 1000:.1f} ms")

@@ -1,0 +1,92 @@
+"""A chat's prompt length in tokens, counted in the daemon exactly as its workers will count it.
+
+Local workers report, in their ``ready``, the longest context they take and the directory of
+their tokenizer.  The daemon renders a chat with the model's own chat template (transformers'
+``render_jinja_template``, the function ``apply_chat_template`` uses; it needs no torch) and
+counts it with the ``tokenizers`` library, so that a prompt that cannot fit is refused with
+``context_length_exceeded`` before any worker sees it.  Both libraries load on the first
+``ready`` that names a tokenizer; without one the workers' own check stands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("quantad")
+
+
+class PromptSizer:
+    def __init__(self) -> None:
+        self.limit = 0  # the smallest context a worker reported (0: none reported)
+        self.source = ""
+        self._tokenizer: Any = None
+        self._template: str | None = None
+        self._special: dict[str, str] = {}
+        self._longest = 1
+
+    def learn(self, max_context: int, tokenizer_dir: str) -> None:
+        """A worker's ``ready``: its context length and tokenizer (the same model everywhere)."""
+        if max_context > 0:
+            self.limit = min(self.limit, max_context) if self.limit else max_context
+        if tokenizer_dir and tokenizer_dir != self.source:
+            try:
+                self._load(Path(tokenizer_dir))
+                self.source = tokenizer_dir
+            except Exception as exc:  # a tokenizer we cannot read here: the workers still check
+                log.warning("event=prompt_size_off dir=%s why=%r", tokenizer_dir, str(exc)[:200])
+
+    def _load(self, d: Path) -> None:
+        from tokenizers import Tokenizer
+
+        config = json.loads((d / "tokenizer_config.json").read_text())
+        template = config.get("chat_template")
+        if template is None and (d / "chat_template.jinja").is_file():
+            template = (d / "chat_template.jinja").read_text()
+        if not isinstance(template, str):
+            raise ValueError("no chat template")
+        self._tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+        self._longest = max(len(t.encode()) for t in self._tokenizer.get_vocab())  # bytes of the longest token
+        self._template = template
+        self._special = {
+            k: (v["content"] if isinstance(v, dict) else v)
+            for k, v in config.items()
+            if k.endswith("_token") and isinstance(v, (str, dict))
+        }
+
+    def count(self, messages: list[dict], tools: list[dict] | None = None) -> int | None:
+        """Prompt tokens with the generation prompt, as the workers render it; None when unknown."""
+        if self._tokenizer is None:
+            return None
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, _ = render_jinja_template(
+            conversations=[messages],
+            tools=tools,
+            chat_template=self._template,
+            add_generation_prompt=True,
+            **self._special,
+        )
+        text = rendered[0]
+        floor = len(text.encode()) // self._longest  # no tokenization can make fewer tokens
+        if self.limit and floor > self.limit:
+            return floor  # far too long: not worth the tokenizer's time (a 4 MB prompt would hold the loop)
+        return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def check(self, messages: list[dict], tools: list[dict] | None, max_tokens: int | None) -> int | None:
+        """The prompt's length, or ``context_length_exceeded`` when it and ``max_tokens`` do not fit."""
+        from ipc import protocol as P
+
+        n = self.count(messages, tools) if self.limit else None
+        if n is None:
+            return None
+        if n + (max_tokens or 0) > self.limit:
+            ask = (
+                f"{n} prompt tokens (at least)"
+                if n > self.limit
+                else f"{n} prompt tokens" + (f" + max_tokens {max_tokens}" if max_tokens else "")
+            )
+            raise P.ProtocolError(P.E_CONTEXT_LENGTH, f"{ask} do not fit: the model's context holds {self.limit}")
+        return n
