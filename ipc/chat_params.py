@@ -54,7 +54,18 @@ def parse_chat(msg: dict[str, Any]) -> dict[str, Any]:
         "nice": number(msg, "nice", NICE_MIN, NICE_MAX, 0, integer=True),
         "stream": bool(field(msg, "stream", bool, True)),
         **_structured(msg),
+        **_on_behalf(msg),
     }
+
+
+def _on_behalf(msg: dict[str, Any]) -> dict[str, Any]:
+    """``on_behalf_of``: the identity an admin (the HTTP front) submits for; the daemon checks who may."""
+    who = field(msg, "on_behalf_of", str, None)
+    if who is None:
+        return {}
+    if not 0 < len(who) <= 128:
+        raise ProtocolError(E_BAD_FIELD, "'on_behalf_of' is 1..128 characters")
+    return {"on_behalf_of": who}
 
 
 def _message(i: int, m: Any) -> dict[str, Any]:

@@ -67,6 +67,11 @@ class AgentOps:
         if d.stopping.is_set():
             raise P.ProtocolError(P.E_SHUTTING_DOWN, "the daemon is shutting down")
         params = rec.params
+        if "on_behalf_of" in params:  # the HTTP front speaks for its bearer token's identity
+            if not who.admin:
+                raise P.ProtocolError(P.E_BAD_FIELD, "only an admin may submit 'on_behalf_of' another identity")
+            params = {k: v for k, v in params.items() if k != "on_behalf_of"}
+            who = Caller(who.addr, rec.params["on_behalf_of"], admin=False)
         if params.get("session"):
             params = params | {"session": session_key(who.identity, params["session"])}
         exact = d.sizer.check(params["messages"], params.get("tools"), params.get("max_tokens"))  # before any compute

@@ -69,7 +69,7 @@ class DaemonConfig:
     model_name: str = ""  # what /v1/models calls the model (a directory's name, or the remote name)
     model_aliases: tuple[str, ...] = ()  # other names an HTTP request may give (--model as given, the path)
     http: tuple[str, int] | None = None  # OpenAI-compatible HTTP front (host, port); None: off
-    http_token: str | None = None  # bearer token the HTTP front requires
+    http_token: dict[str, str] | None = None  # bearer tokens the HTTP front accepts -> whose (``http:NAME``)
     metrics_port: int | None = None  # Prometheus /metrics on 127.0.0.1; None: off
     keys: Keys | None = None  # CURVE: the daemon's key pair and the allowed keys (``--curve-dir``)
     limits: Limits = field(default_factory=Limits)  # quotas per identity, rates per connection

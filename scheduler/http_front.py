@@ -186,11 +186,11 @@ def content_of(done: dict[str, Any]) -> str | None:
 
 # ---- the server -----------------------------------------------------------------------------
 class HttpFront:
-    def __init__(self, endpoint: str, host: str, port: int, models: Iterable[str], token: str | None = None):
+    def __init__(self, endpoint: str, host: str, port: int, models: Iterable[str], token: dict[str, str] | None = None):
         self.endpoint = endpoint.replace("tcp://*:", "tcp://127.0.0.1:").replace("tcp://0.0.0.0:", "tcp://127.0.0.1:")
         self.host, self.port = host, port
         self.models = [m for m in dict.fromkeys(models) if m]  # the first is the id /v1/models shows
-        self.token = token
+        self.token = token  # bearer token -> its name; None: no token asked for (requests are the front's own)
         self.created = int(time.time())
         self.client: AsyncClient | None = None
         self.runner: web.AppRunner | None = None
@@ -248,8 +248,13 @@ class HttpFront:
         """``/v1/*`` needs the bearer token when one is set; ``/health`` stays open for probes."""
         if self.token is not None and request.path.startswith("/v1/"):
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            name = None
+            for token, who in self.token.items():  # every entry compared, in constant time each
+                if hmac.compare_digest(given.strip().encode(), token.encode()):
+                    name = who
+            if scheme.lower() != "bearer" or name is None:
                 raise HttpError(401, "invalid or missing bearer token", code="invalid_api_key")
+            request["identity"] = f"http:{name}"
         return await handler(request)
 
     # ---- handlers ---------------------------------------------------------------------------
@@ -284,6 +289,8 @@ class HttpFront:
         messages, params = chat_fields(body, self.models)
         stream = bool(body.get("stream", False))
         try:
+            if "identity" in request:  # the daemon takes it from its admin (the front) only
+                params["on_behalf_of"] = request["identity"]
             cid = await self.client.submit(messages, stream=stream, **params)
         except ClientError as exc:  # too large for a frame, or not encodable
             raise HttpError.of(exc.code, exc.message) from None

@@ -214,17 +214,34 @@ def worker_spec(args: argparse.Namespace, wep: str) -> WorkerSpec:
     )
 
 
-def http_options(args: argparse.Namespace) -> tuple[tuple[str, int] | None, str | None]:
+def token_entries(text: str) -> dict[str, str]:
+    """Bearer tokens and whose they are: a line ``NAME TOKEN`` each (``#`` comments), or one bare token.
+
+    Each name is an identity of its own (``http:NAME``): its requests, quotas and sessions.
+    """
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) == 1:
+            out[fields[0]] = "default"
+        elif len(fields) == 2:
+            out[fields[1]] = fields[0]
+        elif fields:
+            raise ValueError("an HTTP token line is 'NAME TOKEN' or a bare token")
+    return out
+
+
+def http_options(args: argparse.Namespace) -> tuple[tuple[str, int] | None, dict[str, str] | None]:
     """Where the HTTP front listens and its token; a non-loopback address needs --http-allow-remote."""
     token = None
     if args.http_token_file:
         try:
-            token = Path(args.http_token_file).read_text().strip()
+            token = token_entries(Path(args.http_token_file).read_text())
         except OSError as exc:
             raise ValueError(f"cannot read --http-token-file {args.http_token_file}: {exc.strerror}") from None
     elif args.http_token_env:
-        token = os.environ.get(args.http_token_env, "").strip()
-    if token == "":
+        token = token_entries(os.environ.get(args.http_token_env, ""))
+    if token == {}:
         raise ValueError("the HTTP bearer token is empty (--http-token-file / --http-token-env)")
     if not args.http:
         return None, token

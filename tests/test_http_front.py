@@ -80,6 +80,7 @@ def wait_for_row(d: DaemonProc, agent: str) -> dict:
             rows = rows_of(c, agent)
             if rows:
                 return rows[0]
+            time.sleep(0.01)  # polling ps with a deadline (and under the per-connection rate)
     raise AssertionError(f"no request of agent {agent!r} in ps")
 
 
@@ -308,6 +309,33 @@ def test_metrics_are_scraped_and_move(front):
     done = value(after, "quantad_requests_finished", state="DONE") - value(before, "quantad_requests_finished",
                                                                            state="DONE")  # fmt: skip
     assert done == 2 and value(after, "quantad_queue_length") == 0
+
+
+def test_each_token_entry_is_an_identity_with_its_own_quota(tiny_model_dir, tmp_path):
+    (tmp_path / "tokens").write_text("# name token\nalice tok-a\nbob tok-b\n")
+    d = DaemonProc(tiny_model_dir, tmp_path, "--slots", "1", "--http", "127.0.0.1:0", "--http-token-file",
+                   str(tmp_path / "tokens"), "--requests-per-identity", "1")  # fmt: skip
+    try:
+        with d.client(timeout=30) as c:
+            d.urls = c.stats()["endpoints"]
+        model = tiny_model_dir.name
+        held = api(d, "tok-a").chat.completions.create(model=model, messages=messages("a long one"), stream=True,
+                                                       max_tokens=2000, extra_body={"min_tokens": 2000})  # fmt: skip
+        it = iter(held)
+        next(it)  # alice's one live request
+        with pytest.raises(openai.RateLimitError) as over:
+            api(d, "tok-a").chat.completions.create(model=model, messages=messages("and another"), max_tokens=2)
+        assert over.value.body["code"] == "quota_exceeded"
+        bob = api(d, "tok-b").chat.completions.create(model=model, messages=messages("bob's"), max_tokens=2)
+        assert bob.choices[0].message.content is not None  # another token: another identity
+        with pytest.raises(openai.AuthenticationError):
+            api(d, "tok-c").models.list()
+        with d.client(timeout=30) as c:
+            owners = {r["owner"] for r in c.ps()["requests"]}
+        assert owners == {"http:alice"}
+        held.close()
+    finally:
+        d.stop()
 
 
 def test_http_must_be_loopback_unless_allowed(tmp_path):
