@@ -168,8 +168,8 @@ def test_http_requests_share_the_slot_show_in_ps_and_are_killed(front):
         assert seen[1].event == P.EV_TOKEN
 
         stream = api(front).chat.completions.create(model=front.model_id, messages=messages("go on"), stream=True,
-                                                    max_tokens=3000, user="http-agent",
-                                                    extra_body={"min_tokens": 3000})  # fmt: skip
+                                                    max_tokens=2000, user="http-agent",
+                                                    extra_body={"min_tokens": 2000})  # fmt: skip
         it = iter(stream)
         assert next(it).choices[0].delta.role == "assistant"
         first = next(it)  # a token: the ZeroMQ request was preempted to make room
@@ -193,8 +193,8 @@ def test_http_requests_share_the_slot_show_in_ps_and_are_killed(front):
 
     def ask() -> None:
         try:
-            api(front).chat.completions.create(model=front.model_id, messages=messages("x"), max_tokens=3000,
-                                               user="http-blocking", extra_body={"min_tokens": 3000})  # fmt: skip
+            api(front).chat.completions.create(model=front.model_id, messages=messages("x"), max_tokens=2000,
+                                               user="http-blocking", extra_body={"min_tokens": 2000})  # fmt: skip
         except openai.APIStatusError as exc:
             got["error"] = exc
 
@@ -211,8 +211,8 @@ def test_http_requests_share_the_slot_show_in_ps_and_are_killed(front):
 
 def test_a_client_that_hangs_up_cancels_its_request(front):
     stream = api(front).chat.completions.create(model=front.model_id, messages=messages("x"), stream=True,
-                                                max_tokens=3000, user="hangs-up",
-                                                extra_body={"min_tokens": 3000})  # fmt: skip
+                                                max_tokens=2000, user="hangs-up",
+                                                extra_body={"min_tokens": 2000})  # fmt: skip
     it = iter(stream)
     next(it), next(it)
     pid = int(stream.response.headers["x-quantad-pid"])
@@ -374,7 +374,7 @@ def test_drain_answers_http_requests_and_health_says_draining(tiny_model_dir, st
     d = start_daemon(tiny_model_dir, "--policy", "fifo", "--http", "127.0.0.1:0", "--grace-s", "120")
     with d.client(timeout=DEADLINE_S) as c:
         d.urls = c.stats()["endpoints"]
-        cid = c.submit(messages("a long story"), max_tokens=3000, min_tokens=3000)  # holds the only slot
+        cid = c.submit(messages("a long story"), max_tokens=2000, min_tokens=2000)  # holds the only slot
         it = c.events(cid)
         next(it), next(it)
         stream = api(d, key="any").chat.completions.create(model=tiny_model_dir.name, messages=messages("x"),

@@ -53,7 +53,7 @@ def test_workers_json_and_table(daemon, tiny_model_dir):
     assert sorted(daemon.worker_pids()) == sorted(w["pid"] for w in data["workers"])
 
     with daemon.client(timeout=DEADLINE_S) as c:
-        cid = c.submit(messages("a long answer"), max_tokens=3000, min_tokens=3000)
+        cid = c.submit(messages("a long answer"), max_tokens=2000, min_tokens=2000)
         it = c.events(cid)
         pid = next(it).data["pid"]
         next(it)
@@ -70,7 +70,7 @@ def test_workers_json_and_table(daemon, tiny_model_dir):
 def test_top_once_and_json(daemon):
     ep = ["--endpoint", daemon.endpoint]
     with daemon.client(timeout=DEADLINE_S) as c:
-        cid = c.submit(messages("a long answer"), max_tokens=3000, min_tokens=3000, agent="top-test")
+        cid = c.submit(messages("a long answer"), max_tokens=2000, min_tokens=2000, agent="top-test")
         it = c.events(cid)
         pid = next(it).data["pid"]
         next(it)
@@ -99,7 +99,7 @@ def test_top_in_a_terminal(daemon, tmp_path):
            f"--endpoint {shlex.quote(daemon.endpoint)}; echo $? > {shlex.quote(str(rc))}")  # fmt: skip
     env = dict(os.environ, TERM="xterm-256color")
     with daemon.client(timeout=DEADLINE_S) as c:
-        cid = c.submit(messages("a long answer"), max_tokens=3000, min_tokens=3000, agent="in-tmux")
+        cid = c.submit(messages("a long answer"), max_tokens=2000, min_tokens=2000, agent="in-tmux")
         it = c.events(cid)
         pid = next(it).data["pid"]
         subprocess.run([*tmux, "new-session", "-d", "-s", "top", "-x", "150", "-y", "40", cmd], check=True, env=env)
