@@ -374,3 +374,27 @@ def test_one_token_over_the_context_is_refused_by_the_daemon(tiny_model_dir, sta
         huge = c.submit(messages("x " * 400_000), max_tokens=1)  # 800 kB: refused without tokenizing it all
         assert c.recv(huge)["code"] == "context_length_exceeded"
     print(f"refused in {took * 1000:.1f} ms")
+
+
+def test_a_connection_that_stops_reading_has_its_requests_cancelled(tiny_model_dir, start_daemon):
+    """Past --max-unread replies buffered for it, the daemon cancels its requests instead of buffering more."""
+    d = start_daemon(tiny_model_dir, "--slots", "3", "--max-unread", "5")
+    d.wait_ready()
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.linger, s.rcvhwm, s.rcvbuf = 0, 1, 4096  # and it reads nothing
+    s.connect(d.endpoint)
+    for i in range(3):
+        chat = {"v": 1, "op": "chat", "id": i, "stream": True, "max_tokens": 2000, "min_tokens": 2000,
+                "messages": messages(f"a long story {i}")}  # fmt: skip
+        s.send(msgpack.packb(chat))
+    try:
+        with d.client(timeout=30) as c:
+            deadline = time.monotonic() + 120
+            while c.call("stats")["finished"].get("CANCELLED", 0) < 3:
+                assert time.monotonic() < deadline, c.call("stats")
+                time.sleep(0.05)  # polling stats with a deadline
+            assert [r for r in c.ps()["requests"]] == []
+    finally:
+        ctx.destroy(0)
+    assert "agent_gone" in d.log()
