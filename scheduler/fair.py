@@ -1,4 +1,4 @@
-"""Fair share across agents with virtual token counters, after VTC (Sheng et al., OSDI 2024).
+"""Fair share across identities and their agents with virtual token counters, after VTC (Sheng et al., OSDI 2024).
 
 Each agent has a counter of the service its requests received (weighted prompt and output
 tokens, divided by the request's nice weight).  A free slot goes to the backlogged agent
@@ -16,39 +16,52 @@ from scheduler.request import Request
 
 
 class VirtualTokenCounter(Policy):
-    """Options: ``input_weight`` and ``output_weight`` (VTC's w_p and w_q; defaults 1 and 2)."""
+    """Options: ``input_weight`` and ``output_weight`` (VTC's w_p and w_q; defaults 1 and 2).
+
+    Two levels of counters: the identity that sent a request (``scheduler.gate``: a uid, a key, an
+    HTTP token) and the agent label within it.  A slot goes to the backlogged identity with the
+    least service, and within it to the agent with the least: a flood spread over many agent
+    names still counts as one identity.
+    """
 
     name = "fair"
 
     def __init__(self, quantum: Quantum, **opts: Any):
         super().__init__(quantum, **opts)
         self.counter: dict[str, float] = {}
-        self.live: dict[str, int] = {}  # agent -> requests waiting or running (the backlogged agents)
-        self.last_idle = 0.0  # counter of the agent that last left the backlog
+        self.live: dict[str, int] = {}  # key -> requests waiting or running (the backlogged keys)
+        self.last_idle = {0: 0.0, 1: 0.0}  # per level, the counter of the key that last left the backlog
+
+    @staticmethod
+    def keys(req: Request) -> tuple[str, str]:
+        """Its identity's key (level 0) and its agent's within that identity (level 1)."""
+        return f"owner:{req.owner}", f"agent:{req.owner}/{req.agent}"
 
     def admit(self, req: Request) -> None:
-        agent = req.agent
-        if not self.live.get(agent):
-            backlogged = [self.counter.get(a, 0.0) for a, n in self.live.items() if n]
-            floor = min(backlogged) if backlogged else self.last_idle
-            self.counter[agent] = max(self.counter.get(agent, 0.0), floor)
-        self.live[agent] = self.live.get(agent, 0) + 1
+        for level, key in enumerate(self.keys(req)):
+            if not self.live.get(key):
+                peers = [self.counter.get(k, 0.0) for k, n in self.live.items() if n and k[:6] == key[:6]]
+                floor = min(peers) if peers else self.last_idle[level]
+                self.counter[key] = max(self.counter.get(key, 0.0), floor)
+            self.live[key] = self.live.get(key, 0) + 1
 
     def release(self, req: Request) -> None:
-        agent = req.agent
-        left = self.live.get(agent, 0) - 1
-        if left > 0:
-            self.live[agent] = left
-        else:
-            self.live.pop(agent, None)
-            self.last_idle = self.counter.get(agent, 0.0)
+        for level, key in enumerate(self.keys(req)):
+            left = self.live.get(key, 0) - 1
+            if left > 0:
+                self.live[key] = left
+            else:
+                self.live.pop(key, None)
+                self.last_idle[level] = self.counter.get(key, 0.0)
 
     def account(self, req: Request, delta: float) -> None:
-        self.counter[req.agent] = self.counter.get(req.agent, 0.0) + delta / nice_weight(req.nice)
+        for key in self.keys(req):
+            self.counter[key] = self.counter.get(key, 0.0) + delta / nice_weight(req.nice)
 
     def priority(self, req: Request) -> tuple:
-        return (self.counter.get(req.agent, 0.0), req.nice)
+        owner, agent = self.keys(req)
+        return (self.counter.get(owner, 0.0), self.counter.get(agent, 0.0), req.nice)
 
     def info(self, req: Request) -> dict[str, Any]:
-        counter = round(self.counter.get(req.agent, 0.0), 3)
-        return super().info(req) | {"priority": counter, "agent_counter": counter}
+        owner, agent = (round(self.counter.get(k, 0.0), 3) for k in self.keys(req))
+        return super().info(req) | {"priority": agent, "agent_counter": agent, "owner_counter": owner}

@@ -30,8 +30,8 @@ class Sim:
         self.left: dict[int, int] = {}  # pid -> tokens of the current quantum left
         self.want: dict[int, int] = {}
 
-    def submit(self, tokens: int, agent: str = "", prompt: str = "hi", **params) -> Request:
-        req = Request(next(self.pids), b"", None, {"agent": agent, "messages": messages(prompt), **params})
+    def submit(self, tokens: int, agent: str = "", prompt: str = "hi", owner: str = "", **params) -> Request:
+        req = Request(next(self.pids), b"", None, {"agent": agent, "messages": messages(prompt), **params}, owner=owner)
         self.want[req.pid] = tokens
         self.sched.add(req)
         self._start()
@@ -134,16 +134,34 @@ def test_fair_balances_greedy_and_polite_agents():
     # 30 polite tokens; the greedy agent, with four requests in flight, got about as much, not 4x.
     assert served["polite"] == 30
     assert 20 <= served["greedy"] <= 40, served
-    counters = sim.sched.policy.counter
-    assert abs(counters["greedy"] - counters["polite"]) <= 2 * 2 * 2 + 20  # one quantum each + a prompt
+    assert abs(vtc(sim, "greedy") - vtc(sim, "polite")) <= 2 * 2 * 2 + 20  # one quantum each + a prompt
+
+
+def vtc(sim: Sim, agent: str, owner: str = "") -> float:
+    return sim.sched.policy.counter[f"agent:{owner}/{agent}"]
+
+
+def test_fair_counts_identities_before_agent_names():
+    """One identity's four agent names share one identity's share against another identity's one agent."""
+    sim = Sim("fair", quantum_tokens=2)
+    for i in range(4):
+        sim.submit(30, agent=f"name{i}", owner="uid:1000")
+    for _ in range(3):
+        polite = sim.submit(10, agent="polite", owner="uid:1001")
+        sim.run(until=lambda p=polite: p.finished)
+    served = {"uid:1000": 0, "uid:1001": 0}
+    for pid in sim.trace:
+        served[sim.sched.table[pid].owner] += 1
+    assert served["uid:1001"] == 30 and 20 <= served["uid:1000"] <= 40, served
+    assert sim.sched.policy.info(polite)["owner_counter"] > 0
 
 
 def test_fair_new_agent_cannot_bank_credit():
     sim = Sim("fair", quantum_tokens=2)
     sim.submit(20, agent="a")
-    sim.run(until=lambda: sim.sched.policy.counter["a"] > 30)
+    sim.run(until=lambda: vtc(sim, "a") > 30)
     late = sim.submit(5, agent="late")
-    assert sim.sched.policy.counter["late"] == pytest.approx(sim.sched.policy.counter["a"])
+    assert vtc(sim, "late") == pytest.approx(vtc(sim, "a"))
     assert late.state is State.READY
 
 
