@@ -52,6 +52,8 @@ class Gate(AsyncioAuthenticator):
         self._minted: dict[str, bytes] = {}  # worker name -> the CURVE key minted at its last start
         self.admin_uids = {os.getuid(), 0}
         self.denied = 0
+        self.connections = 0  # agent connections open now (the daemon's socket monitor counts them)
+        self.max_connections = 0  # 0: no limit
 
     # ---- what workers the daemon starts get -------------------------------------------------
     def mint(self, name: str, curve: bool) -> dict:
@@ -87,6 +89,8 @@ class Gate(AsyncioAuthenticator):
                     return f"worker:{name}"
             return None
         if domain == AGENTS:
+            if self.max_connections and self.connections > self.max_connections:  # this one is counted too
+                return None
             if mechanism == b"CURVE" and len(creds) == 1:
                 key = z85.encode(creds[0])
                 return f"key:{key.decode()}" if key in self.keys.agents else None

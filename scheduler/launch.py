@@ -169,6 +169,7 @@ def limits_of(args: argparse.Namespace):
         "messages_per_s": args.rate_limit,
         "burst": args.rate_burst,
         "max_unread": args.max_unread,
+        "max_connections": args.max_connections,
     }
     return dataclasses.replace(Limits(), **{k: v for k, v in given.items() if v is not None})
 

@@ -24,9 +24,13 @@ class Limits:
     messages_per_s: float = 2000.0  # per connection, sustained
     burst: int = 5000  # per connection, at once
     max_unread: int = 10_000  # replies buffered for one connection before it counts as not reading
+    max_connections: int = 1000  # agent connections at once; more are refused at the handshake (``gate``)
 
     def __post_init__(self) -> None:
-        if min(self.requests_per_identity, self.tokens_per_identity, self.burst, self.max_unread) < 1:
+        if (
+            min(self.requests_per_identity, self.tokens_per_identity, self.burst, self.max_unread, self.max_connections)
+            < 1
+        ):
             raise ValueError("limits must be >= 1")
         if self.messages_per_s <= 0:
             raise ValueError("messages_per_s must be > 0")

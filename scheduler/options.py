@@ -122,6 +122,12 @@ def _security_flags(g: argparse._ArgumentGroup) -> None:
         help=f"messages one connection may send at once (default {lim.burst})",
     )
     g.add_argument(
+        "--max-connections",
+        type=positive(int),
+        metavar="N",
+        help=f"agent connections at once; more are refused at the handshake (default {lim.max_connections})",
+    )
+    g.add_argument(
         "--max-unread",
         type=positive(int),
         metavar="N",

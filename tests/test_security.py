@@ -398,3 +398,27 @@ def test_a_connection_that_stops_reading_has_its_requests_cancelled(tiny_model_d
     finally:
         ctx.destroy(0)
     assert "agent_gone" in d.log()
+
+
+def test_connections_over_the_limit_are_refused_at_the_handshake(tiny_model_dir, start_daemon):
+    d = start_daemon(tiny_model_dir, "--max-connections", "3")
+    d.wait_ready()
+    clients = [Client(d.endpoint, timeout=30) for _ in range(3)]
+    try:
+        for c in clients:
+            assert c.ping()["pong"]
+        with Client(d.endpoint, timeout=2) as extra, pytest.raises(TimeoutError):
+            extra.ping(timeout=2)  # the fourth connection: refused, not one message through
+        clients.pop().close()
+        deadline = time.monotonic() + 30
+        while True:  # once the daemon has seen that one go, a new connection gets in
+            with Client(d.endpoint, timeout=1) as again:
+                try:
+                    assert again.ping(timeout=1)["pong"]
+                    break
+                except TimeoutError:
+                    assert time.monotonic() < deadline
+    finally:
+        for c in clients:
+            c.close()
+    assert "connection_refused" in d.log()
