@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 import uuid
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Iterator
@@ -33,6 +34,18 @@ class ClientError(Exception):
     def __init__(self, code: str, message: str, text: str = ""):
         super().__init__(f"{code}: {message}")
         self.code, self.message, self.text = code, message, text
+
+
+class DaemonGone(TimeoutError):
+    """The daemon answered nothing, not even a ping, for ``dead_after_s``: it died or is unreachable."""
+
+
+def dead_after_default() -> float:
+    """``$QUANTAD_DEAD_AFTER_S``, else 30 s: how long a client that waits without a timeout waits for a dead daemon."""
+    try:
+        return max(0.5, float(os.environ.get("QUANTAD_DEAD_AFTER_S", "30")))
+    except ValueError:
+        return 30.0
 
 
 class Cancelled(ClientError):
@@ -153,16 +166,30 @@ class _Ids:
 
 
 class Client:
-    """Blocking client.  ``timeout`` (seconds) bounds each wait for the daemon; None waits forever."""
+    """Blocking client.  ``timeout`` (seconds) bounds each wait for the daemon.
 
-    def __init__(self, endpoint: str | None = None, agent: str = "", timeout: float | None = None, curve=None):
+    With no timeout a wait may last as long as the request does, but never forever: after
+    ``dead_after_s / 4`` of silence the client pings, and when nothing at all has come for
+    ``dead_after_s`` it raises ``DaemonGone`` (a ``TimeoutError``).
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        agent: str = "",
+        timeout: float | None = None,
+        curve=None,
+        dead_after_s: float | None = None,
+    ):
         self.endpoint = agent_endpoint(endpoint)
         self.agent = agent
         self.timeout = timeout
+        self.dead_after_s = dead_after_default() if dead_after_s is None else dead_after_s
         self._ctx = zmq.Context()
         self._sock = _dealer(self._ctx, self.endpoint, curve)
         self._ids = _Ids()
         self._inbox: dict[Any, deque[dict]] = defaultdict(deque)
+        self._probes: set[str] = set()  # ids of liveness pings in flight (their pongs are dropped)
 
     def close(self) -> None:
         self._sock.close(0)
@@ -182,10 +209,22 @@ class Client:
     def recv(self, cid: Any, timeout: float | None = ...) -> dict[str, Any]:
         """Next message for request ``cid``; messages for other ids are kept for later."""
         timeout = self.timeout if timeout is ... else timeout
+        heard = time.monotonic()
         while not self._inbox[cid]:
-            if not self._sock.poll(None if timeout is None else int(timeout * 1000)):
-                raise TimeoutError(f"no answer from the daemon at {self.endpoint} within {timeout} s")
+            slice_s = timeout if timeout is not None else self.dead_after_s / 4
+            if not self._sock.poll(int(slice_s * 1000)):
+                if timeout is not None:
+                    raise TimeoutError(f"no answer from the daemon at {self.endpoint} within {timeout} s")
+                if time.monotonic() - heard >= self.dead_after_s:
+                    raise DaemonGone(f"the daemon at {self.endpoint} answered nothing for {self.dead_after_s:g} s")
+                if not self._probes:  # silence: is it still there?  Its pong says so
+                    self._probes.add(self.send({"op": P.OP_PING}))
+                continue
             msg = P.unpack(self._sock.recv(), header="event")
+            heard = time.monotonic()
+            if msg.get("id") in self._probes:
+                self._probes.discard(msg.get("id"))
+                continue
             self._inbox[msg.get("id")].append(msg)
         msg = self._inbox[cid].popleft()
         if not self._inbox[cid]:
