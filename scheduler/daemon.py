@@ -148,7 +148,7 @@ class Daemon:
             loop.add_signal_handler(sig, self.drain.on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, reload.reload, self)
         self._start_workers()
-        loops = [self._agent_loop(), self._worker_loop(), self.supervisor.run(), self._status_loop(), self._count()]
+        loops = [self._agent_loop(), self._worker_loop(), self.supervisor.run(), self._status_loop(), self.gate.count(self.agents)]
         period = sd_notify.watchdog_period()
         if period is not None:
             loops.append(self._watchdog(period))
@@ -227,19 +227,6 @@ class Daemon:
                 sd_notify.notify(status)
                 last = status
             await asyncio.sleep(STATUS_PERIOD_S)
-
-    async def _count(self) -> None:
-        """Agent connections open now, from the socket's monitor: the gate refuses one over the limit."""
-        from zmq.utils.monitor import parse_monitor_message
-
-        mon = self.agents.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        try:
-            while True:
-                ev = parse_monitor_message(await mon.recv_multipart())
-                self.gate.connections += 1 if ev["event"] == zmq.EVENT_ACCEPTED else -1
-        finally:
-            self.agents.disable_monitor()
-            mon.close(0)
 
     async def _watchdog(self, period: float) -> None:
         """Pings from the scheduler's own loop: if the loop wedges, the pings stop and systemd acts."""

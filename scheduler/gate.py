@@ -101,6 +101,19 @@ class Gate(AsyncioAuthenticator):
                 return "tcp:loopback"
         return None
 
+    async def count(self, sock: zmq.Socket) -> None:
+        """Connections open on ``sock`` now, from its monitor (``max_connections`` refuses one over)."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        mon = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        try:
+            while True:
+                ev = parse_monitor_message(await mon.recv_multipart())
+                self.connections += 1 if ev["event"] == zmq.EVENT_ACCEPTED else -1
+        finally:
+            sock.disable_monitor()
+            mon.close(0)
+
     async def handle_zap_message(self, msg: list[bytes]) -> None:
         if len(msg) < 6:
             if len(msg) >= 2:
