@@ -148,7 +148,8 @@ class Daemon:
             loop.add_signal_handler(sig, self.drain.on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, reload.reload, self)
         self._start_workers()
-        loops = [self._agent_loop(), self._worker_loop(), self.supervisor.run(), self._status_loop(), self.gate.count(self.agents)]
+        loops = [self._agent_loop(), self._worker_loop(), self.supervisor.run(), self._status_loop()]
+        loops.append(self.gate.count(self.agents))  # open agent connections, for --max-connections
         period = sd_notify.watchdog_period()
         if period is not None:
             loops.append(self._watchdog(period))
