@@ -366,15 +366,10 @@ class Daemon:
 
     def _from_worker(self, frames: list) -> None:
         name = frames[0].bytes.decode("utf-8", "replace")
-        w = self.sched.workers.get(name)
         if len(frames) < 2 or frames[1].get("User-Id") != f"worker:{name}":  # the gate let it in as another
             raise P.ProtocolError(P.E_BAD_FRAME, f"message from unknown worker {name!r}")
         rec, extra = M.read(frames[1:], M.FROM_WORKER)
-        if w is None:  # a remote worker (``quantad worker --connect``) whose key the gate knows
-            if not isinstance(rec, M.Ready):
-                raise P.ProtocolError(P.E_BAD_FRAME, f"remote worker {name!r} spoke before its ready")
-            w = self.sched.workers[name] = Worker(name, rec.slots)
-            log.info("event=remote_worker worker=%s", name)
+        w = self.sched.workers.get(name) or self.worker_ops.remote(name, rec)
         w.seen()
         self.on_worker[type(rec)](w, rec, extra)
 

@@ -95,6 +95,14 @@ class WorkerOps:
         self.d.to_worker(req.worker, M.Continue(req.pid, self.d.sched.policy.quantum_for(req)))
 
     # ---- the worker itself ----------------------------------------------------------------
+    def remote(self, name: str, rec: Any) -> Worker:
+        """A worker the daemon did not start (``quantad worker --connect``), let in by its key, joins."""
+        if not isinstance(rec, M.Ready):
+            raise P.ProtocolError(P.E_BAD_FRAME, f"remote worker {name!r} spoke before its ready")
+        w = self.d.sched.workers[name] = Worker(name, rec.slots)
+        log.info("event=remote_worker worker=%s", name)
+        return w
+
     def ready(self, w: Worker, rec: M.Ready, frames: list) -> None:
         if w.alive or any(r.worker == w.name for r in self.d.sched.table.values()):
             self.d.supervisor.lose(w)  # it restarted: whatever it held is gone
