@@ -281,12 +281,24 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio client: one long-lived receive task routes replies to per-request queues."""
+    """asyncio client: one long-lived receive task routes replies to per-request queues.
 
-    def __init__(self, endpoint: str | None = None, agent: str = "", timeout: float | None = None, curve=None):
+    Waits without a timeout end in ``DaemonGone`` as ``Client``'s do (``dead_after_s``).
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        agent: str = "",
+        timeout: float | None = None,
+        curve=None,
+        dead_after_s: float | None = None,
+    ):
         self.endpoint = agent_endpoint(endpoint)
         self.agent = agent
         self.timeout = timeout
+        self.dead_after_s = dead_after_default() if dead_after_s is None else dead_after_s
+        self._heard = 0.0  # when the daemon last sent anything
         self._ctx = zmq.asyncio.Context()
         self._sock = _dealer(self._ctx, self.endpoint, curve)
         self._ids = _Ids()
@@ -309,6 +321,7 @@ class AsyncClient:
     async def _read(self) -> None:
         while True:
             frame = await self._sock.recv()
+            self._heard = time.monotonic()
             try:
                 msg = P.unpack(frame, header="event")
             except P.ProtocolError as exc:  # one bad frame must not strand every pending request
@@ -328,10 +341,25 @@ class AsyncClient:
         return q
 
     async def _get(self, q: asyncio.Queue, timeout: float | None) -> dict[str, Any]:
+        if timeout is None:
+            return await self._get_watching(q)
         try:
             return await asyncio.wait_for(q.get(), timeout)
         except TimeoutError:
             raise TimeoutError(f"no answer from the daemon at {self.endpoint} within {timeout} s") from None
+
+    async def _get_watching(self, q: asyncio.Queue) -> dict[str, Any]:
+        """Wait as long as it takes while the daemon is alive: a ping through silence, ``DaemonGone`` after none."""
+        start = time.monotonic()
+        while True:
+            try:
+                return await asyncio.wait_for(q.get(), self.dead_after_s / 4)
+            except TimeoutError:
+                if time.monotonic() - max(self._heard, start) >= self.dead_after_s:
+                    raise DaemonGone(
+                        f"the daemon at {self.endpoint} answered nothing for {self.dead_after_s:g} s"
+                    ) from None
+                await self._sock.send(frame_of({"op": P.OP_PING, "id": self._ids.next()}))  # its pong: a sign of life
 
     async def call(self, op: str, timeout: float | None = 5.0, **fields: Any) -> dict[str, Any]:
         msg = {"op": op, **fields}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 
-from ipc.client import Client, DaemonGone
+from ipc.client import AsyncClient, Client, DaemonGone
 from tests.conftest import REPO, messages
 
 
@@ -37,3 +38,21 @@ def test_quantad_run_exits_when_its_daemon_dies(tiny_model_dir, start_daemon):
     d.proc.wait()
     _, err = run.communicate(timeout=60)
     assert run.returncode == 3 and "answered nothing" in err
+
+
+def test_an_async_client_reports_a_killed_daemon(tiny_model_dir, start_daemon):
+    d = start_daemon(tiny_model_dir)
+
+    async def go():
+        async with AsyncClient(d.endpoint, timeout=None, dead_after_s=2) as c:
+            cid = await c.submit(messages("a long one"), max_tokens=2000, min_tokens=2000, temperature=0.0)
+            events = c.events(cid)
+            assert (await events.__anext__()).event == "accepted"
+            assert (await events.__anext__()).event == "token"
+            os.kill(d.proc.pid, signal.SIGKILL)
+            d.proc.wait()
+            with pytest.raises(DaemonGone):
+                async for _ in events:
+                    pass
+
+    asyncio.run(go())
