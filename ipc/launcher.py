@@ -72,6 +72,8 @@ class DaemonProcess:
         self.log_path = Path(log) if log is not None else self.tmp / "daemon.log"
         self.cmd = [python, "-m", "scheduler", "serve", *flags, "--endpoint", self.endpoint]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        if self.tmp is not None and "QUANTAD_STATE_DIR" not in self.env:  # one daemon per state directory
+            self.env["QUANTAD_STATE_DIR"] = str(self.tmp / "state")
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
         self._out: IO[str] | None = None

@@ -19,7 +19,7 @@ from ipc.endpoints import agent_endpoint, state_dir, worker_endpoint
 from ipc.logfmt import setup as setup_logging
 from ipc.worker_spec import WorkerSpec
 from scheduler import config as C
-from scheduler import netaddr
+from scheduler import netaddr, pidlock
 from scheduler.options import (
     add_config_command,
     add_serve_command,
@@ -122,7 +122,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"quantad serve: {exc}", file=sys.stderr)
         return 2
-    return serve(daemon_config(args, endpoint, wep, policy, http, token))
+    try:
+        lock = pidlock.hold(Path(args.state_dir or state_dir()))  # kept open until the process ends
+    except pidlock.StateDirBusy as exc:
+        print(f"quantad serve: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return serve(daemon_config(args, endpoint, wep, policy, http, token))
+    finally:
+        os.close(lock)
 
 
 def daemon_config(args: argparse.Namespace, endpoint: str, wep: str, policy, http, token):
