@@ -135,7 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when workers stop
     creds = credentials.read_stdin() if spec.credentials == "stdin" else None  # before the model loads
     worker = Worker(spec, creds)
-    signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stop", True))
+    parent = os.getppid()
+
+    def on_term(*_: object) -> None:
+        if os.getppid() != parent:  # the daemon is gone (parent-death signal): no one to drain for
+            os._exit(0)  # and a send to no peer would block the loop's exit
+        worker.stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
     worker.serve()
     return 0
 
