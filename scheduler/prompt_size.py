@@ -79,7 +79,11 @@ class PromptSizer:
         """The prompt's length, or ``context_length_exceeded`` when it and ``max_tokens`` do not fit."""
         from ipc import protocol as P
 
-        n = self.count(messages, tools) if self.limit else None
+        try:
+            n = self.count(messages, tools) if self.limit else None
+        except Exception as exc:  # a chat the template cannot take here: the worker decides, as before
+            log.info("event=prompt_size_skipped why=%r", str(exc)[:200])
+            return None
         if n is None:
             return None
         if n + (max_tokens or 0) > self.limit:
