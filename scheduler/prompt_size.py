@@ -5,7 +5,8 @@ their tokenizer.  The daemon renders a chat with the model's own chat template (
 ``render_jinja_template``, the function ``apply_chat_template`` uses; it needs no torch) and
 counts it with the ``tokenizers`` library, so that a prompt that cannot fit is refused with
 ``context_length_exceeded`` before any worker sees it.  Both libraries load on the first
-``ready`` that names a tokenizer; without one the workers' own check stands.
+``ready`` that names a tokenizer; without one, and for chats with tools (which the worker
+writes into the prompt its own way), the workers' own check stands.
 """
 
 from __future__ import annotations
@@ -79,8 +80,11 @@ class PromptSizer:
         """The prompt's length, or ``context_length_exceeded`` when it and ``max_tokens`` do not fit."""
         from ipc import protocol as P
 
+        if tools or any(m.get("tool_calls") for m in messages):
+            return None  # the worker rewrites tools and tool calls into the prompt its own way: its check decides
+        plain = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]  # as the worker does
         try:
-            n = self.count(messages, tools) if self.limit else None
+            n = self.count(plain, None) if self.limit else None
         except Exception as exc:  # a chat the template cannot take here: the worker decides, as before
             log.info("event=prompt_size_skipped why=%r", str(exc)[:200])
             return None
