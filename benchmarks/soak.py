@@ -166,10 +166,14 @@ def disconnect(endpoint: str, n: int) -> None:
     ctx.destroy(0)  # gone, with thousands queued: the daemon learns it at its next send
 
 
+def mib(proc: psutil.Process) -> str:
+    return f"{proc.memory_info().rss / 2**20:.1f}"
+
+
 def lag(samples: list[float]) -> list[str]:
     if not samples:
         return ["-", "-", "-"]
-    q = statistics.quantiles(samples, n=100) if len(samples) > 1 else [samples[0]] * 99
+    q = statistics.quantiles(samples, n=100, method="inclusive") if len(samples) > 1 else [samples[0]] * 99
     return [f"{q[49] * 1000:.1f}", f"{q[98] * 1000:.1f}", f"{max(samples) * 1000:.1f}"]
 
 
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         prober.start()
         rows = []
         sent, ok = malformed(d.endpoint, args.frames, reference)
-        rows.append(["malformed", str(sent), *lag(prober.take()), "yes" if ok else "NO"])
+        rows.append(["malformed", str(sent), *lag(prober.take()), "yes" if ok else "NO", mib(proc)])
         flood_s, cancel_s = flood_and_cancel(d.endpoint, args.queued)
         rows.append(
             [
@@ -196,19 +200,20 @@ def main(argv: list[str] | None = None) -> int:
                 str(2 * args.queued),
                 *lag(prober.take()),
                 "-",
+                mib(proc),
             ]
         )
         disconnect(d.endpoint, args.queued)
         with Client(d.endpoint, timeout=300) as c:  # the daemon tries to answer them, finds the agent gone
             while c.call("stats")["requests"]["READY"] > 0:
                 time.sleep(0.05)
-        rows.append(["disconnect with queued", str(args.queued), *lag(prober.take()), "-"])
+        rows.append(["disconnect with queued", str(args.queued), *lag(prober.take()), "-", mib(proc)])
         after = greedy_texts(d.endpoint, 8)
         prober.stop.set()
         prober.join()
         rss1 = proc.memory_info().rss
         alive = d.proc.poll() is None
-    head = ["phase", "frames", "ping p50 ms", "ping p99 ms", "ping max ms", "well-formed correct"]
+    head = ["phase", "frames", "ping p50 ms", "ping p99 ms", "ping max ms", "well-formed correct", "daemon RSS MiB"]
     print(table(head, rows))
     print(
         f"\ndaemon RSS {rss0 / 2**20:.1f} MiB before, {rss1 / 2**20:.1f} MiB after; alive: {alive}; "

@@ -50,6 +50,9 @@ from scheduler.workers import Worker, WorkerProcess
 log = logging.getLogger("quantad")
 
 STATUS_PERIOD_S = 1.0
+# Messages queued per agent connection before ZeroMQ stops reading it.  At 100,000, 100,000 bad
+# frames (some of 100 kB) from 8 connections took the daemon from 89 to 757 MiB (benchmarks/soak.py).
+AGENT_RCVHWM = 1000
 
 
 @dataclass
@@ -85,6 +88,7 @@ class Daemon:
         self.workers_sock = self._socket(P.MAX_TENSOR_FRAME, WORKERS, curve=uses_curve(cfg.worker_endpoint, cfg.keys))
         self.workers_sock.setsockopt(zmq.ROUTER_HANDOVER, 0)  # a second connection claiming a live worker is refused
         self.agents.setsockopt(zmq.SNDHWM, cfg.limits.max_unread)  # past it: EAGAIN, and its requests are cancelled
+        self.agents.setsockopt(zmq.RCVHWM, AGENT_RCVHWM)  # a flood waits in its sender, not in our memory
         self.admission = Admission(cfg.limits)
         self.gate.max_connections = cfg.limits.max_connections
         self.sizer = PromptSizer()  # exact prompt lengths, once a worker names its tokenizer
