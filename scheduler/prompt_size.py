@@ -16,6 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ipc import protocol as P
+
 log = logging.getLogger("quantad")
 
 
@@ -78,8 +80,6 @@ class PromptSizer:
 
     def check(self, messages: list[dict], tools: list[dict] | None, max_tokens: int | None) -> int | None:
         """The prompt's length, or ``context_length_exceeded`` when it and ``max_tokens`` do not fit."""
-        from ipc import protocol as P
-
         if tools or any(m.get("tool_calls") for m in messages):
             return None  # the worker rewrites tools and tool calls into the prompt its own way: its check decides
         plain = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]  # as the worker does

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 
@@ -29,11 +28,13 @@ def test_workers_exit_when_the_daemon_is_killed(tiny_model_dir, start_daemon):
     assert len(pids) == 2
     os.kill(d.proc.pid, signal.SIGKILL)
     d.proc.wait()
-    deadline = time.monotonic() + 30
-    alive = pids
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in pids if running(p)]
-        time.sleep(0.05)  # polling the process table with a deadline
+    procs = []
+    for p in pids:
+        try:
+            procs.append(psutil.Process(p))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs([p for p in procs if running(p.pid)], timeout=30)
     assert alive == [], f"workers {alive} outlived their daemon"
 
 

@@ -107,15 +107,31 @@ def test_a_writable_socket_directory_is_refused(tmp_path):
 
 
 # ---- two identities: this uid (the daemon's: admin) and nobody -----------------------------------
+class Nobody:
+    """``job`` in a forked child that became uid nobody first (modules are loaded: no file access needed).
+
+    What the job tells (``arg["tell"]``) and what it returns come back, in order, from ``recv``.
+    """
+
+    def __init__(self, endpoint: str, job: str, arg: dict):
+        mp = multiprocessing.get_context("fork")
+        self.pipe, child = mp.Pipe()
+        self.proc = mp.Process(target=_nobody_main, args=(child, endpoint, job, arg))
+        self.proc.start()
+
+    def recv(self) -> dict:
+        return self.pipe.recv() if self.pipe.poll(120) else {"error": "timeout"}
+
+    def __enter__(self) -> Nobody:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.join(30)
+
+
 def as_nobody(endpoint: str, job: str, arg: dict) -> dict:
-    """Run ``job`` in a forked child that became uid nobody first (modules are loaded: no file access needed)."""
-    mp = multiprocessing.get_context("fork")
-    parent, child = mp.Pipe()
-    proc = mp.Process(target=_nobody_main, args=(child, endpoint, job, arg))
-    proc.start()
-    out = parent.recv() if parent.poll(120) else {"error": "timeout"}
-    proc.join(10)
-    return out
+    with Nobody(endpoint, job, arg) as nobody:
+        return nobody.recv()
 
 
 def _nobody_main(pipe, endpoint: str, job: str, arg: dict) -> None:
@@ -124,7 +140,7 @@ def _nobody_main(pipe, endpoint: str, job: str, arg: dict) -> None:
         os.setgid(NOBODY)
         os.setuid(NOBODY)
         with Client(endpoint, agent="b", timeout=60) as c:
-            pipe.send(JOBS[job](c, arg))
+            pipe.send(JOBS[job](c, arg | {"tell": pipe.send}))
     except Exception as exc:  # the parent asserts on it
         pipe.send({"error": repr(exc)})
 
@@ -145,8 +161,8 @@ def _nobody_probe(c: Client, arg: dict) -> dict:
 
 def _nobody_hold(c: Client, arg: dict) -> dict:
     cid = c.submit(messages("nobody's long one"), max_tokens=400, min_tokens=400, temperature=0.0)
-    pid = c.recv(cid)["pid"]
-    return {"pid": pid, "end": [ev.event for ev in c.events(cid)][-1]}
+    arg["tell"]({"pid": c.recv(cid)["pid"]})  # accepted: the admin may look for it now
+    return {"end": [ev.event for ev in c.events(cid)][-1]}
 
 
 def _nobody_flood(c: Client, arg: dict) -> dict:
@@ -167,16 +183,11 @@ JOBS = {"probe": _nobody_probe, "hold": _nobody_hold, "flood": _nobody_flood}
 @pytest.mark.parametrize("policy", ["rr", "fair"])
 def test_quotas_refuse_a_flood_and_a_polite_identity_is_served(policy, open_daemons):
     d = open_daemons("--policy", policy, "--requests-per-identity", "4", "--tokens-per-identity", "100000")
-    mp = multiprocessing.get_context("fork")
-    parent, child = mp.Pipe()
-    proc = mp.Process(target=_nobody_main, args=(child, d.endpoint, "flood", {"n": 12, "tokens": 40}))
-    proc.start()
-    with d.client(timeout=120) as c:
-        flood = parent.recv() if parent.poll(120) else {"error": "timeout"}
+    with Nobody(d.endpoint, "flood", {"n": 12, "tokens": 40}) as nobody, d.client(timeout=120) as c:
+        flood = nobody.recv()
         polite = greedy(c, "a polite question")  # while the flood's four run
         assert polite.usage["completion_tokens"] == 6
         refused = c.call("stats")["refused"]
-    proc.join(30)
     assert flood.get("first") == ["accepted"] * 4 + ["quota_exceeded"] * 8, flood
     assert refused["quota_exceeded"] == 8
 
@@ -247,19 +258,13 @@ def test_another_uid_sees_and_touches_nothing_of_ours(open_daemon):
         c.kill(pid)
         assert json.dumps(list(c.events(cid))[-1].event) == '"cancelled"'
     # The admin (the daemon's uid) sees and may kill another identity's request.
-    mp = multiprocessing.get_context("fork")
-    with d.client(timeout=120) as c:
-        parent, child = mp.Pipe()
-        proc = mp.Process(target=_nobody_main, args=(child, d.endpoint, "hold", {}))
-        proc.start()
-        theirs, deadline = [], time.monotonic() + 60
-        while not theirs and time.monotonic() < deadline:  # polling ps with a deadline for their accept
-            theirs = [r for r in c.ps()["requests"] if r["owner"] == f"uid:{NOBODY}"]
-            time.sleep(0.01)
-        assert theirs, "nobody's request never showed in the admin's ps"
-        c.kill(theirs[0]["pid"])
-        out = parent.recv() if parent.poll(120) else {"error": "timeout"}
-        proc.join(10)
+    with Nobody(d.endpoint, "hold", {}) as nobody, d.client(timeout=120) as c:
+        told = nobody.recv()  # its request is accepted
+        assert "pid" in told, told
+        theirs = [r for r in c.ps()["requests"] if r["owner"] == f"uid:{NOBODY}"]
+        assert [r["pid"] for r in theirs] == [told["pid"]]
+        c.kill(told["pid"])
+        out = nobody.recv()
     assert out.get("end") == "cancelled", out
 
 
