@@ -92,6 +92,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--nice", type=int, help="priority -20..19 as in Unix: lower runs first (default 0)")
     r.add_argument("--json", action="store_true", help="print the final result as one JSON object")
     r.add_argument("--events", action="store_true", help="print scheduling events (preempted/resumed) on stderr")
+    r.add_argument(
+        "--attach",
+        type=int,
+        metavar="PID",
+        help="submit nothing: show request PID (yours; any, for an admin) from its start to its end, "
+        "live or, for a while after it ended, from the daemon's journal",
+    )
 
 
 def _add_views(sub: argparse._SubParsersAction) -> None:

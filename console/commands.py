@@ -17,12 +17,16 @@ from ipc.client import Client, result_of
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    messages = read_messages(args)
+    messages = read_messages(args) if args.attach is None else []
     with Client(args.endpoint, agent=args.agent) as c:
         c.ping()  # fail fast, with a clear message, when no daemon listens
         events = []
         params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-        for ev in c.chat(messages, stream=True, stop=args.stop, session=args.session, nice=args.nice, **params):
+        if args.attach is not None:
+            stream = c.attach(args.attach)
+        else:
+            stream = c.chat(messages, stream=True, stop=args.stop, session=args.session, nice=args.nice, **params)
+        for ev in stream:
             events.append(ev)
             if ev.event == P.EV_TOKEN and not args.json:
                 sys.stdout.write(ev.text)

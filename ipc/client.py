@@ -24,6 +24,7 @@ import zmq.asyncio
 from ipc import credentials
 from ipc import protocol as P
 from ipc.endpoints import agent_endpoint
+from ipc.resume import OpenChats
 
 Messages = str | list[dict[str, str]]
 
@@ -38,6 +39,13 @@ class ClientError(Exception):
 
 class DaemonGone(TimeoutError):
     """The daemon answered nothing, not even a ping, for ``dead_after_s``: it died or is unreachable."""
+
+
+PROBE_S = 1.0  # silence before a client asks after its chats (an attach each: the answer proves the daemon is up)
+
+
+def probe_period(dead_after_s: float) -> float:
+    return min(PROBE_S, dead_after_s / 4)
 
 
 def dead_after_default() -> float:
@@ -168,9 +176,11 @@ class _Ids:
 class Client:
     """Blocking client.  ``timeout`` (seconds) bounds each wait for the daemon.
 
-    With no timeout a wait may last as long as the request does, but never forever: after
-    ``dead_after_s / 4`` of silence the client pings, and when nothing at all has come for
-    ``dead_after_s`` it raises ``DaemonGone`` (a ``TimeoutError``).
+    With no timeout a wait may last as long as the request does, but never forever: after a
+    second of silence the client asks after its open chats (``attach``; a ping when it has
+    none), and when nothing at all has come for ``dead_after_s`` it raises ``DaemonGone`` (a
+    ``TimeoutError``).  A daemon that restarts in that time finishes the chats from its
+    journal: they stream on from where they were, nothing lost and nothing repeated.
     """
 
     def __init__(
@@ -190,6 +200,7 @@ class Client:
         self._ids = _Ids()
         self._inbox: dict[Any, deque[dict]] = defaultdict(deque)
         self._probes: set[str] = set()  # ids of liveness pings in flight (their pongs are dropped)
+        self._chats = OpenChats()  # what it takes to resume each open chat after a restart
 
     def close(self) -> None:
         self._sock.close(0)
@@ -211,25 +222,36 @@ class Client:
         timeout = self.timeout if timeout is ... else timeout
         heard = time.monotonic()
         while not self._inbox[cid]:
-            slice_s = timeout if timeout is not None else self.dead_after_s / 4
+            quick = 4 if self._chats.waiting else 1  # a chat handed over: its next daemon is due
+            slice_s = timeout if timeout is not None else probe_period(self.dead_after_s) / quick
             if not self._sock.poll(int(slice_s * 1000)):
                 if timeout is not None:
                     raise TimeoutError(f"no answer from the daemon at {self.endpoint} within {timeout} s")
                 if time.monotonic() - heard >= self.dead_after_s:
                     raise DaemonGone(f"the daemon at {self.endpoint} answered nothing for {self.dead_after_s:g} s")
-                if not self._probes:  # silence: is it still there?  Its pong says so
-                    self._probes.add(self.send({"op": P.OP_PING}))
+                self._probe()
                 continue
             msg = P.unpack(self._sock.recv(), header="event")
             heard = time.monotonic()
             if msg.get("id") in self._probes:
                 self._probes.discard(msg.get("id"))
                 continue
-            self._inbox[msg.get("id")].append(msg)
+            deliver, again = self._chats.take(msg)
+            if again is not None:  # a chat no daemon acknowledged: sent again
+                self._sock.send(frame_of(again))
+            if deliver:
+                self._inbox[msg.get("id")].append(msg)
         msg = self._inbox[cid].popleft()
         if not self._inbox[cid]:
             del self._inbox[cid]
         return msg
+
+    def _probe(self) -> None:
+        """Silence: is the daemon still there (or back)?  Its answers to these say so."""
+        for msg in self._chats.probes():
+            self._sock.send(frame_of(msg))
+        if not self._probes and not self._chats.open:
+            self._probes.add(self.send({"op": P.OP_PING}))
 
     def call(self, op: str, timeout: float | None = 5.0, **fields: Any) -> dict[str, Any]:
         cid = self.send({"op": op, **fields})
@@ -263,7 +285,17 @@ class Client:
     def submit(self, messages: Messages, **params: Any) -> Any:
         """Send a chat and return its id; read its events with ``events(id)``."""
         params.setdefault("agent", self.agent or None)
-        return self.send(chat_message(self._ids.next(), messages, **params))
+        msg = chat_message(self._ids.next(), messages, **params)
+        self._chats.track(msg)
+        return self.send(msg)
+
+    def attach(self, pid: int, stream: bool = True) -> Iterator[Event]:
+        """Follow request ``pid`` (one of the caller's, or any for an admin) from its start: its events to the end."""
+        cid = self._ids.next()
+        self._chats.track({"id": cid, "stream": stream, "attach_pid": pid})
+        self._chats.open[cid].pid = pid
+        self.send(self._chats.open[cid].attach())
+        return self.events(cid)
 
     def events(self, cid: Any) -> Iterator[Event]:
         while True:
@@ -304,6 +336,7 @@ class AsyncClient:
         self._ids = _Ids()
         self._queues: dict[Any, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
+        self._chats = OpenChats()  # what it takes to resume each open chat after a restart
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -327,8 +360,11 @@ class AsyncClient:
             except P.ProtocolError as exc:  # one bad frame must not strand every pending request
                 logging.getLogger("quantad.client").error("undecodable reply: %s", exc.message)
                 continue
+            deliver, again = self._chats.take(msg)
+            if again is not None:  # a chat no daemon acknowledged: sent again
+                await self._sock.send(frame_of(again))
             q = self._queues.get(msg.get("id"))
-            if q is not None:
+            if q is not None and deliver:
                 q.put_nowait(msg)
 
     async def _send(self, msg: dict[str, Any]) -> asyncio.Queue:
@@ -353,13 +389,17 @@ class AsyncClient:
         start = time.monotonic()
         while True:
             try:
-                return await asyncio.wait_for(q.get(), self.dead_after_s / 4)
+                period = probe_period(self.dead_after_s) / (4 if self._chats.waiting else 1)
+                return await asyncio.wait_for(q.get(), period)
             except TimeoutError:
                 if time.monotonic() - max(self._heard, start) >= self.dead_after_s:
                     raise DaemonGone(
                         f"the daemon at {self.endpoint} answered nothing for {self.dead_after_s:g} s"
                     ) from None
-                await self._sock.send(frame_of({"op": P.OP_PING, "id": self._ids.next()}))  # its pong: a sign of life
+                for msg in self._chats.probes():  # their answers: a sign of life, and the rest of each chat
+                    await self._sock.send(frame_of(msg))
+                if not self._chats.open:
+                    await self._sock.send(frame_of({"op": P.OP_PING, "id": self._ids.next()}))  # its pong: alive
 
     async def call(self, op: str, timeout: float | None = 5.0, **fields: Any) -> dict[str, Any]:
         msg = {"op": op, **fields}
@@ -398,6 +438,7 @@ class AsyncClient:
         """
         params.setdefault("agent", self.agent or None)
         msg = chat_message(self._ids.next(), messages, stream=stream, **params)
+        self._chats.track(msg)
         await self._send(msg)
         return msg["id"]
 
@@ -419,6 +460,7 @@ class AsyncClient:
                     return
         finally:
             self._queues.pop(cid, None)
+            self._chats.forget(cid)
 
     async def chat(
         self, messages: Messages, *, stream: bool = False, **params: Any
@@ -426,6 +468,7 @@ class AsyncClient:
         """Like ``AsyncOpenAI``: ``await chat(...)`` gives a result, or with ``stream=True`` an async iterator."""
         params.setdefault("agent", self.agent or None)
         msg = chat_message(self._ids.next(), messages, stream=True, **params)
+        self._chats.track(msg)
         q = await self._send(msg)
         it = self._events(msg["id"], q)
         if stream:

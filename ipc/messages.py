@@ -390,6 +390,30 @@ class CancelOwn(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Attach(Message):
+    """Follow a request from ``offset`` tokens (``chars`` characters) on: the rest streams under this ``id``.
+
+    Without ``pid`` the request is the caller's own chat of this ``id`` (what a client that
+    reconnects after a daemon restart asks for); with it, any request the caller may see.
+    """
+
+    OP: ClassVar[str] = P.OP_ATTACH
+    pid: int | None = None
+    offset: int = 0
+    chars: int = 0
+    stream: bool = True
+
+    @classmethod
+    def decode(cls, msg: Mapping[str, Any]) -> Attach:
+        return cls(
+            P.field(msg, "pid", int, None),
+            P.number(msg, "offset", 0, 1 << 31, 0, integer=True),
+            P.number(msg, "chars", 0, 1 << 40, 0, integer=True),
+            P.field(msg, "stream", bool, True),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Ping(Message):
     OP: ClassVar[str] = P.OP_PING
     wait: bool = False  # answer once every worker is up
@@ -405,7 +429,7 @@ class Workers(Message):
     OP: ClassVar[str] = P.OP_WORKERS
 
 
-FROM_AGENT = _table(Chat, Ps, Kill, Nice, CancelOwn, Ping, Stats, Workers)
+FROM_AGENT = _table(Chat, Ps, Kill, Nice, CancelOwn, Ping, Stats, Workers, Attach)
 
 
 class AgentError(P.ProtocolError):

@@ -42,7 +42,8 @@ OP_CANCEL = "cancel"
 OP_NICE = "nice"
 OP_STATS = "stats"
 OP_WORKERS = "workers"
-AGENT_OPS = (OP_CHAT, OP_PS, OP_KILL, OP_PING, OP_CANCEL, OP_NICE, OP_STATS, OP_WORKERS)
+OP_ATTACH = "attach"  # follow a request by id (or pid) from an offset: resume after a reconnect, or watch another's
+AGENT_OPS = (OP_CHAT, OP_PS, OP_KILL, OP_PING, OP_CANCEL, OP_NICE, OP_STATS, OP_WORKERS, OP_ATTACH)
 
 NICE_MIN, NICE_MAX = -20, 19  # a request's nice value, as in Unix: lower runs first
 
@@ -55,6 +56,7 @@ EV_DONE = "done"
 EV_ERROR = "error"
 EV_CANCELLED = "cancelled"
 EV_REPLY = "reply"
+EV_ATTACHED = "attached"  # the answer to ``attach``: the request's pid, state and tokens so far
 TERMINAL_EVENTS = (EV_DONE, EV_ERROR, EV_CANCELLED)
 
 # Worker <-> daemon ops.

@@ -56,6 +56,7 @@ class AgentOps:
             M.Nice: self.nice,
             M.Stats: self.stats,
             M.Workers: self.workers,
+            M.Attach: self.attach,
         }
 
     def chat(self, who: Caller, cid: Any, rec: M.Chat) -> None:
@@ -78,6 +79,8 @@ class AgentOps:
         req = Request(pid=next(d.pids), agent_addr=addr, client_id=cid, params=params, owner=who.identity or "",
                       prompt_tokens=exact or 0)  # fmt: skip
         d.admission.admit(req.owner, req.cost, who.admin)  # quota_exceeded: nothing of it is kept
+        if d.journal is not None:
+            d.journal.accept(req)  # committed before it is acknowledged: a restart finds it
         d.by_client[(addr, cid)] = req
         d.sched.add(req)
         d.counters.accepted += 1
@@ -119,6 +122,36 @@ class AgentOps:
         if req is None:
             raise P.ProtocolError(P.E_NOT_FOUND, f"no request with id {cid!r} in flight")
         self.d.cancel(req, "cancelled by agent")
+
+    def attach(self, who: Caller, cid: Any, rec: M.Attach) -> None:
+        """Follow a request from an offset: a client back after a restart, or ``quantad run --attach PID``."""
+        d = self.d
+        if rec.pid is not None:
+            req = d.sched.table.get(rec.pid)
+        else:  # the caller's own chat of this id, on this connection or (after a restart) in the journal
+            req = d.by_client.get((who.addr, cid))
+            mine = [r for r in d.sched.table.values() if r.client_id == cid and r.owner == (who.identity or "")]
+            req = req if req is not None and req in mine else (mine[0] if mine else None)
+        if req is not None and not req.finished and who.owns(req):
+            req.watch(who.addr, cid, rec.offset, rec.chars, rec.stream)
+            seen = {"pid": req.pid, "state": req.state.value, "tokens": req.generated, "recovered": req.recovered}
+            d.send_agent(who.addr, {"event": P.EV_ATTACHED, "id": cid, **seen})
+            d.emit(req, P.EV_TOKEN)  # what it has missed, if any (everyone else has it)
+            return
+        ended = d.journal.ended(who.identity, rec.pid, cid) if d.journal is not None else None
+        if ended is None or not (who.admin or ended.owner == (who.identity or "")):
+            raise P.ProtocolError(P.E_NOT_FOUND, f"no request of yours with {self._named(rec, cid)}")
+        final = ended.final
+        d.send_agent(who.addr, {"event": P.EV_ATTACHED, "id": cid, "pid": ended.pid, "state": "ENDED"})
+        text = final.get("text") or ""
+        if rec.stream and len(text) > rec.chars:
+            rest = {"text": text[rec.chars :], "token_ids": [], "index": None}
+            d.send_agent(who.addr, {"event": P.EV_TOKEN, "id": cid, "pid": ended.pid, **rest})
+        d.send_agent(who.addr, final | {"id": cid})
+
+    @staticmethod
+    def _named(rec: M.Attach, cid: Any) -> str:
+        return f"pid {rec.pid}" if rec.pid is not None else f"id {cid!r}"
 
     def ping(self, who: Caller, cid: Any, rec: M.Ping) -> None:
         """``wait: true`` holds the answer until every worker is up (clients wait on an event, not a timer)."""

@@ -22,6 +22,7 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -38,6 +39,7 @@ from scheduler.core import Scheduler
 from scheduler.counters import Counters
 from scheduler.drain import Drain
 from scheduler.gate import AGENTS, WORKERS, Gate, Keys, uses_curve
+from scheduler.journal import Journal
 from scheduler.limits import Admission, Limits
 from scheduler.policy import Policy
 from scheduler.prompt_size import PromptSizer
@@ -76,6 +78,9 @@ class DaemonConfig:
     metrics_port: int | None = None  # Prometheus /metrics on 127.0.0.1; None: off
     keys: Keys | None = None  # CURVE: the daemon's key pair and the allowed keys (``--curve-dir``)
     limits: Limits = field(default_factory=Limits)  # quotas per identity, rates per connection
+    journal: Path | None = None  # the SQLite journal of accepted requests (``scheduler.journal``); None: off
+    journal_keep_s: float = 300.0  # how long an ended request stays there, for ``attach``
+    on_stop: str = "drain"  # SIGTERM: drain (finish within grace), or handover (leave all to the next daemon)
 
 
 class Daemon:
@@ -98,7 +103,8 @@ class Daemon:
         self._agents_tx = zmq.Socket.shadow(self.agents.underlying)
         self._workers_tx = zmq.Socket.shadow(self.workers_sock.underlying)
         self.by_client: dict[tuple[bytes, Any], Request] = {}
-        self.pids = itertools.count(1)
+        self.journal = None if cfg.journal is None else Journal(cfg.journal, cfg.journal_keep_s)
+        self.pids = itertools.count(1 + (self.journal.max_pid() if self.journal else 0))
         self.seq = itertools.count(1)
         self.stopping = asyncio.Event()
         self.drained = asyncio.Event()  # draining: no request left, or a second signal
@@ -151,6 +157,7 @@ class Daemon:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.drain.on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, reload.reload, self)
+        self._recover()
         self._start_workers()
         loops = [self._agent_loop(), self._worker_loop(), self.supervisor.run(), self._status_loop()]
         loops.append(self.gate.count(self.agents))  # open agent connections, for --max-connections
@@ -169,7 +176,21 @@ class Daemon:
         self._close()
         return rc
 
+    def _recover(self) -> None:
+        """Requests a dead predecessor accepted and did not end: queued first, from their last checkpoint."""
+        if self.journal is None:
+            return
+        back = self.journal.unfinished()
+        for req in back:
+            self.admission.admit(req.owner, req.cost, True)  # counted against its owner; never refused
+            self.by_client[(req.agent_addr, req.client_id)] = req
+            self.sched.add(req)
+        if back:
+            log.info("event=recovered requests=%s tokens=%s", len(back), sum(r.generated for r in back))
+
     def _close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
         self.gate.stop()
         self.agents.close(0)
         self.workers_sock.close(0)
@@ -227,6 +248,8 @@ class Daemon:
         while True:
             self.counters.sample()
             self.admission.prune()
+            if self.journal is not None:
+                self.journal.expire()
             status = status_line(self)
             if status != last:
                 sd_notify.notify(status)
@@ -280,7 +303,8 @@ class Daemon:
             return True
         except zmq.ZMQError as exc:  # EHOSTUNREACH: agent gone; EAGAIN: agent not reading
             log.info("event=agent_gone errno=%s", exc.errno)
-            gone = [r for r in self.sched.table.values() if r.agent_addr == addr and not r.finished]
+            # its requests lose a follower; those it leaves with none are cancelled (nobody would read them)
+            gone = [r for r in self.sched.table.values() if not r.finished and r.unwatch(addr)]
             for req in gone:  # one pass, one schedule: thousands of them must not hold the loop
                 self.cancel(req, "agent disconnected", notify=False, reschedule=False)
             if gone:
@@ -290,9 +314,18 @@ class Daemon:
             self.agents.get(zmq.EVENTS)  # re-arm the pending receive: see to_worker
 
     def emit(self, req: Request, event: str, **fields: Any) -> None:
-        if not req.stream and event in (P.EV_TOKEN, P.EV_PREEMPTED, P.EV_RESUMED):
-            return
-        self.send_agent(req.agent_addr, {"event": event, "id": req.client_id, "pid": req.pid, **fields})
+        """An event of ``req`` to everyone following it; a token event carries what each has not had yet."""
+        for (addr, cid), w in list(req.watchers.items()):
+            if not w.stream and event in (P.EV_TOKEN, P.EV_PREEMPTED, P.EV_RESUMED):
+                continue
+            msg = {"event": event, "id": cid, "pid": req.pid, **fields}
+            if event == P.EV_TOKEN:
+                out = req.unsent(w)
+                if out is None:  # recomputed after a restart: it has these already
+                    continue
+                msg["text"], msg["token_ids"] = out
+                msg["index"] = req.generated
+            self.send_agent(addr, msg)
 
     # ---- a request's end ----------------------------------------------------------------
     def terminal(self, req: Request, state: State, event: str, **fields: Any) -> None:
@@ -300,6 +333,8 @@ class Daemon:
         policy_view = self._end(req, state)
         fields["stats"] = req.stats() | policy_view | fields.get("stats", {})
         self.emit(req, event, **fields)
+        if self.journal is not None:
+            self.journal.end(req, {"event": event, "pid": req.pid, **fields})
         self.schedule()
         self.drain.check()
 
@@ -313,6 +348,8 @@ class Daemon:
             self.terminal(req, State.CANCELLED, P.EV_CANCELLED, message=why, text=req.text)
         else:
             self._end(req, State.CANCELLED)
+            if self.journal is not None:
+                self.journal.end(req, {"event": P.EV_CANCELLED, "pid": req.pid, "message": why, "text": req.text})
             if reschedule:
                 self.schedule()
 
@@ -320,6 +357,19 @@ class Daemon:
         if req.worker is not None:
             self.to_worker(req.worker, M.Cancel(req.pid))
         self.terminal(req, State.FAILED, P.EV_ERROR, code=code, message=message, text=req.text)
+
+    def checkpoint(self, req: Request) -> None:
+        """A quantum ended: its output so far goes to the journal (batched per loop turn)."""
+        if self.journal is not None:
+            self.journal.checkpoint(req)
+
+    def hand_over(self, req: Request, why: str) -> None:
+        """Stopping: ``req`` stays unfinished in the journal for the next daemon; its followers are told so."""
+        if req.worker is not None:
+            self.to_worker(req.worker, M.Cancel(req.pid))
+        self._end(req, State.CANCELLED)
+        self.journal.keep_unfinished([req])
+        self.emit(req, P.EV_ERROR, code=P.E_SHUTTING_DOWN, message=why, text=req.text, resumable=True)
 
     def _end(self, req: Request, state: State) -> dict:
         """Leave the scheduler and the tables; count it and tell the hooks (metrics).  The policy's last view."""

@@ -4,7 +4,10 @@ Draining refuses new chats and answers the queue at once; running requests go on
 longer preempted, until they end or the grace period (less a reserve for stopping the
 workers) runs out.  Whatever is left then gets an ``error`` (code ``shutting_down``) with
 its partial text, the workers are told to stop, and the ones that do not are killed
-within the grace period.
+within the grace period.  With the journal on, what is cut stays in it unfinished
+(``resumable: true`` in that error): the next daemon on the state directory finishes it.
+``--on-stop handover`` does that to every live request at once, queued ones too, and
+stops without waiting.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("quantad")
 
 SHUTTING_DOWN = "the daemon is shutting down; 'text' holds the partial answer"
+HANDED_OVER = "the daemon is stopping; the request stays in its journal and the next daemon finishes it (attach)"
 
 
 class Drain:
@@ -51,8 +55,11 @@ class Drain:
         live = [r for r in d.sched.table.values() if not r.finished]
         running = sum(r.state is State.RUNNING for r in live)
         log.info("event=draining grace_s=%s running=%s queued=%s", grace, running, len(d.sched.ready))
+        handover = d.cfg.on_stop == "handover" and d.journal is not None
+        if handover:
+            self._hand_over_all()
         self.flush_queue()
-        if d.fatal is None:
+        if d.fatal is None and not handover:
             self.check()
             reserve = min(2.0, grace / 4)
             try:
@@ -62,7 +69,10 @@ class Drain:
         for req in list(d.sched.table.values()):
             if not req.finished:
                 log.info("event=drain_cut_request pid=%s tokens=%s", req.pid, req.generated)
-                d.fail(req, P.E_SHUTTING_DOWN, SHUTTING_DOWN)
+                if d.journal is not None:
+                    d.hand_over(req, HANDED_OVER)
+                else:
+                    d.fail(req, P.E_SHUTTING_DOWN, SHUTTING_DOWN)
         workers = list(d.sched.workers.values())
         for w in workers:
             d.to_worker(w.name, M.Shutdown())
@@ -71,6 +81,12 @@ class Drain:
         rc = 0 if d.fatal is None else 1
         log.info("event=stopped after_s=%.3f rc=%s", time.monotonic() - t0, rc)
         return rc
+
+    def _hand_over_all(self) -> None:
+        for req in sorted(self.d.sched.table.values(), key=lambda r: r.pid):
+            if not req.finished:
+                log.info("event=handover pid=%s tokens=%s", req.pid, req.generated)
+                self.d.hand_over(req, HANDED_OVER)
 
     def flush_queue(self) -> None:
         """While draining, nothing new starts: every queued request gets its terminal reply now."""

@@ -162,6 +162,9 @@ def daemon_config(args: argparse.Namespace, endpoint: str, wep: str, policy, htt
         http_token=token,
         metrics_port=args.metrics_port,
         limits=limits_of(args),
+        journal=Path(args.state_dir or state_dir()) / "journal.db" if args.journal else None,
+        journal_keep_s=args.journal_keep_s,
+        on_stop=args.on_stop,
     )
 
 

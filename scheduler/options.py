@@ -261,6 +261,26 @@ def _worker_flags(s: argparse.ArgumentParser) -> None:
         default=30.0,
         help="SIGTERM/SIGINT: how long running requests may finish before they are cut",
     )
+    s.add_argument(
+        "--on-stop",
+        default="drain",
+        choices=["drain", "handover"],
+        help="SIGTERM/SIGINT: drain (running requests finish within --grace-s; what is cut stays in the journal) "
+        "or handover (every live request stays in the journal at once, for the next daemon to finish)",
+    )
+    s.add_argument(
+        "--no-journal",
+        dest="journal",
+        action="store_false",
+        help="keep no journal.  By default accepted requests and their output are kept in STATE_DIR/journal.db "
+        "(SQLite), so a daemon that dies loses none: the next one on the state directory finishes them",
+    )
+    s.add_argument(
+        "--journal-keep-s",
+        type=float,
+        default=300.0,
+        help="how long an ended request stays in the journal, for clients that resume and `quantad run --attach`",
+    )
 
 
 def _api_flags(a: argparse._ArgumentGroup) -> None:

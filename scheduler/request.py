@@ -37,6 +37,15 @@ def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
     return max(1, (chars + 3) // 4 + 5 * len(messages))
 
 
+@dataclass
+class Watch:
+    """One connection following a request: what it has already been sent (tokens, characters)."""
+
+    tokens: int = 0
+    chars: int = 0
+    stream: bool = True
+
+
 @dataclass(eq=False)  # identity, not field by field: a run queue of thousands is searched by ``in``
 class Request:
     """One chat syscall.  Holds what is needed to restart it from scratch on any worker."""
@@ -74,6 +83,10 @@ class Request:
     moved: dict[str, int] = field(default_factory=dict)  # context bytes saved into / restored from each tier
     owner: str = ""  # the identity that sent it (``scheduler.gate``): who may see, kill and renice it
     cost: int = 0  # tokens it may take (estimated prompt + max_tokens), counted against its owner's quota
+    # who its events go to, by (routing id, the id they asked under): the agent that sent it, and any
+    # that attached; none after a restart until its agent comes back (``attach``)
+    watchers: dict[tuple[bytes, Any], Watch] = field(default_factory=dict)
+    recovered: bool = False  # taken back from a dead daemon's journal
 
     def __post_init__(self) -> None:
         if self.params.get("seed") is None:  # fixed now, so any restart samples the same stream
@@ -81,6 +94,8 @@ class Request:
         self.nice = int(self.params.get("nice", 0))
         if not self.prompt_tokens:
             self.prompt_tokens = estimate_prompt_tokens(self.params.get("messages", []))
+        if not self.watchers:
+            self.watchers[(self.agent_addr, self.client_id)] = Watch(stream=self.stream)
         if not self.cost:  # fixed at accept: what its owner's quota was charged, and is given back
             self.cost = self.prompt_tokens + (self.max_tokens or MAX_TOKENS_LIMIT)
 
@@ -132,6 +147,37 @@ class Request:
         self.tokens.extend(ids)
         self.generated += count
         self.text += text
+
+    def recover(self) -> None:
+        """Taken back from the journal: nobody follows it until its agent attaches again."""
+        self.recovered = True
+        self.watchers.clear()
+
+    def watch(self, addr: bytes, cid: Any, tokens: int, chars: int, stream: bool) -> None:
+        """``addr`` follows it under ``cid``, having ``tokens`` / ``chars`` of its output (never less than sent)."""
+        old = self.watchers.get((addr, cid))
+        if old is not None:
+            tokens, chars = max(tokens, old.tokens), max(chars, old.chars)
+        self.watchers[(addr, cid)] = Watch(tokens, chars, stream)
+
+    def unwatch(self, addr: bytes) -> bool:
+        """``addr`` is gone; True when that leaves nobody following a request that had someone."""
+        keys = [k for k in self.watchers if k[0] == addr]
+        for k in keys:
+            del self.watchers[k]
+        return bool(keys) and not self.watchers
+
+    def unsent(self, w: Watch) -> tuple[str, list[int]] | None:
+        """Output ``w`` has not been sent yet (text, ids), marked as sent; None when it has it all.
+
+        After a restart the output is recomputed from the last checkpoint: the same tokens again,
+        so what a watcher already has is skipped by its counts, not sent twice.
+        """
+        if self.generated <= w.tokens:
+            return None
+        text, ids = self.text[w.chars :], self.tokens[w.tokens :]
+        w.tokens, w.chars = self.generated, max(w.chars, len(self.text))
+        return text, ids
 
     def take_service(self, total: float) -> float:
         """Mark ``total`` service as charged to the policy; returns the part not charged before."""

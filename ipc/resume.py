@@ -1,0 +1,82 @@
+"""What a client keeps of its open chats so that none is lost when the daemon restarts.
+
+Each open chat has the message that sent it, its pid once accepted, and how much output
+the caller has had (tokens, characters).  When the daemon goes silent, or says it hands a
+request over (``shutting_down`` with ``resumable``), the client sends ``attach`` with those
+counts: a new daemon that recovered the request from its journal streams the rest, and
+nothing arrives twice.  A chat no daemon acknowledged is sent again.  ``Client`` and
+``AsyncClient`` share this; it does no I/O itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ipc import protocol as P
+
+
+@dataclass
+class OpenChat:
+    msg: dict[str, Any]  # the chat as sent: sent again if no daemon ever acknowledged it
+    pid: int | None = None
+    tokens: int = 0  # the index of the last token event the caller had
+    chars: int = 0  # characters of text the caller had
+    attaching: bool = False  # an attach of ours is unanswered
+    handed_over: bool = False  # its daemon is stopping and left it to the next one
+
+    def attach(self) -> dict[str, Any]:
+        self.attaching = True
+        msg = {"op": P.OP_ATTACH, "id": self.msg["id"], "offset": self.tokens, "chars": self.chars}
+        msg["stream"] = bool(self.msg.get("stream"))
+        if self.pid is not None:
+            msg["pid"] = self.pid
+        return msg
+
+
+class OpenChats:
+    def __init__(self) -> None:
+        self.open: dict[Any, OpenChat] = {}
+
+    def track(self, msg: dict[str, Any]) -> None:
+        self.open[msg["id"]] = OpenChat(msg)
+
+    def forget(self, cid: Any) -> None:
+        self.open.pop(cid, None)
+
+    @property
+    def waiting(self) -> bool:
+        """Some chat was handed over: a new daemon is expected soon (probe often)."""
+        return any(o.handed_over for o in self.open.values())
+
+    def probes(self) -> list[dict[str, Any]]:
+        """The attach of every open chat (the daemon's answers also prove it is alive)."""
+        return [o.attach() for o in self.open.values()]
+
+    def take(self, msg: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
+        """Whether ``msg`` goes to the caller (not a repeat, nor an answer to our attach), and what to send back."""
+        o = self.open.get(msg.get("id"))
+        if o is None:
+            return True, None
+        ev = msg.get("event")
+        if ev == P.EV_ATTACHED:
+            o.pid, o.attaching, o.handed_over = msg.get("pid", o.pid), False, False
+            return False, None
+        if ev == P.EV_ACCEPTED:
+            o.pid = msg.get("pid")
+        elif ev == P.EV_TOKEN:
+            index = msg.get("index")
+            if isinstance(index, int) and index <= o.tokens:
+                return False, None  # had it before the restart
+            o.tokens = index if isinstance(index, int) else o.tokens
+            o.chars += len(msg.get("text") or "")
+        elif ev == P.EV_ERROR and msg.get("code") == P.E_SHUTTING_DOWN and msg.get("resumable"):
+            o.handed_over = True  # the next daemon finishes it: attach to that one
+            return False, None
+        elif ev == P.EV_ERROR and msg.get("code") == P.E_NOT_FOUND and o.attaching:
+            o.attaching = False
+            if o.pid is None:  # no daemon acknowledged it: send it again
+                return False, dict(o.msg)
+        if ev in P.TERMINAL_EVENTS:
+            self.open.pop(msg.get("id"), None)
+        return True, None

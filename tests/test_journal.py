@@ -1,0 +1,168 @@
+"""Nothing lost when the daemon dies: the journal, recovery at start, and clients that resume.
+
+Real daemons, real workers, real SIGKILLs: a daemon is killed mid-stream, a new one starts on the
+same state directory, and every client's assembled text equals an uncrashed greedy run's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+
+import psutil
+import pytest
+
+from ipc import protocol as P
+from ipc.client import AsyncClient, Client, ClientError, result_of
+from scheduler.journal import CRASH_AFTER
+from tests.conftest import PROMPTS, REPO, messages
+
+FLAGS = ("--slots", "2", "--quantum-tokens", "2", "--journal-keep-s", "600")
+
+
+def _params(i: int) -> dict:
+    return {"max_tokens": 24 + 6 * i, "min_tokens": 24 + 6 * i, "temperature": 0.0}
+
+
+def _open_rows(state_dir) -> int:
+    db = sqlite3.connect(state_dir / "journal.db")
+    try:
+        return db.execute("SELECT count(*) FROM requests WHERE ended_at IS NULL").fetchone()[0]
+    finally:
+        db.close()
+
+
+async def _follow(c: AsyncClient, i: int, out: dict, progress: asyncio.Event) -> None:
+    """One agent: submit, assemble the text from token events (each index once), keep the done event."""
+    cid = await c.submit(messages(PROMPTS[i % len(PROMPTS)]), **_params(i))
+    text, last = "", 0
+    async for ev in c.events(cid):
+        if ev.event == P.EV_TOKEN:
+            assert ev.data["index"] > last, "a token came twice"
+            last = ev.data["index"]
+            text += ev.text
+            if last >= 6:
+                progress.set()
+        elif ev.terminal:
+            out[i] = (ev.event, text, ev.data.get("text"), last)
+
+
+def _reference(d, n: int) -> list[str]:
+    with d.client(timeout=300) as c:
+        return [c.chat(messages(PROMPTS[i % len(PROMPTS)]), **_params(i)).text for i in range(n)]
+
+
+def _restart(d) -> None:
+    """A new daemon on the dead one's state directory, runtime directory and endpoint."""
+    d.daemon.start()
+    d.proc = d.daemon.proc
+
+
+@pytest.mark.parametrize("tier", ["auto", "disk"])
+def test_a_killed_daemon_finishes_every_request_after_a_restart(tiny_model_dir, start_daemon, tier):
+    n = 4
+    d = start_daemon(tiny_model_dir, *FLAGS, "--snapshot-tier", tier, "--disk-budget", "64MiB")
+    want = _reference(d, n)
+    workers = psutil.Process(d.proc.pid).children(recursive=True)
+
+    async def go() -> dict:
+        out: dict = {}
+        progress = asyncio.Event()
+        async with AsyncClient(d.endpoint, dead_after_s=120) as c:
+            tasks = [asyncio.create_task(_follow(c, i, out, progress)) for i in range(n)]
+            await progress.wait()  # streaming, with others queued and preempted (2 slots, 2-token quanta)
+            os.kill(d.proc.pid, signal.SIGKILL)
+            await asyncio.to_thread(d.proc.wait)
+            gone, alive = await asyncio.to_thread(psutil.wait_procs, workers, 20)
+            assert not alive, "a worker outlived its daemon"
+            await asyncio.to_thread(_restart, d)
+            await asyncio.gather(*tasks)
+        return out
+
+    out = asyncio.run(go())
+    assert "event=recovered" in d.log()
+    for i in range(n):
+        event, streamed, final, last = out[i]
+        assert event == P.EV_DONE
+        assert streamed == final == want[i], f"request {i}"
+        assert last == _params(i)["max_tokens"]
+    assert d.daemon.stop(cut=False) == 0
+    assert _open_rows(d.state_dir) == 0
+
+
+def test_attach_shows_a_request_from_another_terminal(tiny_model_dir, start_daemon):
+    d = start_daemon(tiny_model_dir, *FLAGS)
+    with d.client(timeout=300) as c:
+        cid = c.submit(messages(PROMPTS[0]), stream=True, **_params(3))
+        events = c.events(cid)
+        pid = next(events).data["pid"]
+        run = subprocess.run([sys.executable, "-m", "console", "run", "--attach", str(pid), "--endpoint",
+                              d.endpoint, "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+        final = [ev for ev in events if ev.terminal][-1]
+    assert run.returncode == 0, run.stderr
+    shown = json.loads(run.stdout)
+    assert shown["pid"] == pid and shown["text"] == final.data["text"]
+    # ended: the journal still has it, for a while
+    again = subprocess.run([sys.executable, "-m", "console", "run", "--attach", str(pid), "--endpoint",
+                            d.endpoint], cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert again.returncode == 0 and final.data["text"] in again.stdout
+    with d.client(timeout=30) as c:
+        with pytest.raises(ClientError, match="not_found"):
+            result_of(list(c.attach(10_000)))
+
+
+def test_a_handover_stop_leaves_requests_for_the_next_daemon(tiny_model_dir, start_daemon):
+    d = start_daemon(tiny_model_dir, *FLAGS, "--on-stop", "handover")
+    want = _reference(d, 2)
+    with Client(d.endpoint, dead_after_s=120) as c:
+        ids = [c.submit(messages(PROMPTS[i]), stream=True, **_params(i)) for i in range(2)]
+        events = c.events(ids[0])
+        assert next(events).event == P.EV_ACCEPTED and next(events).event == P.EV_TOKEN
+        assert d.daemon.stop(cut=False) == 0  # SIGTERM: hands over at once
+        assert _open_rows(d.state_dir) == 2
+        _restart(d)
+        texts = []
+        for cid in ids:
+            evs = list(c.events(cid))
+            assert evs[-1].event == P.EV_DONE, evs[-1].data
+            texts.append(evs[-1].data["text"])
+    assert texts == want
+
+
+@pytest.mark.parametrize("commit", range(1, 9))
+def test_a_kill_at_each_journal_commit_loses_nothing_acknowledged(tiny_model_dir, start_daemon, commit):
+    """Torn writes: the daemon SIGKILLs itself right after its N-th commit; a restart recovers what it had."""
+    d = start_daemon(tiny_model_dir, *FLAGS)
+    want = _reference(d, 2)
+    d.daemon.stop(cut=False)
+    d.daemon.env[CRASH_AFTER] = str(commit)  # counted by each daemon process from its start
+    _restart(d)
+    del d.daemon.env[CRASH_AFTER]
+    crashed = d.proc
+
+    def restart_after_the_crash() -> None:
+        if crashed.wait() == -signal.SIGKILL:
+            _restart(d)
+
+    watcher = threading.Thread(target=restart_after_the_crash)
+    watcher.start()
+    with Client(d.endpoint, dead_after_s=120) as c:
+        ids = [c.submit(messages(PROMPTS[i]), stream=True, **_params(i)) for i in range(2)]
+        got = []
+        for cid in ids:
+            text = ""
+            for ev in c.events(cid):
+                if ev.event == P.EV_TOKEN:
+                    text += ev.text
+                elif ev.terminal:
+                    assert ev.event == P.EV_DONE, ev.data
+                    got.append((text, ev.data["text"]))
+    assert crashed.returncode == -signal.SIGKILL  # it did die at that commit
+    watcher.join()
+    assert got == [(w, w) for w in want]
