@@ -236,7 +236,7 @@ class Client:
             if msg.get("id") in self._probes:
                 self._probes.discard(msg.get("id"))
                 continue
-            deliver, again = self._chats.take(msg)
+            deliver, again = self._chats.take(msg, wait=self.timeout is None)
             if again is not None:  # a chat no daemon acknowledged: sent again
                 self._sock.send(frame_of(again))
             if deliver:
@@ -315,7 +315,8 @@ class Client:
 class AsyncClient:
     """asyncio client: one long-lived receive task routes replies to per-request queues.
 
-    Waits without a timeout end in ``DaemonGone`` as ``Client``'s do (``dead_after_s``).
+    Waits without a timeout end in ``DaemonGone`` as ``Client``'s do (``dead_after_s``), and open
+    chats resume after a daemon restart as theirs do (``resume=False``: they end with the daemon).
     """
 
     def __init__(
@@ -325,6 +326,7 @@ class AsyncClient:
         timeout: float | None = None,
         curve=None,
         dead_after_s: float | None = None,
+        resume: bool = True,
     ):
         self.endpoint = agent_endpoint(endpoint)
         self.agent = agent
@@ -336,7 +338,7 @@ class AsyncClient:
         self._ids = _Ids()
         self._queues: dict[Any, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
-        self._chats = OpenChats()  # what it takes to resume each open chat after a restart
+        self._chats = OpenChats(resume)  # what it takes to resume each open chat after a restart
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -360,7 +362,7 @@ class AsyncClient:
             except P.ProtocolError as exc:  # one bad frame must not strand every pending request
                 logging.getLogger("quantad.client").error("undecodable reply: %s", exc.message)
                 continue
-            deliver, again = self._chats.take(msg)
+            deliver, again = self._chats.take(msg, wait=self.timeout is None)
             if again is not None:  # a chat no daemon acknowledged: sent again
                 await self._sock.send(frame_of(again))
             q = self._queues.get(msg.get("id"))

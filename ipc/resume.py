@@ -35,11 +35,15 @@ class OpenChat:
 
 
 class OpenChats:
-    def __init__(self) -> None:
+    """``on=False``: a client that lives and dies with its daemon (the HTTP front) resumes nothing."""
+
+    def __init__(self, on: bool = True) -> None:
+        self.on = on
         self.open: dict[Any, OpenChat] = {}
 
     def track(self, msg: dict[str, Any]) -> None:
-        self.open[msg["id"]] = OpenChat(msg)
+        if self.on:
+            self.open[msg["id"]] = OpenChat(msg)
 
     def forget(self, cid: Any) -> None:
         self.open.pop(cid, None)
@@ -53,8 +57,12 @@ class OpenChats:
         """The attach of every open chat (the daemon's answers also prove it is alive)."""
         return [o.attach() for o in self.open.values()]
 
-    def take(self, msg: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
-        """Whether ``msg`` goes to the caller (not a repeat, nor an answer to our attach), and what to send back."""
+    def take(self, msg: dict[str, Any], wait: bool = True) -> tuple[bool, dict[str, Any] | None]:
+        """Whether ``msg`` goes to the caller (not a repeat, nor an answer to our attach), and what to send back.
+
+        ``wait=False`` (a client with a timeout of its own): a request handed over ends here, as
+        its ``shutting_down`` error says, rather than waiting for the next daemon.
+        """
         o = self.open.get(msg.get("id"))
         if o is None:
             return True, None
@@ -70,7 +78,7 @@ class OpenChats:
                 return False, None  # had it before the restart
             o.tokens = index if isinstance(index, int) else o.tokens
             o.chars += len(msg.get("text") or "")
-        elif ev == P.EV_ERROR and msg.get("code") == P.E_SHUTTING_DOWN and msg.get("resumable"):
+        elif ev == P.EV_ERROR and msg.get("code") == P.E_SHUTTING_DOWN and msg.get("resumable") and wait:
             o.handed_over = True  # the next daemon finishes it: attach to that one
             return False, None
         elif ev == P.EV_ERROR and msg.get("code") == P.E_NOT_FOUND and o.attaching:

@@ -186,7 +186,8 @@ class Daemon:
             self.by_client[(req.agent_addr, req.client_id)] = req
             self.sched.add(req)
         if back:
-            log.info("event=recovered requests=%s tokens=%s", len(back), sum(r.generated for r in back))
+            ms, tokens = 1e3 * self.journal.recovery_s, sum(r.generated for r in back)
+            log.info("event=recovered requests=%s tokens=%s read_ms=%.1f", len(back), tokens, ms)
 
     def _close(self) -> None:
         if self.journal is not None:

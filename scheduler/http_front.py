@@ -196,7 +196,7 @@ class HttpFront:
         self.runner: web.AppRunner | None = None
 
     async def start(self) -> str:
-        self.client = AsyncClient(self.endpoint, agent=DEFAULT_AGENT)
+        self.client = AsyncClient(self.endpoint, agent=DEFAULT_AGENT, resume=False)  # it dies with the daemon
         app = web.Application(middlewares=[self._errors, self._auth], client_max_size=P.MAX_FRAME)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.list_models)

@@ -93,6 +93,7 @@ class Journal:
         self._flush_soon = False
         self.commits = 0
         self.crash_after = int(os.environ.get(CRASH_AFTER, "0") or 0)
+        self.recovered, self.recovery_s = 0, 0.0  # at start: requests taken back, and the time it took
         self.busy_s = 0.0  # time spent in the journal's writes (its cost, for the benchmark)
 
     # ---- writes -----------------------------------------------------------------------------
@@ -167,6 +168,7 @@ class Journal:
     # ---- reads ------------------------------------------------------------------------------
     def unfinished(self) -> list[Request]:
         """The requests a dead predecessor accepted and did not end, as the queue takes them back (oldest first)."""
+        t0 = time.perf_counter()
         rows = self.db.execute(
             "SELECT pid, owner, client_id, agent_addr, params, tokens, text, generated FROM requests "
             "WHERE ended_at IS NULL ORDER BY pid"
@@ -182,6 +184,7 @@ class Journal:
                 continue
             req.recover()
             out.append(req)
+        self.recovered, self.recovery_s = len(out), time.perf_counter() - t0
         return out
 
     def ended(self, owner: str | None, pid: int | None, client_id: Any) -> Ended | None:
@@ -199,6 +202,11 @@ class Journal:
         if row is None:
             return None
         return Ended(row[0], row[1], _unpack(row[2]), _unpack(row[3]))
+
+    def view(self) -> dict[str, Any]:
+        """For ``stats``: where it is, its commits, and the time its writes took (its cost)."""
+        return {"path": str(self.path), "commits": self.commits, "busy_s": round(self.busy_s, 6),
+                "recovered": self.recovered, "recovery_s": round(self.recovery_s, 6)}  # fmt: skip
 
     def max_pid(self) -> int:
         return self.db.execute("SELECT coalesce(max(pid), 0) FROM requests").fetchone()[0]

@@ -70,6 +70,7 @@ def stats_view(d: Daemon) -> dict[str, Any]:
         "tokens_per_s": round(d.counters.tokens_per_s(), 3),
         "workers": {"configured": len(d.sched.workers), "up": sum(w.alive for w in workers)},
         "endpoints": {"agents": d.cfg.endpoint, **d.urls},
+        "journal": None if d.journal is None else d.journal.view(),
     }
 
 

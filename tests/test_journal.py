@@ -166,3 +166,12 @@ def test_a_kill_at_each_journal_commit_loses_nothing_acknowledged(tiny_model_dir
     assert crashed.returncode == -signal.SIGKILL  # it did die at that commit
     watcher.join()
     assert got == [(w, w) for w in want]
+
+
+def test_a_soak_of_random_kills_loses_no_request_and_no_token(tiny_model_dir, tmp_path):
+    """200 requests from 4 agents; the daemon SIGKILLed at 30 random moments (at least), restarted each time."""
+    from benchmarks.crash_soak import soak
+
+    s = soak(str(tiny_model_dir), str(tmp_path), requests=200, kills=30, tokens=16)
+    assert s.kills >= 30
+    assert s.wrong == [] and s.done == 200
