@@ -444,6 +444,15 @@ class AsyncClient:
         await self._send(msg)
         return msg["id"]
 
+    async def attach(self, pid: int, offset: int = 0, chars: int = 0, **fields: Any) -> Any:
+        """Follow request ``pid`` from ``offset`` tokens / ``chars`` characters on (protocol 3.9); read ``events(id)``.
+
+        The first event is ``attached`` (or the ``error`` ``not_found``).
+        """
+        msg = {"op": P.OP_ATTACH, "pid": pid, "offset": offset, "chars": chars, **fields}
+        await self._send(msg)
+        return msg["id"]
+
     def events(self, cid: Any) -> AsyncIterator[Event]:
         """The events of a chat sent with ``submit``, up to and including its terminal one."""
         return self._events(cid, self._queues[cid])

@@ -402,6 +402,7 @@ class Attach(Message):
     offset: int = 0
     chars: int = 0
     stream: bool = True
+    on_behalf_of: str | None = None  # the HTTP front attaches for its bearer token's identity (admins only)
 
     @classmethod
     def decode(cls, msg: Mapping[str, Any]) -> Attach:
@@ -410,6 +411,7 @@ class Attach(Message):
             P.number(msg, "offset", 0, 1 << 31, 0, integer=True),
             P.number(msg, "chars", 0, 1 << 40, 0, integer=True),
             P.field(msg, "stream", bool, True),
+            P.field(msg, "on_behalf_of", str, None),
         )
 
 

@@ -126,6 +126,10 @@ class AgentOps:
     def attach(self, who: Caller, cid: Any, rec: M.Attach) -> None:
         """Follow a request from an offset: a client back after a restart, or ``quantad run --attach PID``."""
         d = self.d
+        if rec.on_behalf_of is not None:
+            if not who.admin:
+                raise P.ProtocolError(P.E_BAD_FIELD, "only an admin may attach 'on_behalf_of' another identity")
+            who = Caller(who.addr, rec.on_behalf_of, admin=False)
         if rec.pid is not None:
             req = d.sched.table.get(rec.pid)
         else:  # the caller's own chat of this id, on this connection or (after a restart) in the journal

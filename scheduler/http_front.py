@@ -202,6 +202,7 @@ class HttpFront:
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/quantad/requests/{pid}/stream", self.resume)
         self.runner = web.AppRunner(
             app, handle_signals=False, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_S
         )
@@ -324,6 +325,33 @@ class HttpFront:
                 await self.client.cancel(cid)
             await events.aclose()
 
+    async def resume(self, request: web.Request) -> web.StreamResponse:
+        """A stream cut short (the daemon restarted): the rest of request ``pid`` after ``Last-Event-ID``.
+
+        Every chunk of a stream carries an SSE ``id`` of ``PID.TOKENS.CHARS``; a client that lost
+        its stream asks here with the last one it had and gets the rest, as chunks of the same shape.
+        """
+        try:
+            pid = int(request.match_info["pid"])
+            last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or f"{pid}.0.0"
+            at_pid, tokens, chars = (int(x) for x in last.split("."))
+        except ValueError:
+            raise HttpError(400, "the pid and Last-Event-ID must read PID and PID.TOKENS.CHARS") from None
+        if at_pid != pid or tokens < 0 or chars < 0:
+            raise HttpError(400, f"Last-Event-ID {last!r} is not of request {pid}")
+        fields = {"on_behalf_of": request["identity"]} if "identity" in request else {}
+        cid = await self.client.attach(pid, tokens, chars, **fields)
+        events = self.client.events(cid)
+        try:
+            first = await anext(events)
+            if first.event != P.EV_ATTACHED:
+                raise error_of(first) if first.event in P.TERMINAL_EVENTS else HttpError(500, "unexpected event")
+            meta = {"id": f"chatcmpl-{pid}-resumed", "created": int(time.time()), "model": self.models[0]}
+            resp, _ = await self._stream(request, events, pid, meta, False, False, at=(tokens, chars))
+            return resp
+        finally:
+            await events.aclose()
+
     def _completion(self, meta: dict[str, Any], done: dict[str, Any]) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": content_of(done)}
         calls = tool_calls(done)
@@ -346,24 +374,34 @@ class HttpFront:
         meta: dict[str, Any],
         buffer: bool,
         usage: bool,
+        at: tuple[int, int] | None = None,
     ) -> tuple[web.StreamResponse, bool]:
         """SSE chunks as OpenAI sends them; preemptions as SSE comments; an error as a final ``error`` chunk.
 
-        Returns the response and whether the request reached its terminal event.
+        Each chunk's SSE ``id`` is ``PID.TOKENS.CHARS``: what a client that loses the stream gives
+        ``resume``.  ``at``: a resumed stream's counts (no role chunk then).  Returns the response and
+        whether the request reached its terminal event.
         """
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "x-quantad-pid": str(pid)}
         )
         await resp.prepare(request)
         head = {**meta, "object": "chat.completion.chunk", "system_fingerprint": None}
+        seen = list(at or (0, 0))  # tokens and characters sent so far
 
         async def chunk(delta: dict[str, Any], finish: str | None = None) -> None:
             data = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-            await resp.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+            await resp.write(
+                f"id: {pid}.{seen[0]}.{seen[1]}\n".encode() + b"data: " + json.dumps(data).encode() + b"\n\n"
+            )
 
         try:
-            await chunk({"role": "assistant", "content": ""})
+            if at is None:
+                await chunk({"role": "assistant", "content": ""})
             async for ev in events:
+                if ev.event == P.EV_TOKEN:
+                    seen[0] = ev.data.get("index") or seen[0]
+                    seen[1] += len(ev.text)
                 if ev.event == P.EV_TOKEN and ev.text and not buffer:
                     await chunk({"content": ev.text})
                 elif ev.event in (P.EV_PREEMPTED, P.EV_RESUMED):  # clients skip comment lines

@@ -7,13 +7,18 @@ same state directory, and every client's assembled text equals an uncrashed gree
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -175,3 +180,53 @@ def test_a_soak_of_random_kills_loses_no_request_and_no_token(tiny_model_dir, tm
     s = soak(str(tiny_model_dir), str(tmp_path), requests=200, kills=30, tokens=16)
     assert s.kills >= 30
     assert s.wrong == [] and s.done == 200
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sse_lines(resp) -> Iterator[str]:
+    """The lines of an SSE response until it ends, or the connection drops."""
+    try:
+        for raw in resp:
+            yield raw.decode().rstrip("\r\n")
+    except (http.client.HTTPException, OSError):
+        return
+
+
+def test_an_http_stream_cut_by_a_daemon_kill_resumes_from_its_last_event_id(tiny_model_dir, start_daemon):
+    port = _free_port()
+    d = start_daemon(tiny_model_dir, *FLAGS, "--http", f"127.0.0.1:{port}")
+    (want,) = _reference(d, 1)
+    url = f"http://127.0.0.1:{port}/v1"
+    body = {"model": tiny_model_dir.name, "messages": messages(PROMPTS[0]), "stream": True, **_params(0)}
+    post = urllib.request.Request(f"{url}/chat/completions", json.dumps(body).encode(),
+                                  {"Content-Type": "application/json"})  # fmt: skip
+    text, last_id, pending = "", None, None
+    with urllib.request.urlopen(post, timeout=120) as r:
+        pid = int(r.headers["x-quantad-pid"])
+        for line in _sse_lines(r):
+            if line.startswith("id: "):
+                pending = line[4:]
+            elif line.startswith("data: {"):  # the event is whole: its id is what we have
+                text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                last_id = pending
+                if len(text) > 20 and d.proc.poll() is None:
+                    os.kill(d.proc.pid, signal.SIGKILL)  # mid-stream: the connection drops
+    assert text != want
+    d.proc.wait()
+    _restart(d)
+    rest, done = "", False
+    get = urllib.request.Request(f"{url}/quantad/requests/{pid}/stream", headers={"Last-Event-ID": last_id})
+    with urllib.request.urlopen(get, timeout=120) as r:
+        for line in _sse_lines(r):
+            if line.startswith("data: {"):
+                rest += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+            done = done or line == "data: [DONE]"
+    assert done and text + rest == want
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"{url}/quantad/requests/999/stream", timeout=30)
+    assert missing.value.code == 404
