@@ -28,7 +28,7 @@ class OpenChat:
     def attach(self) -> dict[str, Any]:
         self.attaching = True
         msg = {"op": P.OP_ATTACH, "id": self.msg["id"], "offset": self.tokens, "chars": self.chars}
-        msg["stream"] = bool(self.msg.get("stream"))
+        msg["stream"] = self.msg.get("stream") is not False  # a chat streams unless it said not to
         if self.pid is not None:
             msg["pid"] = self.pid
         return msg

@@ -126,6 +126,8 @@ class AgentOps:
     def attach(self, who: Caller, cid: Any, rec: M.Attach) -> None:
         """Follow a request from an offset: a client back after a restart, or ``quantad run --attach PID``."""
         d = self.d
+        if cid is None:
+            raise P.ProtocolError(P.E_BAD_FIELD, "an attach needs an 'id': the request's events come under it")
         if rec.on_behalf_of is not None:
             if not who.admin:
                 raise P.ProtocolError(P.E_BAD_FIELD, "only an admin may attach 'on_behalf_of' another identity")

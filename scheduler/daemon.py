@@ -32,7 +32,7 @@ from ipc import messages as M
 from ipc import protocol as P
 from ipc.logfmt import under_journald
 from ipc.worker_spec import WorkerSpec
-from scheduler import reload, sd_notify
+from scheduler import fronts, handover, reload, sd_notify
 from scheduler.agent_ops import AgentOps, Caller
 from scheduler.config import Effective
 from scheduler.core import Scheduler
@@ -114,7 +114,7 @@ class Daemon:
         self.counters = Counters()
         self.finish_hooks: list[Callable[[Request], None]] = []  # called once per request, at its end
         self.urls: dict[str, str | None] = {"http": None, "metrics": None}
-        self._fronts: list[Any] = []  # the HTTP front and the metrics server, when on
+        self.listeners: list[Any] = []  # the HTTP front and the metrics server, when on
         self.drain = Drain(self)
         self.supervisor = Supervisor(self)
         self.agent_ops = AgentOps(self)
@@ -147,17 +147,17 @@ class Daemon:
         finally:
             os.umask(old)
         try:
-            await self._start_fronts()
+            await fronts.start(self)
         except OSError as exc:  # port taken, address not here: fail before any worker starts
             log.error("event=fatal reason=%r", f"cannot listen: {exc}")
-            await self._stop_fronts()
+            await fronts.stop(self)
             self._close()
             return 1
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.drain.on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, reload.reload, self)
-        self._recover()
+        handover.recover(self)
         self._start_workers()
         loops = [self._agent_loop(), self._worker_loop(), self.supervisor.run(), self._status_loop()]
         loops.append(self.gate.count(self.agents))  # open agent connections, for --max-connections
@@ -169,25 +169,12 @@ class Daemon:
         sd_notify.notify(status_line(self))
         await self.stopping.wait()
         rc = await self.drain.run()
-        await self._stop_fronts()  # after the drain: HTTP streams have had their terminal events
+        await fronts.stop(self)  # after the drain: HTTP streams have had their terminal events
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._close()
         return rc
-
-    def _recover(self) -> None:
-        """Requests a dead predecessor accepted and did not end: queued first, from their last checkpoint."""
-        if self.journal is None:
-            return
-        back = self.journal.unfinished()
-        for req in back:
-            self.admission.admit(req.owner, req.cost, True)  # counted against its owner; never refused
-            self.by_client[(req.agent_addr, req.client_id)] = req
-            self.sched.add(req)
-        if back:
-            ms, tokens = 1e3 * self.journal.recovery_s, sum(r.generated for r in back)
-            log.info("event=recovered requests=%s tokens=%s read_ms=%.1f", len(back), tokens, ms)
 
     def _close(self) -> None:
         if self.journal is not None:
@@ -207,32 +194,6 @@ class Daemon:
             proc = WorkerProcess(name, argv, env, credentials=creds)
             self.sched.workers[name] = Worker(name, self.cfg.spec.slots, proc=proc)
             proc.start()
-
-    async def _start_fronts(self) -> None:
-        """The optional HTTP listeners; imported only when asked for, so a plain daemon starts as before."""
-        c = self.cfg
-        if c.metrics_port is not None:
-            from scheduler.metrics import MetricsServer
-
-            self._fronts.append(MetricsServer(self, c.metrics_port))
-            self.urls["metrics"] = await self._fronts[-1].start()
-            log.info("event=metrics_listening url=%s", self.urls["metrics"])
-        if c.http is not None:
-            from scheduler.http_front import HttpFront
-
-            names = (c.model_name, *c.model_aliases)
-            self._fronts.append(HttpFront(c.endpoint, c.http[0], c.http[1], names, c.http_token))
-            self.urls["http"] = await self._fronts[-1].start()
-            auth = "bearer" if c.http_token else "none"
-            log.info("event=http_listening url=%s auth=%s", self.urls["http"], auth)
-
-    async def _stop_fronts(self) -> None:
-        for front in reversed(self._fronts):
-            try:
-                await front.stop()
-            except Exception:
-                log.exception("event=internal_error side=front_stop")
-        self._fronts.clear()
 
     def announce_ready(self) -> None:
         """Every worker is up for the first time: serving."""
@@ -331,7 +292,7 @@ class Daemon:
     # ---- a request's end ----------------------------------------------------------------
     def terminal(self, req: Request, state: State, event: str, **fields: Any) -> None:
         """The one terminal reply of a request: leave the tables, then tell the agent."""
-        policy_view = self._end(req, state)
+        policy_view = self.retire(req, state)
         fields["stats"] = req.stats() | policy_view | fields.get("stats", {})
         self.emit(req, event, **fields)
         if self.journal is not None:
@@ -348,7 +309,7 @@ class Daemon:
         if notify:
             self.terminal(req, State.CANCELLED, P.EV_CANCELLED, message=why, text=req.text)
         else:
-            self._end(req, State.CANCELLED)
+            self.retire(req, State.CANCELLED)
             if self.journal is not None:
                 self.journal.end(req, {"event": P.EV_CANCELLED, "pid": req.pid, "message": why, "text": req.text})
             if reschedule:
@@ -359,20 +320,7 @@ class Daemon:
             self.to_worker(req.worker, M.Cancel(req.pid))
         self.terminal(req, State.FAILED, P.EV_ERROR, code=code, message=message, text=req.text)
 
-    def checkpoint(self, req: Request) -> None:
-        """A quantum ended: its output so far goes to the journal (batched per loop turn)."""
-        if self.journal is not None:
-            self.journal.checkpoint(req)
-
-    def hand_over(self, req: Request, why: str) -> None:
-        """Stopping: ``req`` stays unfinished in the journal for the next daemon; its followers are told so."""
-        if req.worker is not None:
-            self.to_worker(req.worker, M.Cancel(req.pid))
-        self._end(req, State.CANCELLED)
-        self.journal.keep_unfinished([req])
-        self.emit(req, P.EV_ERROR, code=P.E_SHUTTING_DOWN, message=why, text=req.text, resumable=True)
-
-    def _end(self, req: Request, state: State) -> dict:
+    def retire(self, req: Request, state: State) -> dict:
         """Leave the scheduler and the tables; count it and tell the hooks (metrics).  The policy's last view."""
         if not req.finished:
             self.admission.release(req.owner, req.cost)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from ipc import messages as M
 from ipc import protocol as P
-from scheduler import sd_notify
+from scheduler import handover, sd_notify
 from scheduler.request import State
 from scheduler.stats import status_line
 
@@ -55,11 +55,11 @@ class Drain:
         live = [r for r in d.sched.table.values() if not r.finished]
         running = sum(r.state is State.RUNNING for r in live)
         log.info("event=draining grace_s=%s running=%s queued=%s", grace, running, len(d.sched.ready))
-        handover = d.cfg.on_stop == "handover" and d.journal is not None
-        if handover:
+        leaving = d.cfg.on_stop == "handover" and d.journal is not None
+        if leaving:
             self._hand_over_all()
         self.flush_queue()
-        if d.fatal is None and not handover:
+        if d.fatal is None and not leaving:
             self.check()
             reserve = min(2.0, grace / 4)
             try:
@@ -70,7 +70,7 @@ class Drain:
             if not req.finished:
                 log.info("event=drain_cut_request pid=%s tokens=%s", req.pid, req.generated)
                 if d.journal is not None:
-                    d.hand_over(req, HANDED_OVER)
+                    handover.hand_over(d, req, HANDED_OVER)
                 else:
                     d.fail(req, P.E_SHUTTING_DOWN, SHUTTING_DOWN)
         workers = list(d.sched.workers.values())
@@ -86,7 +86,7 @@ class Drain:
         for req in sorted(self.d.sched.table.values(), key=lambda r: r.pid):
             if not req.finished:
                 log.info("event=handover pid=%s tokens=%s", req.pid, req.generated)
-                self.d.hand_over(req, HANDED_OVER)
+                handover.hand_over(self.d, req, HANDED_OVER)
 
     def flush_queue(self) -> None:
         """While draining, nothing new starts: every queued request gets its terminal reply now."""

@@ -404,10 +404,12 @@ class HttpFront:
                     seen[1] += len(ev.text)
                 if ev.event == P.EV_TOKEN and ev.text and not buffer:
                     await chunk({"content": ev.text})
-                elif ev.event in (P.EV_PREEMPTED, P.EV_RESUMED):  # clients skip comment lines
+                elif ev.event in (P.EV_PREEMPTED, P.EV_RESUMED):
+                    # a comment line, part of the next event's block: a blank line after it would make an
+                    # empty event of its own, which SDKs that keep the last id (openai's) fail to parse
                     await resp.write(
                         f": quantad {ev.event} tokens={ev.data.get('tokens', '')} "
-                        f"context={ev.data.get('context', '')}\n\n".encode()
+                        f"context={ev.data.get('context', '')}\n".encode()
                     )
                 elif ev.terminal:
                     await self._end(resp, chunk, head, ev, buffer, usage)

@@ -84,6 +84,7 @@ def add_serve_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     endpoint_arg(s)
     _scheduling_flags(s)
     _worker_flags(s)
+    _stop_flags(s)
     _api_flags(s.add_argument_group("API backend (--backend openai)"))
     _http_flags(s.add_argument_group("HTTP listeners (both off by default)"))
     _security_flags(s.add_argument_group("security (docs/service.md)"))
@@ -255,6 +256,10 @@ def _worker_flags(s: argparse.ArgumentParser) -> None:
         choices=list(FORMATS),
         help="one line per event: key=value or JSON (journald: no timestamp, <N> priority)",
     )
+
+
+def _stop_flags(s: argparse.ArgumentParser) -> None:
+    """How the daemon stops, and what it keeps so that a stop (or a crash) loses nothing."""
     s.add_argument(
         "--grace-s",
         type=positive(float),

@@ -168,14 +168,16 @@ class Request:
         return bool(keys) and not self.watchers
 
     def unsent(self, w: Watch) -> tuple[str, list[int]] | None:
-        """Output ``w`` has not been sent yet (text, ids), marked as sent; None when it has it all.
+        """Output ``w`` has not been sent yet (text, ids), marked as sent; None when there is none.
 
         After a restart the output is recomputed from the last checkpoint: the same tokens again,
         so what a watcher already has is skipped by its counts, not sent twice.
         """
-        if self.generated <= w.tokens:
+        if self.generated < w.tokens:
             return None
         text, ids = self.text[w.chars :], self.tokens[w.tokens :]
+        if not text and not ids and self.generated == w.tokens:
+            return None
         w.tokens, w.chars = self.generated, max(w.chars, len(self.text))
         return text, ids
 

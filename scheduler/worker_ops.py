@@ -152,7 +152,8 @@ class WorkerOps:
 
     @running
     def quantum_end(self, req: Request, rec: M.QuantumEnd) -> None:
-        self.d.checkpoint(req)
+        if self.d.journal is not None:  # its output so far, committed with this loop turn's others
+            self.d.journal.checkpoint(req)
         if self.d.sched.quantum_end(req, rec.emitted, rec.prompt_tokens, rec.preemptible):
             self.d.to_worker(req.worker, M.Preempt(req.pid))
         else:
