@@ -33,7 +33,6 @@ import torch
 log = logging.getLogger("quantad.worker")
 
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ
-SPARE_BYTES = 256 << 20  # state buffers kept for reuse: a fresh one faults per 4 KiB page, costing as much as the copy
 SEQ_CTX = 2048  # cells per sequence id when the cache's size is not given (46 MiB each for the default model)
 
 
@@ -83,7 +82,6 @@ class LlamaModel:
         self.free_ids = list(range(self.n_seq_max - 1, -1, -1))  # sequence ids not in use (pop: the lowest)
         self.owners: dict[int, Any] = {}  # each id in use -> what holds it (the engine's ``Slot``)
         self.held = 0  # cells the sequences we hold take (our own count; ``cells_in_use`` asks llama.cpp)
-        self._spare: list[torch.Tensor] = []  # state buffers given back after a restore (``recycle``)
         self.kv_bytes_per_token = self._kv_bytes_per_token()
 
     @property
@@ -174,28 +172,11 @@ class LlamaModel:
     def get_state(self, sid: int) -> torch.Tensor:
         """The sequence's state (its KV cells) as bytes of our own."""
         size = int(self.L.llama_state_seq_get_size(self.ctx, sid))
-        out = self._buffer(size)
+        out = torch.empty(size, dtype=torch.uint8)
         n = self.L.llama_state_seq_get_data(self.ctx, _ptr(out), size, sid)
         if n != size:
             raise RuntimeError(f"llama.cpp wrote {n} of {size} state bytes of sequence {sid}")
         return out
-
-    def _buffer(self, size: int) -> torch.Tensor:
-        """``size`` bytes: a spare buffer of at most twice that (already mapped), else a new one."""
-        fits = [b for b in self._spare if size <= b.numel() <= 2 * size]
-        if not fits:
-            return torch.empty(size, dtype=torch.uint8)
-        best = min(fits, key=torch.Tensor.numel)
-        self._spare.remove(best)
-        return best[:size]
-
-    def recycle(self, data: torch.Tensor) -> None:
-        """A state's bytes are back in the cache: keep its buffer for the next eviction (ours only, bounded)."""
-        base = data if data._base is None else data._base
-        if base.dtype != torch.uint8 or not base.is_contiguous() or not base.untyped_storage().resizable():
-            return  # not one of ours (a file's mapping, a network frame)
-        if sum(b.numel() for b in self._spare) + base.numel() <= SPARE_BYTES:
-            self._spare.append(base)
 
     def set_state(self, sid: int, data: torch.Tensor, tokens: int) -> None:
         """Load state bytes into an empty sequence id."""

@@ -206,7 +206,6 @@ class LlamaCppEngine(LocalEngine):
         except Exception:
             self.model.release(slot.sid)
             raise
-        self.model.recycle(data)  # its bytes are in the cache now: the buffer serves the next eviction
         slot.tokens = tokens
         return slot
 

@@ -72,7 +72,6 @@ def _round(m: LlamaModel, cm: ContextManager, tokens: int, tmp: str) -> dict[str
     assert landed == TIER_DISK and torch.equal(back.layers[0][0], data)
     out["file"] = _file_roundtrip([data], [torch.empty_like(data)], f"{tmp}/raw")
     out["nbytes"] = data.numel()
-    m.recycle(data)  # as the engine does after a restore: the next round's eviction reuses the buffer
     return out
 
 
