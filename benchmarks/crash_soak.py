@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.requests, args.kills = 40, 5
-    print_header("Crash soak, journal cost, recovery", ap.prog, argv)
+    print_header("Crash soak, journal cost, recovery", "benchmarks.crash_soak", argv)
     t0 = time.monotonic()
     tmp = tempfile.mkdtemp(prefix="qd-crash-")
     log("soak")
