@@ -44,8 +44,9 @@ class DaemonGone(TimeoutError):
 PROBE_S = 1.0  # silence before a client asks after its chats (an attach each: the answer proves the daemon is up)
 
 
-def probe_period(dead_after_s: float) -> float:
-    return min(PROBE_S, dead_after_s / 4)
+def probe_period(dead_after_s: float, chats: OpenChats) -> float:
+    """Silence before the next probe; a quarter of it while a chat was handed over (its next daemon is due)."""
+    return min(PROBE_S, dead_after_s / 4) / (4 if chats.waiting else 1)
 
 
 def dead_after_default() -> float:
@@ -222,8 +223,7 @@ class Client:
         timeout = self.timeout if timeout is ... else timeout
         heard = time.monotonic()
         while not self._inbox[cid]:
-            quick = 4 if self._chats.waiting else 1  # a chat handed over: its next daemon is due
-            slice_s = timeout if timeout is not None else probe_period(self.dead_after_s) / quick
+            slice_s = timeout if timeout is not None else probe_period(self.dead_after_s, self._chats)
             if not self._sock.poll(int(slice_s * 1000)):
                 if timeout is not None:
                     raise TimeoutError(f"no answer from the daemon at {self.endpoint} within {timeout} s")
@@ -292,7 +292,7 @@ class Client:
     def attach(self, pid: int, stream: bool = True) -> Iterator[Event]:
         """Follow request ``pid`` (one of the caller's, or any for an admin) from its start: its events to the end."""
         cid = self._ids.next()
-        self._chats.track({"id": cid, "stream": stream, "attach_pid": pid})
+        self._chats.track({"id": cid, "stream": stream})
         self._chats.open[cid].pid = pid
         self.send(self._chats.open[cid].attach())
         return self.events(cid)
@@ -391,8 +391,7 @@ class AsyncClient:
         start = time.monotonic()
         while True:
             try:
-                period = probe_period(self.dead_after_s) / (4 if self._chats.waiting else 1)
-                return await asyncio.wait_for(q.get(), period)
+                return await asyncio.wait_for(q.get(), probe_period(self.dead_after_s, self._chats))
             except TimeoutError:
                 if time.monotonic() - max(self._heard, start) >= self.dead_after_s:
                     raise DaemonGone(

@@ -136,8 +136,9 @@ class AgentOps:
             req = d.sched.table.get(rec.pid)
         else:  # the caller's own chat of this id, on this connection or (after a restart) in the journal
             req = d.by_client.get((who.addr, cid))
-            mine = [r for r in d.sched.table.values() if r.client_id == cid and r.owner == (who.identity or "")]
-            req = req if req is not None and req in mine else (mine[0] if mine else None)
+            if req is None or req.owner != (who.identity or ""):  # another connection's: search by owner
+                mine = (r for r in d.sched.table.values() if r.client_id == cid and r.owner == (who.identity or ""))
+                req = next(mine, None)
         if req is not None and not req.finished and who.owns(req):
             req.watch(who.addr, cid, rec.offset, rec.chars, rec.stream)
             seen = {"pid": req.pid, "state": req.state.value, "tokens": req.generated, "recovered": req.recovered}

@@ -129,7 +129,7 @@ class Journal:
             self._flush_soon = True
             try:
                 asyncio.get_running_loop().call_soon(self.flush)
-            except RuntimeError:  # no loop (tests of this module): at once
+            except RuntimeError:  # no loop running: at once
                 self.flush()
 
     def flush(self) -> None:

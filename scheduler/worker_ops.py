@@ -148,7 +148,7 @@ class WorkerOps:
         req.note_output(rec.ids, rec.text, rec.count)
         self.d.counters.tokens += rec.count
         if rec.text or rec.ids:
-            self.d.emit(req, P.EV_TOKEN, text=rec.text, token_ids=rec.ids, index=req.generated)
+            self.d.emit(req, P.EV_TOKEN)  # each follower gets what it has not had (``Request.unsent``)
 
     @running
     def quantum_end(self, req: Request, rec: M.QuantumEnd) -> None:
