@@ -45,6 +45,7 @@ from backends.prefill import PrefillLine
 from backends.sequence import Sequence
 from backends.sessions import Sessions
 from backends.structured import Structurer, as_text_message
+from contexts import disk
 from contexts.manager import ContextManager
 from contexts.snapshot import Snapshot
 from ipc import messages as M
@@ -70,6 +71,7 @@ class LocalEngine(Engine, ModelHooks):
         self.sessions = Sessions(self)
         self.prefill_tokens = 0  # every token through the model: tests prove a resume recomputed nothing
         self.decode_tokens = 0
+        self.adopted = 0  # requests resumed from a context file a dead worker left
         self.beats = 0  # heartbeats sent: a test waits for one sent after a moment it knows
         self._structurer: Structurer | None = None
         self._step_logits: torch.Tensor | None = None  # the last decode step's [B, vocab] output
@@ -85,6 +87,7 @@ class LocalEngine(Engine, ModelHooks):
             peer=self.migration.peers.endpoint,
             max_context=self.max_context or 0,
             tokenizer=self.tokenizer_dir,
+            orphans=sorted(self.contexts.orphans),
         )
 
     def run(self, run: M.Run, frames: list) -> None:
@@ -93,7 +96,9 @@ class LocalEngine(Engine, ModelHooks):
             log.error("run for request %s, which is already running: ignored", rid)
             return
         try:
-            if rid in self.contexts:
+            if rid in self.contexts.orphans:
+                seq = self._adopt(run)
+            elif rid in self.contexts:
                 seq = self._resume(rid)
             elif run.migrate is not None:
                 seq = self.migration.bring_in(run, frames)
@@ -127,7 +132,9 @@ class LocalEngine(Engine, ModelHooks):
             return
         t0 = time.perf_counter()
         state, logits = self._release(seq), seq.logits
-        snap = Snapshot(layers=state, logits=None if logits is None else logits.clone(), meta=seq)
+        snap = Snapshot(
+            layers=state, logits=None if logits is None else logits.clone(), meta=seq, ident=self.ident(seq)
+        )
         seq.partial = seq.logits = None
         moves = self.contexts.snapshot(rid, snap)
         tier = self.spec.snapshot_tier
@@ -162,6 +169,7 @@ class LocalEngine(Engine, ModelHooks):
             "contexts": self.contexts.stats(),
             "prefill_tokens": self.prefill_tokens,
             "decode_tokens": self.decode_tokens,
+            "adopted_contexts": self.adopted,
             "rss_bytes": psutil.Process().memory_info().rss,
             "host_available_bytes": psutil.virtual_memory().available,
         }
@@ -203,6 +211,14 @@ class LocalEngine(Engine, ModelHooks):
         return self._structurer
 
     def admit(self, run: M.Run, reuse: bool = True) -> Sequence:
+        """A request built from the daemon's record, queued to prefill its prompt and replay what was streamed."""
+        seq = self.build(run)
+        if seq.session and reuse and not run.resume_ids:
+            self.sessions.reuse(seq)
+        self.line.add(seq)
+        return seq
+
+    def build(self, run: M.Run) -> Sequence:
         """A request built from the daemon's record: its prompt, and the tokens already streamed replayed."""
         params, resume = run.params, run.resume_ids
         structured = params.get("tools") or params.get("response_format")
@@ -229,9 +245,33 @@ class LocalEngine(Engine, ModelHooks):
             seq.stream.push(t, stops=i + 1 >= seq.min_tokens)
         seq.generated = list(resume)
         seq.stream.emitted = min(run.emitted_chars, len(seq.stream.text))
-        if seq.session and reuse and not resume:
-            self.sessions.reuse(seq)
-        self.line.add(seq)
+        return seq
+
+    def ident(self, seq: Sequence) -> str:
+        """What ``seq``'s context is computed from: this model, and its prompt and generated ids."""
+        return disk.ids_digest(seq.context_ids, f"{self.model_name}|{self.device}")
+
+    def _adopt(self, run: M.Run) -> Sequence:
+        """A request whose context a dead worker left on disk: rebuilt from the record, its KV read back.
+
+        The file is used only when it was computed from exactly this request's prompt and
+        streamed tokens (and passes ``disk.read``'s checks); otherwise the request recomputes.
+        """
+        t0 = time.perf_counter()
+        ident = self.contexts.orphans[run.rid]
+        snap = self.contexts.restore(run.rid)
+        seq = self.build(run)
+        fits = ident == self.ident(seq) and snap.tokens == len(seq.context_ids)
+        if snap.layers is None or snap.logits is None or not fits:
+            log.info("request %s: the context file left on disk does not match it: recomputing", run.rid)
+            self.line.add(seq)
+        else:
+            seq.logits = snap.logits
+            self.join(seq, snap.layers)
+            self.adopted += 1
+            log.info("request %s: adopted its context file (%d tokens)", run.rid, snap.tokens)
+        seq.restores += 1
+        seq.switch_s += time.perf_counter() - t0
         return seq
 
     def _resume(self, rid: int) -> Sequence:

@@ -37,7 +37,8 @@ class Migration:
     def export(self, exp: M.Export) -> None:
         """Hand a preempted context over, for another worker: raw tensor frames."""
         engine, rid = self.engine, exp.rid
-        if rid not in engine.contexts:
+        if rid not in engine.contexts or rid in engine.contexts.orphans:  # an orphan is adopted only here
+            engine.contexts.discard(rid)
             engine.send(M.Exported(rid=rid, lost=True))
             return
         t0 = time.perf_counter()

@@ -75,6 +75,21 @@ class ContextManager:
             if n := disk.clean(state_dir):
                 log.info("removed %d stale context files from %s", n, state_dir)
         self.reaper = Reaper(state_dir) if state_dir is not None else None
+        self.orphans: dict[int, str] = {}  # key -> ident: disk snapshots an earlier process left, for adoption
+        if state_dir is not None:
+            self._take_orphans(disk.orphans(state_dir))
+
+    def _take_orphans(self, found: list[disk.Orphan]) -> None:
+        """Files left by a dead worker join the disk tier while its budget holds; the rest are removed."""
+        for o in found:
+            if self.used(TIER_DISK) + o.file.nbytes > self.disk_budget:
+                log.info("context %s: no room in the disk budget for %s", o.key, o.file.path)
+                disk.remove(o.file.path)
+                continue
+            snap = Snapshot(None, None, None, tier=TIER_DISK, tokens=o.tokens, file=o.file, ident=o.ident)
+            self._snaps[o.key], self.orphans[o.key] = snap, o.ident
+        if self.orphans:
+            log.info("adopting %d context files from %s", len(self.orphans), self.state_dir)
 
     def __contains__(self, key: int) -> bool:
         return key in self._snaps
@@ -92,6 +107,7 @@ class ContextManager:
     def restore(self, key: int) -> Snapshot:
         """Take a snapshot back, its tensors on the device (recompute tier: none)."""
         snap = self._snaps.pop(key)
+        self.orphans.pop(key, None)
         t0 = time.perf_counter()
         if snap.tier == TIER_HOST:
             self._relocate(snap, self.device, pin=False, copy=False)
@@ -102,6 +118,7 @@ class ContextManager:
 
     def discard(self, key: int) -> None:
         snap = self._snaps.pop(key, None)
+        self.orphans.pop(key, None)
         if snap is None:
             return
         if snap.resident:
@@ -160,6 +177,7 @@ class ContextManager:
             "decisions": dict(self.decisions),
             "corrupt_fallbacks": self.corrupt_fallbacks,
             "disk_errors": self.disk_errors,
+            "orphans": len(self.orphans),
         }
 
     # ---- moving down ----------------------------------------------------------------------
@@ -223,7 +241,7 @@ class ContextManager:
             return []
         if snap.resident:
             snap.layers = snap.layers.evict()
-        data, file = disk.encode(snap.layers, snap.logits, snap.tokens)
+        data, file = disk.encode(snap.layers, snap.logits, snap.tokens, snap.ident)
         victims = [k for k in self._lru(TIER_DISK) if forced or self._snaps[k].last_used < snap.last_used]
         need = self.used(TIER_DISK) + len(data) - self.disk_budget
         if len(data) > self.disk_budget or sum(self._snaps[k].nbytes for k in victims) < need:

@@ -38,6 +38,7 @@ class Snapshot:
     last_used: int = 0
     tokens: int = 0
     file: DiskFile | None = None
+    ident: str = ""  # what the context was computed from (``disk.ids_digest``): matches a file to its request
     _nbytes: int | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -133,6 +133,7 @@ class Ready(Message):
     peer: str | None = None  # the worker's inbox for contexts pushed by other workers
     max_context: int = 0  # the most tokens one request may hold (0: not known)
     tokenizer: str = ""  # directory of its tokenizer: the daemon counts prompts as the worker will
+    orphans: list[int] = field(default_factory=list)  # requests whose context files a dead worker left here
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,9 +109,23 @@ class WorkerOps:
         w.up(rec)
         self.d.sizer.learn(rec.max_context, rec.tokenizer)
         log.info("event=worker_ready worker=%s device=%s slots=%s", w.name, rec.device, w.slots)
+        self.adopt(w, rec.orphans)
         if all(x.alive for x in self.d.sched.workers.values()) and not self.d.ready.is_set():
             self.d.announce_ready()
         self.d.schedule()
+
+    def adopt(self, w: Worker, pids: list[int]) -> None:
+        """Context files a dead worker left: a queued request whose context is nowhere else resumes from its file.
+
+        Any other file (a request that ended, or whose context lives on elsewhere) is deleted.
+        """
+        for pid in pids:
+            req = self.d.sched.table.get(pid)
+            if req is not None and req.state is State.READY and req.worker is None:
+                req.worker, req.tier = w.name, P.TIER_DISK
+                log.info("event=adopt pid=%s worker=%s", pid, w.name)
+            else:
+                self.d.to_worker(w.name, M.Cancel(pid))
 
     def heartbeat(self, w: Worker, rec: M.Heartbeat, frames: list) -> None:
         w.beat = rec

@@ -198,6 +198,34 @@ def test_stale_files_are_removed_on_start(tmp_path):
     assert [p.name for p in files(tmp_path)] == ["notes.txt"]
 
 
+def test_files_a_dead_worker_left_are_adopted_by_the_next_one(tmp_path):
+    old = disk_manager(tmp_path)
+    for key in (1, 2, 3):
+        s = snap(8, key)
+        s.ident = f"ids-{key}"
+        old.snapshot(key, s)
+    assert len(files(tmp_path)) == 3
+    (tmp_path / "ctx-3.safetensors").write_bytes((tmp_path / "ctx-3.safetensors").read_bytes()[:-4] + b"oops")
+    (tmp_path / "ctx--4.safetensors").write_bytes((tmp_path / "ctx-1.safetensors").read_bytes())  # a session's
+    new = disk_manager(tmp_path)  # the old one "died": nothing but its files is left
+    assert new.orphans == {1: "ids-1", 2: "ids-2", 3: "ids-3"} and new.stats()["orphans"] == 3
+    assert not (tmp_path / "ctx--4.safetensors").exists()
+    assert same(new.restore(1), snap(8, 1)) and 1 not in new.orphans
+    damaged = new.restore(3)  # its bytes no longer match its own checksum: recomputed, never used
+    assert damaged.layers is None and new.stats()["corrupt_fallbacks"] == 1
+    new.discard(2)  # nobody claimed it
+    assert files(tmp_path) == [] and new.orphans == {}
+
+
+def test_orphans_beyond_the_disk_budget_are_removed(tmp_path):
+    old = disk_manager(tmp_path)
+    for key in (1, 2):
+        old.snapshot(key, snap(8, key))
+    one = os.stat(tmp_path / "ctx-1.safetensors").st_size
+    new = disk_manager(tmp_path, disk_budget=one + 1)
+    assert sorted(new.orphans) == [1] and [p.name for p in files(tmp_path)] == ["ctx-1.safetensors"]
+
+
 def test_state_dir_is_created(tmp_path):
     cm = disk_manager(tmp_path / "a" / "b")
     cm.snapshot(1, snap(8, 1))

@@ -55,7 +55,7 @@ async def _follow(c: AsyncClient, i: int, out: dict, progress: asyncio.Event) ->
             if last >= 6:
                 progress.set()
         elif ev.terminal:
-            out[i] = (ev.event, text, ev.data.get("text"), last)
+            out[i] = (ev.event, text, ev.data.get("text") if ev.event == P.EV_DONE else ev.data, last)
 
 
 def _reference(d, n: int) -> list[str]:
@@ -69,10 +69,17 @@ def _restart(d) -> None:
     d.proc = d.daemon.proc
 
 
-@pytest.mark.parametrize("tier", ["auto", "disk"])
-def test_a_killed_daemon_finishes_every_request_after_a_restart(tiny_model_dir, start_daemon, tier):
+@pytest.mark.parametrize("engine,tier", [("hf", "auto"), ("hf", "disk"), ("llamacpp", "disk")])
+def test_a_killed_daemon_finishes_every_request_after_a_restart(tiny_model_dir, start_daemon, engine, tier):
     n = 4
-    d = start_daemon(tiny_model_dir, *FLAGS, "--snapshot-tier", tier, "--disk-budget", "64MiB")
+    flags = (*FLAGS, "--snapshot-tier", tier, "--disk-budget", "64MiB")
+    if engine == "llamacpp":  # one slot, one thread: llama.cpp's output is then exact (tests/test_llamacpp_engine.py)
+        pytest.importorskip("llama_cpp")
+        from backends.model_store import default_gguf
+
+        d = start_daemon(default_gguf(), *flags, "--backend", "llamacpp", "--threads", "1", "--slots", "1")
+    else:
+        d = start_daemon(tiny_model_dir, *flags)
     want = _reference(d, n)
     workers = psutil.Process(d.proc.pid).children(recursive=True)
 
@@ -92,9 +99,11 @@ def test_a_killed_daemon_finishes_every_request_after_a_restart(tiny_model_dir, 
 
     out = asyncio.run(go())
     assert "event=recovered" in d.log()
+    if tier == "disk":  # the preempted ones resume from the files their dead worker left
+        assert "event=adopt " in d.log() and "adopted its context file" in d.log()
     for i in range(n):
         event, streamed, final, last = out[i]
-        assert event == P.EV_DONE
+        assert event == P.EV_DONE, final
         assert streamed == final == want[i], f"request {i}"
         assert last == _params(i)["max_tokens"]
     assert d.daemon.stop(cut=False) == 0
