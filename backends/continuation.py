@@ -25,7 +25,9 @@ NONE = "none"
 METHODS = (PREFIX, COMPLETIONS, NONE)
 
 # Parameters the completions endpoint cannot carry: sent on chat streams only.
-CHAT_ONLY = ("tools", "tool_choice", "response_format")
+CHAT_ONLY = ("tools", "tool_choice", "response_format", "parallel_tool_calls")
+OPENAI_CONTROLS = ("frequency_penalty", "presence_penalty", "logit_bias")  # OpenAI's own parameters
+EXTRA_CONTROLS = ("top_k", "min_p", "repetition_penalty")  # vLLM's and llama.cpp's, sent in the body
 JSON_FORMATS = ("json_object", "json_schema")
 
 
@@ -204,13 +206,20 @@ def request_for(ctx: TextContext, model: str, method: str | None, template: Loca
         kw["seed"] = p["seed"]
     if p.get("stop"):
         kw["stop"] = list(p["stop"])
+    kw |= {k: p[k] for k in OPENAI_CONTROLS if p.get(k)}
+    extra = {k: p[k] for k in EXTRA_CONTROLS if k in p}
     if method == COMPLETIONS:
         if template is None:
             raise ValueError("the completions method needs --tokenizer")
-        return "completions", kw | {"prompt": template.render(p["messages"]) + ctx.text}
+        return "completions", kw | {"prompt": template.render(p["messages"]) + ctx.text} | _extra(extra)
     messages = list(p["messages"])
     kw |= {k: p[k] for k in CHAT_ONLY if p.get(k) is not None}
     if method == PREFIX:
         messages.append({"role": "assistant", "content": ctx.text})
-        kw["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
-    return "chat", kw | {"messages": messages}
+        extra |= {"continue_final_message": True, "add_generation_prompt": False}
+    return "chat", kw | {"messages": messages} | _extra(extra)
+
+
+def _extra(fields: dict[str, Any]) -> dict[str, Any]:
+    """Body fields the OpenAI client has no argument for."""
+    return {"extra_body": fields} if fields else {}

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from backends.sampling import choose
+from backends.sampling import choose, shape, shaped
 from backends.sequence import Sequence
 
 
@@ -29,7 +29,7 @@ def greedy_rows(out: torch.Tensor | None, seqs: list[Sequence]) -> dict[int, int
     rows = {}
     for seq in seqs:
         lg = seq.logits
-        if seq.constraint is None and seq.params["temperature"] <= 0.0 and lg is not None:
+        if seq.constraint is None and seq.params["temperature"] <= 0.0 and lg is not None and not shaped(seq.params):
             if lg.untyped_storage().data_ptr() == base:
                 rows[seq.rid] = (lg.storage_offset() - out.storage_offset()) // out.stride(0)
     if len(rows) < 2:
@@ -48,10 +48,12 @@ def next_token(
     p = seq.params
     if greedy is not None and not (seq.under_min and greedy in eos_ids):
         return greedy
-    logits = seq.logits if seq.constraint is None else seq.constraint.apply(seq.logits)
+    logits = shape(seq.logits, p, seq.prompt_ids, seq.generated) if shaped(p) else seq.logits
+    logits = logits if seq.constraint is None else seq.constraint.apply(logits)
     if seq.constraint is None and seq.under_min:
         logits = without_eos(logits)
-    return choose(logits, p["temperature"], p["top_p"], seq.seed, len(seq.generated))
+    top_k, min_p = int(p.get("top_k", 0)), float(p.get("min_p", 0.0))
+    return choose(logits, p["temperature"], p["top_p"], seq.seed, len(seq.generated), top_k, min_p)
 
 
 def quantum_ends(rows: list[Sequence]) -> list[Sequence]:

@@ -88,6 +88,8 @@ class Sequence:
 
     def finished(self, reason: str, kept: bool = False) -> M.Finished:
         content, calls = parse_tool_calls(self.stream.text, self.params.get("tools"), self.rid)
+        if self.params.get("parallel_tool_calls") is False:
+            calls = calls[:1]
         return M.Finished(
             rid=self.rid,
             finish_reason="tool_calls" if calls else reason,

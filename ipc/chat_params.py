@@ -6,6 +6,7 @@ from typing import Any
 
 from ipc.protocol import (
     E_BAD_FIELD,
+    E_UNSUPPORTED,
     MAX_MESSAGES,
     MAX_STOP,
     MAX_TOKENS_LIMIT,
@@ -18,11 +19,13 @@ from ipc.protocol import (
 
 ROLES = ("system", "user", "assistant", "tool")
 MAX_TOOLS = 128
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 DEFAULT_MAX_TOKENS = 256
 
 
 def parse_chat(msg: dict[str, Any]) -> dict[str, Any]:
     """Return the normalised generation parameters of a ``chat`` message."""
+    refuse_unsupported(msg)
     messages = field(msg, "messages", list)
     if not messages or len(messages) > MAX_MESSAGES:
         raise ProtocolError(E_BAD_FIELD, f"'messages' must hold 1..{MAX_MESSAGES} messages")
@@ -53,9 +56,48 @@ def parse_chat(msg: dict[str, Any]) -> dict[str, Any]:
         "session": session,
         "nice": number(msg, "nice", NICE_MIN, NICE_MAX, 0, integer=True),
         "stream": bool(field(msg, "stream", bool, True)),
+        **_controls(msg),
         **_structured(msg),
         **_on_behalf(msg),
     }
+
+
+def _controls(msg: dict[str, Any]) -> dict[str, Any]:
+    """The sampling controls (vLLM's names and ranges); only those set differently from neutral are kept."""
+    out: dict[str, Any] = {
+        "frequency_penalty": float(number(msg, "frequency_penalty", -2.0, 2.0, 0.0)),
+        "presence_penalty": float(number(msg, "presence_penalty", -2.0, 2.0, 0.0)),
+        "repetition_penalty": float(number(msg, "repetition_penalty", 0.01, 10.0, 1.0)),
+        "top_k": int(number(msg, "top_k", -1, 1 << 20, 0, integer=True)),
+        "min_p": float(number(msg, "min_p", 0.0, 1.0, 0.0)),
+        "logit_bias": _logit_bias(field(msg, "logit_bias", dict, {})),
+    }
+    if out["top_k"] == -1:  # vLLM's "off"
+        out["top_k"] = 0
+    neutral = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "top_k": 0, "min_p": 0.0}
+    return {k: v for k, v in out.items() if v and v != neutral.get(k)}
+
+
+def _logit_bias(bias: dict) -> dict[str, float]:
+    """``{token id: -100..100}``; ids as decimal strings, as JSON has them (and msgpack maps keep)."""
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise ProtocolError(E_BAD_FIELD, f"'logit_bias' holds at most {MAX_LOGIT_BIAS} tokens")
+    out = {}
+    for k, v in bias.items():
+        token = int(k) if isinstance(k, str) and k.isdigit() else k if type(k) is int else -1
+        if token < 0 or isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            raise ProtocolError(E_BAD_FIELD, "'logit_bias' maps token ids to numbers in [-100, 100]")
+        out[str(token)] = float(v)
+    return out
+
+
+def refuse_unsupported(msg: dict[str, Any]) -> None:
+    """OpenAI fields the daemon knows and cannot honour yet: refused by name, never dropped."""
+    n = msg.get("n")
+    if n is not None and n != 1:
+        raise ProtocolError(E_UNSUPPORTED, "'n' other than 1 is not supported")
+    if msg.get("logprobs") or msg.get("top_logprobs"):
+        raise ProtocolError(E_UNSUPPORTED, "'logprobs' are not supported")
 
 
 def _on_behalf(msg: dict[str, Any]) -> dict[str, Any]:
@@ -130,4 +172,6 @@ def _structured(msg: dict[str, Any]) -> dict[str, Any]:
         if kind not in ("text", "json_object", "json_schema") or (kind == "json_schema") != isinstance(schema, dict):
             raise ProtocolError(E_BAD_FIELD, "'response_format' must be text, json_object or json_schema{schema}")
         out["response_format"] = fmt
+    if field(msg, "parallel_tool_calls", bool, True) is False:
+        out["parallel_tool_calls"] = False  # at most one call in the answer
     return out

@@ -37,6 +37,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     P.E_DUPLICATE_ID: (400, "invalid_request_error"),
     P.E_TOO_LARGE: (413, "invalid_request_error"),
     P.E_CONTEXT_LENGTH: (400, "invalid_request_error"),
+    P.E_UNSUPPORTED: (400, "invalid_request_error"),
     P.E_QUOTA: (429, "rate_limit_error"),
     P.E_RATE_LIMITED: (429, "rate_limit_error"),
     P.E_NOT_FOUND: (404, "not_found_error"),
@@ -47,6 +48,13 @@ ERRORS: dict[str, tuple[int, str]] = {
     P.E_INVALID_OUTPUT: (500, "server_error"),
     P.E_INTERNAL: (500, "server_error"),
 }
+# OpenAI's chat fields (and vLLM's extra ones) the protocol's ``chat`` takes as they are; any other
+# field is refused by name (``unsupported_parameter``), never dropped
+CHAT_FIELDS = frozenset(
+    "temperature top_p seed stop tools tool_choice response_format nice session min_tokens n logprobs top_logprobs"
+    " frequency_penalty presence_penalty logit_bias top_k min_p repetition_penalty parallel_tool_calls".split()
+)
+HTTP_ONLY = frozenset("model messages max_tokens max_completion_tokens stream stream_options user".split())
 RETRYABLE = {P.E_SHUTTING_DOWN, P.E_REMOTE}  # the OpenAI client obeys x-should-retry
 PARAM_NAMES = {"agent": "user"}  # protocol field -> the OpenAI parameter it came from
 
@@ -106,31 +114,16 @@ def chat_fields(body: Any, models: Iterable[str]) -> tuple[list, dict[str, Any]]
         raise HttpError(
             404, f"model {model!r} is not served here; try {names[0]!r}", "not_found_error", "model_not_found", "model"
         )
-    if body.get("n") not in (None, 1):
-        raise HttpError(400, "only n=1 is supported", param="n")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise HttpError(400, "logprobs are not supported", param="logprobs")
+    unknown = sorted(set(body) - CHAT_FIELDS - HTTP_ONLY)
+    if unknown:
+        raise HttpError(400, f"'{unknown[0]}' is not supported here", code=P.E_UNSUPPORTED, param=unknown[0])
     if body.get("stream") is not None and not isinstance(body.get("stream"), bool):
         raise HttpError(400, "'stream' must be a boolean", param="stream")
     user = body.get("user")
     params = {
         "max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
         "agent": user if user is not None else DEFAULT_AGENT,
-        **{
-            k: body.get(k)
-            for k in (
-                "temperature",
-                "top_p",
-                "seed",
-                "stop",
-                "tools",
-                "tool_choice",
-                "response_format",
-                "nice",
-                "session",
-                "min_tokens",
-            )
-        },
+        **{k: body[k] for k in CHAT_FIELDS if k in body},
     }
     return _messages(body.get("messages")), params
 
