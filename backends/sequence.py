@@ -87,6 +87,8 @@ class Sequence:
         return "length" if self.remaining <= 0 else None
 
     def finished(self, reason: str, kept: bool = False) -> M.Finished:
+        if self.constraint is not None and self.constraint.closed_early:
+            reason = "length"  # valid JSON, but the budget ended it (OpenAI's convention for a cut output)
         content, calls = parse_tool_calls(self.stream.text, self.params.get("tools"), self.rid)
         if self.params.get("parallel_tool_calls") is False:
             calls = calls[:1]
@@ -107,5 +109,6 @@ class Sequence:
                 "decode_tokens_computed": self.decode_computed,
                 "restores": self.restores,
                 "worker_switch_s": round(self.switch_s, 6),
+                **({} if self.constraint is None else self.constraint.report()),
             },
         )

@@ -20,6 +20,8 @@ import llguidance.hf
 import llguidance.torch as llt
 import torch
 
+from backends.json_close import Closers, JsonDepth, narrow
+
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 _TOOL_RE = re.compile(re.escape(TOOL_OPEN) + r"\s*(\{.*?\})\s*" + re.escape(TOOL_CLOSE), re.DOTALL)
 
@@ -27,25 +29,48 @@ _TOOL_RE = re.compile(re.escape(TOOL_OPEN) + r"\s*(\{.*?\})\s*" + re.escape(TOOL
 class Constraint:
     """The grammar a request's tokens must follow, and where in it the request stands."""
 
-    def __init__(self, lltok: llguidance.LLTokenizer, grammar: str):
+    def __init__(
+        self, lltok: llguidance.LLTokenizer, grammar: str, closers: Closers | None = None, budget: int = 0
+    ) -> None:
         self.matcher = llguidance.LLMatcher(lltok, grammar)
         if self.matcher.is_error():
             raise ValueError(f"bad grammar: {self.matcher.get_error()}")
         self._mask = llt.allocate_token_bitmask(1, lltok.vocab_size)
+        self.closers = closers  # a JSON output: closed before max_tokens cuts it (``backends.json_close``)
+        self.budget = budget  # max_tokens
+        self.depth = JsonDepth()
+        self.accepted = 0
+        self.closed_early = False  # the budget, not the model, chose some of its last tokens
+
+    @property
+    def closing(self) -> bool:
+        return self.closers is not None and self.budget - self.accepted <= self.depth.to_close
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """A masked copy of one row of logits (the snapshot keeps the raw ones)."""
+        """A masked copy of one row of logits (the snapshot keeps the raw ones); near the budget's end, closing."""
         llt.fill_next_token_bitmask(self.matcher, self._mask, 0)
         out = logits.reshape(1, -1).float().cpu().clone()
         llt.apply_token_bitmask_inplace(out, self._mask)
+        if self.closing:
+            narrowed = narrow(out, self.closers, self.depth)
+            return out if narrowed is None else narrowed
         return out
 
     def accept(self, token: int) -> None:
+        """Take the chosen token (also when replaying a request's tokens, which rebuilds all of this)."""
+        self.closed_early |= self.closing
         self.matcher.consume_token(token)
+        self.accepted += 1
+        if self.closers is not None and token < len(self.closers.pieces):
+            self.depth.feed(self.closers.pieces[token])
 
     @property
     def done(self) -> bool:
         return self.matcher.is_stopped()
+
+    def report(self) -> dict[str, bool]:
+        """For the ``done`` event's stats: whether the output is whole, and whether the budget closed it."""
+        return {"grammar_complete": self.done, "grammar_closed_early": self.closed_early}
 
 
 class Structurer:
@@ -55,12 +80,22 @@ class Structurer:
         self.tokenizer = tokenizer
         self.lltok = llguidance.hf.from_tokenizer(tokenizer)
         self.template_knows_tools = "tools" in (tokenizer.chat_template or "")
+        self._closers: Closers | None = None
+
+    @property
+    def closers(self) -> Closers:
+        """Built on first use (~0.4 s: every token decoded once)."""
+        if self._closers is None:
+            self._closers = Closers(self.tokenizer)
+        return self._closers
 
     def constraint(self, params: dict[str, Any], replay: list[int] = ()) -> Constraint | None:
         grammar = grammar_for(params)
         if grammar is None:
             return None
-        c = Constraint(self.lltok, grammar)
+        json_out = (params.get("response_format") or {}).get("type") in ("json_object", "json_schema")
+        closers = self.closers if json_out and grammar_is_format(params) else None
+        c = Constraint(self.lltok, grammar, closers, int(params.get("max_tokens") or 0))
         for t in replay:
             c.accept(t)
         return c
@@ -114,13 +149,52 @@ def _call_schema(tools: list[dict], only: str | None) -> dict:
                     "type": "object",
                     "properties": {
                         "name": {"const": fn["name"]},
-                        "arguments": fn.get("parameters") or {"type": "object"},
+                        "arguments": closed(fn.get("parameters") or {"type": "object"}),
                     },
                     "required": ["name", "arguments"],
                     "additionalProperties": False,
                 }
             )
     return variants[0] if len(variants) == 1 else {"anyOf": variants}
+
+
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "dependentSchemas", "patternProperties")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SCHEMA_ONES = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+
+
+def closed(schema: Any) -> Any:
+    """``schema`` with every object that names its properties closed to others, unless it says otherwise.
+
+    JSON Schema allows unnamed properties by default, and a small model under such a grammar
+    goes on adding keys (echoes of the schema's own words) until ``max_tokens``; OpenAI's
+    strict mode and vLLM close them.  ``allOf`` members are left open (closing each would
+    forbid the others' properties); what they contain is closed.
+    """
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: closed(v) for k, v in out[key].items()}
+    for key in (*_SCHEMA_LISTS, *_SCHEMA_ONES):
+        if isinstance(out.get(key), (dict, list)):
+            out[key] = closed(out[key])
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [_as_written(m, closed(m)) for m in out["allOf"]]
+    says = {"additionalProperties", "patternProperties", "allOf"} & set(out)
+    if isinstance(out.get("properties"), dict) and not says:
+        out["additionalProperties"] = False
+    return out
+
+
+def _as_written(member: Any, inner: Any) -> Any:
+    """An ``allOf`` member closed inside, but as open at its top as it was written."""
+    if isinstance(member, dict) and isinstance(inner, dict) and "additionalProperties" not in member:
+        inner.pop("additionalProperties", None)
+    return inner
 
 
 COMPACT = {"x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}}
@@ -143,8 +217,14 @@ def grammar_for(params: dict[str, Any]) -> str | None:
     if fmt.get("type") == "json_object":
         return llguidance.LLMatcher.grammar_from_json_schema(_compact({"type": "object"}))
     if fmt.get("type") == "json_schema":
-        return llguidance.LLMatcher.grammar_from_json_schema(_compact(fmt["json_schema"]["schema"]))
+        return llguidance.LLMatcher.grammar_from_json_schema(_compact(closed(fmt["json_schema"]["schema"])))
     return None
+
+
+def grammar_is_format(params: dict[str, Any]) -> bool:
+    """Whether the grammar ``grammar_for`` gives is the response format's (not a forced tool call's)."""
+    tools, choice = params.get("tools"), params.get("tool_choice")
+    return not (tools and (choice == "required" or isinstance(choice, dict)))
 
 
 def parse_tool_calls(text: str, tools: list[dict] | None, rid: int) -> tuple[str | None, list[dict]]:

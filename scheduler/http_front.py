@@ -56,6 +56,7 @@ CHAT_FIELDS = frozenset(
 )
 HTTP_ONLY = frozenset("model messages max_tokens max_completion_tokens stream stream_options user".split())
 RETRYABLE = {P.E_SHUTTING_DOWN, P.E_REMOTE}  # the OpenAI client obeys x-should-retry
+CUT_GRAMMAR = "max_tokens cut the output before its grammar was complete: it is not valid JSON"
 PARAM_NAMES = {"agent": "user"}  # protocol field -> the OpenAI parameter it came from
 
 
@@ -312,7 +313,10 @@ class HttpFront:
             ended = True
             if last.event != P.EV_DONE:
                 raise error_of(last)
-            return web.json_response(self._completion(meta, last.data), headers={"x-quantad-pid": str(pid)})
+            headers = {"x-quantad-pid": str(pid)}
+            if last.data.get("stats", {}).get("grammar_complete") is False:
+                headers["x-quantad-warning"] = CUT_GRAMMAR
+            return web.json_response(self._completion(meta, last.data), headers=headers)
         finally:
             if not ended:  # the HTTP client hung up (or we failed): the request must not run on for nobody
                 await self.client.cancel(cid)
@@ -356,7 +360,11 @@ class HttpFront:
             "system_fingerprint": None,
             "choices": [{"index": 0, "message": message, "finish_reason": done.get("finish_reason"), "logprobs": None}],
             "usage": done.get("usage") or {},
-            "quantad": {"pid": done.get("pid"), "stats": done.get("stats", {})},
+            "quantad": {
+                "pid": done.get("pid"),
+                "stats": done.get("stats", {}),
+                **({"warning": CUT_GRAMMAR} if done.get("stats", {}).get("grammar_complete") is False else {}),
+            },
         }
 
     async def _stream(
@@ -424,6 +432,8 @@ class HttpFront:
             await chunk({"content": content_of(done)})
         if calls:
             await chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+        if done.get("stats", {}).get("grammar_complete") is False:
+            await resp.write(f": quantad warning {CUT_GRAMMAR}\n".encode())
         await chunk({}, done.get("finish_reason"))
         if usage:
             data = {**head, "choices": [], "usage": done.get("usage") or {}}

@@ -67,7 +67,7 @@ class WorkerOps:
             return
         self.run(req)  # carries all a worker without the context needs to rebuild it
         if req.quanta > 0:  # after ``run``: if the agent is gone, the cancel follows the run
-            self.d.emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier)
+            self.d.emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier, tokens=req.generated)
 
     def run(
         self, req: Request, frames: list | None = None, migrate: dict | None = None, tensors: list | None = None
@@ -154,7 +154,8 @@ class WorkerOps:
             self.run(req, migrate=rec.migrate)
         else:
             self.run(req, frames, migrate=rec.migrate, tensors=specs)
-        self.d.emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier, migrated=True, direct=rec.direct)
+        moved = {"migrated": True, "direct": rec.direct}
+        self.d.emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier, tokens=req.generated, **moved)
 
     # ---- a running request ----------------------------------------------------------------
     @running

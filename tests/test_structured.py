@@ -102,3 +102,44 @@ def test_smollm2_calls_a_tool_and_reads_its_result(smollm2_dir, start_daemon):
         ]
         answer = c.chat(convo, tools=[WEATHER], max_tokens=40)
     assert answer.finish_reason in ("stop", "length") and answer.text
+
+
+def test_schemas_are_closed_to_properties_they_do_not_name():
+    from backends.structured import closed
+
+    open_schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {}}}},
+                   "$defs": {"x": {"properties": {"y": {}}}}, "items": {"properties": {}}}  # fmt: skip
+    shut = closed(open_schema)
+    assert shut["additionalProperties"] is False and shut["properties"]["a"]["additionalProperties"] is False
+    assert shut["$defs"]["x"]["additionalProperties"] is False and shut["items"]["additionalProperties"] is False
+    assert closed({"type": "object"}) == {"type": "object"}  # json_object: any keys
+    kept = {"properties": {"a": {}}, "additionalProperties": {"type": "integer"}}
+    assert closed(kept) == kept
+    both = closed({"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]})
+    assert all("additionalProperties" not in m for m in both["allOf"]) and "additionalProperties" not in both
+
+
+def test_json_object_is_closed_before_max_tokens_and_survives_preemption(tiny_model_dir, start_daemon):
+    """The random tiny model never closes an object itself: the budget's last tokens do, the same when preempted."""
+    fmt = {"type": "json_object"}
+    outs = []
+    for flags in (("--policy", "fifo"), ("--slots", "2", "--quantum-tokens", "2")):
+        d = start_daemon(tiny_model_dir, *flags)
+        outs.append(asyncio.run(ask_all(d, response_format=fmt)))
+    alone, preempted = outs
+    for r in preempted:
+        assert isinstance(json.loads(r.text), dict), r.text
+        assert r.finish_reason == "length" and r.stats["grammar_closed_early"] and r.stats["grammar_complete"]
+    assert sum(r.stats["preemptions"] for r in preempted) > 0
+    assert [r.text for r in preempted] == [r.text for r in alone]
+
+
+@pytest.mark.slow
+def test_smollm2_keeps_to_the_schema_without_additional_properties(smollm2_dir, start_daemon):
+    d = start_daemon("smollm2")
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}  # fmt: skip
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
+    with d.client(timeout=300) as c:
+        r = c.chat("Describe a person called Ann, aged 31, as JSON.", response_format=fmt, max_tokens=48)
+    assert r.finish_reason == "stop" and set(json.loads(r.text)) == {"name", "age"}, r.text
