@@ -26,10 +26,7 @@ DEFAULT_MAX_TOKENS = 256
 def parse_chat(msg: dict[str, Any]) -> dict[str, Any]:
     """Return the normalised generation parameters of a ``chat`` message."""
     refuse_unsupported(msg)
-    messages = field(msg, "messages", list)
-    if not messages or len(messages) > MAX_MESSAGES:
-        raise ProtocolError(E_BAD_FIELD, f"'messages' must hold 1..{MAX_MESSAGES} messages")
-    clean = [_message(i, m) for i, m in enumerate(messages)]
+    clean = parse_messages(field(msg, "messages", list))
     stop = field(msg, "stop", (str, list), [])
     if isinstance(stop, str):
         stop = [stop]
@@ -60,6 +57,13 @@ def parse_chat(msg: dict[str, Any]) -> dict[str, Any]:
         **_structured(msg),
         **_on_behalf(msg),
     }
+
+
+def parse_messages(messages: list) -> list[dict[str, Any]]:
+    """A chat's ``messages``, checked and normalised (shared by ``chat`` and ``tokenize``)."""
+    if not messages or len(messages) > MAX_MESSAGES:
+        raise ProtocolError(E_BAD_FIELD, f"'messages' must hold 1..{MAX_MESSAGES} messages")
+    return [_message(i, m) for i, m in enumerate(messages)]
 
 
 def _controls(msg: dict[str, Any]) -> dict[str, Any]:

@@ -117,6 +117,12 @@ def chat_message(cid: Any, messages: Messages, **params: Any) -> dict[str, Any]:
     return msg
 
 
+def _tokenize_fields(prompt: str | None, messages: Messages | None, fields: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    return {k: v for k, v in {"prompt": prompt, "messages": messages, **fields}.items() if v is not None}
+
+
 def result_of(events: list[Event]) -> ChatResult:
     """Turn a finished event list into a result, or raise the terminal error."""
     last = events[-1]
@@ -282,6 +288,13 @@ class Client:
         """Per worker: liveness, heartbeat age, slots, device, model, memory per tier, restarts (3.8)."""
         return self.call(P.OP_WORKERS)
 
+    def tokenize(self, prompt: str | None = None, messages: Messages | None = None, **fields: Any) -> dict[str, Any]:
+        """``{count, tokens, max_model_len}`` of a text or of a chat as the model's template renders it (3.10)."""
+        return self.call(P.OP_TOKENIZE, **_tokenize_fields(prompt, messages, fields))
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.call(P.OP_DETOKENIZE, tokens=list(tokens))["prompt"]
+
     def submit(self, messages: Messages, **params: Any) -> Any:
         """Send a chat and return its id; read its events with ``events(id)``."""
         params.setdefault("agent", self.agent or None)
@@ -431,6 +444,14 @@ class AsyncClient:
 
     async def workers(self) -> dict[str, Any]:
         return await self.call(P.OP_WORKERS)
+
+    async def tokenize(
+        self, prompt: str | None = None, messages: Messages | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        return await self.call(P.OP_TOKENIZE, **_tokenize_fields(prompt, messages, fields))
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        return (await self.call(P.OP_DETOKENIZE, tokens=list(tokens)))["prompt"]
 
     async def submit(self, messages: Messages, *, stream: bool = True, **params: Any) -> Any:
         """Send a chat and return its id; read its events with ``events(id)``, stop it with ``cancel(id)``.

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ipc import protocol as P
-from ipc.chat_params import parse_chat
+from ipc.chat_params import parse_chat, parse_messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,7 +432,36 @@ class Workers(Message):
     OP: ClassVar[str] = P.OP_WORKERS
 
 
-FROM_AGENT = _table(Chat, Ps, Kill, Nice, CancelOwn, Ping, Stats, Workers, Attach)
+@dataclass(frozen=True, slots=True)
+class Tokenize(Message):
+    """Token ids of ``prompt``, or of ``messages`` rendered with the model's chat template (vLLM's ``/tokenize``)."""
+
+    OP: ClassVar[str] = P.OP_TOKENIZE
+    prompt: str | None = None
+    messages: list | None = None
+    add_special_tokens: bool = True  # for a prompt: the tokenizer's own BOS/EOS, if it adds any
+    add_generation_prompt: bool = True  # for messages: end with the assistant's turn opening, as a chat does
+
+    @classmethod
+    def decode(cls, msg: Mapping[str, Any]) -> Tokenize:
+        prompt, messages = P.field(msg, "prompt", str, None), P.field(msg, "messages", list, None)
+        if (prompt is None) == (messages is None):
+            raise P.ProtocolError(P.E_BAD_FIELD, "a tokenize needs exactly one of 'prompt' and 'messages'")
+        return cls(
+            prompt,
+            None if messages is None else parse_messages(messages),
+            P.field(msg, "add_special_tokens", bool, True),
+            P.field(msg, "add_generation_prompt", bool, True),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Detokenize(Message):
+    OP: ClassVar[str] = P.OP_DETOKENIZE
+    tokens: list[int]
+
+
+FROM_AGENT = _table(Chat, Ps, Kill, Nice, CancelOwn, Ping, Stats, Workers, Attach, Tokenize, Detokenize)
 
 
 class AgentError(P.ProtocolError):

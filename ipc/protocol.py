@@ -43,7 +43,11 @@ OP_NICE = "nice"
 OP_STATS = "stats"
 OP_WORKERS = "workers"
 OP_ATTACH = "attach"  # follow a request by id (or pid) from an offset: resume after a reconnect, or watch another's
-AGENT_OPS = (OP_CHAT, OP_PS, OP_KILL, OP_PING, OP_CANCEL, OP_NICE, OP_STATS, OP_WORKERS, OP_ATTACH)
+OP_TOKENIZE = "tokenize"  # token ids of a text or of a chat, with the model's tokenizer and template
+OP_DETOKENIZE = "detokenize"  # the text of token ids
+AGENT_OPS = (
+    OP_CHAT, OP_PS, OP_KILL, OP_PING, OP_CANCEL, OP_NICE, OP_STATS, OP_WORKERS, OP_ATTACH, OP_TOKENIZE, OP_DETOKENIZE
+)  # fmt: skip
 
 NICE_MIN, NICE_MAX = -20, 19  # a request's nice value, as in Unix: lower runs first
 

@@ -57,6 +57,8 @@ class AgentOps:
             M.Stats: self.stats,
             M.Workers: self.workers,
             M.Attach: self.attach,
+            M.Tokenize: self.tokenize,
+            M.Detokenize: self.detokenize,
         }
 
     def chat(self, who: Caller, cid: Any, rec: M.Chat) -> None:
@@ -99,6 +101,17 @@ class AgentOps:
         view = {"workers": workers_view(self.d), "heartbeat_s": c.spec.heartbeat_s, "liveness_s": c.liveness_s}
         self.d.reply(who.addr, cid, view)
 
+    def tokenize(self, who: Caller, cid: Any, rec: M.Tokenize) -> None:
+        sizer = self.d.sizer
+        if rec.messages is not None:
+            ids = sizer.encode_chat(rec.messages, rec.add_generation_prompt)
+        else:
+            ids = sizer.encode(rec.prompt or "", rec.add_special_tokens)
+        self.d.reply(who.addr, cid, {"count": len(ids), "tokens": ids, "max_model_len": sizer.limit})
+
+    def detokenize(self, who: Caller, cid: Any, rec: M.Detokenize) -> None:
+        self.d.reply(who.addr, cid, {"prompt": self.d.sizer.decode(rec.tokens)})
+
     def _live(self, who: Caller, pid: int) -> Request:
         """The caller's live request ``pid``; another identity's is as absent as a finished one."""
         req = self.d.sched.table.get(pid)
@@ -118,6 +131,8 @@ class AgentOps:
         self.d.reply(who.addr, cid, {"pid": rec.pid, "nice": rec.nice, "old": old})
 
     def cancel(self, who: Caller, cid: Any, rec: M.CancelOwn) -> None:
+        if cid is None:
+            raise P.ProtocolError(P.E_BAD_FIELD, "a cancel needs the 'id' of the chat to cancel")
         req = self.d.by_client.get((who.addr, cid))
         if req is None:
             raise P.ProtocolError(P.E_NOT_FOUND, f"no request with id {cid!r} in flight")

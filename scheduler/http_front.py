@@ -14,7 +14,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -24,30 +23,14 @@ from aiohttp import web
 
 from ipc import protocol as P
 from ipc.client import AsyncClient, ClientError, Event
+from scheduler import http_tokens
+from scheduler.http_errors import HttpError
 
 log = logging.getLogger("quantad")
 
 DEFAULT_AGENT = "http"
 SHUTDOWN_S = 2.0  # after the drain, how long in-flight responses may take to flush
 
-# protocol error code -> (HTTP status, OpenAI error type)
-ERRORS: dict[str, tuple[int, str]] = {
-    P.E_BAD_FIELD: (400, "invalid_request_error"),
-    P.E_BAD_FRAME: (400, "invalid_request_error"),
-    P.E_DUPLICATE_ID: (400, "invalid_request_error"),
-    P.E_TOO_LARGE: (413, "invalid_request_error"),
-    P.E_CONTEXT_LENGTH: (400, "invalid_request_error"),
-    P.E_UNSUPPORTED: (400, "invalid_request_error"),
-    P.E_QUOTA: (429, "rate_limit_error"),
-    P.E_RATE_LIMITED: (429, "rate_limit_error"),
-    P.E_NOT_FOUND: (404, "not_found_error"),
-    P.EV_CANCELLED: (409, "cancelled"),  # killed (`quantad kill`): not to be retried
-    P.E_SHUTTING_DOWN: (503, "service_unavailable"),
-    P.E_REMOTE: (502, "server_error"),
-    P.E_WORKER_FAILED: (500, "server_error"),
-    P.E_INVALID_OUTPUT: (500, "server_error"),
-    P.E_INTERNAL: (500, "server_error"),
-}
 # OpenAI's chat fields (and vLLM's extra ones) the protocol's ``chat`` takes as they are; any other
 # field is refused by name (``unsupported_parameter``), never dropped
 CHAT_FIELDS = frozenset(
@@ -55,45 +38,7 @@ CHAT_FIELDS = frozenset(
     " frequency_penalty presence_penalty logit_bias top_k min_p repetition_penalty parallel_tool_calls".split()
 )
 HTTP_ONLY = frozenset("model messages max_tokens max_completion_tokens stream stream_options user".split())
-RETRYABLE = {P.E_SHUTTING_DOWN, P.E_REMOTE}  # the OpenAI client obeys x-should-retry
 CUT_GRAMMAR = "max_tokens cut the output before its grammar was complete: it is not valid JSON"
-PARAM_NAMES = {"agent": "user"}  # protocol field -> the OpenAI parameter it came from
-
-
-class HttpError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-        retry: bool = False,
-        partial: str = "",
-    ):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
-        self.retry, self.partial = retry, partial
-
-    @classmethod
-    def of(cls, code: str, message: str, partial: str = "") -> HttpError:
-        """From a protocol error code (or ``cancelled``), with the field it names as ``param``."""
-        status, kind = ERRORS.get(code, (500, "server_error"))
-        named = re.search(r"'(\w+)'", message)
-        param = PARAM_NAMES.get(named.group(1), named.group(1)) if named and status == 400 else None
-        return cls(status, message, kind, code, param, code in RETRYABLE, partial)
-
-    def body(self) -> dict[str, Any]:
-        err: dict[str, Any] = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
-        if self.partial:
-            err["partial_text"] = self.partial  # what was generated before the end (shutting_down, killed)
-        return {"error": err}
-
-    def response(self) -> web.Response:
-        headers = {"x-should-retry": "true" if self.retry else "false"}
-        if self.status == 401:
-            headers["WWW-Authenticate"] = "Bearer"
-        return web.json_response(self.body(), status=self.status, headers=headers)
 
 
 def error_of(ev: Event) -> HttpError:
@@ -197,6 +142,7 @@ class HttpFront:
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/quantad/requests/{pid}/stream", self.resume)
+        http_tokens.add_routes(app, self)
         self.runner = web.AppRunner(
             app, handle_signals=False, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_S
         )
@@ -241,7 +187,7 @@ class HttpFront:
     @web.middleware
     async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
         """``/v1/*`` needs the bearer token when one is set; ``/health`` stays open for probes."""
-        if self.token is not None and request.path.startswith("/v1/"):
+        if self.token is not None and (request.path.startswith("/v1/") or request.path in http_tokens.PATHS):
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             name = None
             for token, who in self.token.items():  # every entry compared, in constant time each
@@ -264,17 +210,19 @@ class HttpFront:
         }
         return web.json_response(data, status=200 if ok else 503)
 
-    def _model(self, name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": self.created, "owned_by": "quantad"}
+    async def _model(self, name: str) -> dict[str, Any]:
+        """vLLM's model card: ``max_model_len`` is the context a worker reported (null until one has)."""
+        limit = (await self.client.stats()).get("max_context") or None
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "quantad", "max_model_len": limit}
 
     async def list_models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [self._model(self.models[0])]})
+        return web.json_response({"object": "list", "data": [await self._model(self.models[0])]})
 
     async def get_model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
         if name not in self.models:
             raise HttpError(404, f"model {name!r} is not served here", "not_found_error", "model_not_found", "model")
-        return web.json_response(self._model(self.models[0]))
+        return web.json_response(await self._model(self.models[0]))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         try:

@@ -59,6 +59,39 @@ class PromptSizer:
             if k.endswith("_token") and isinstance(v, (str, dict))
         }
 
+    def _known(self) -> Any:
+        if self._tokenizer is None:
+            raise P.ProtocolError(P.E_NOT_FOUND, "no tokenizer is known here yet (no local worker has reported one)")
+        return self._tokenizer
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """``text``'s token ids, as the worker's tokenizer gives them."""
+        return self._known().encode(text, add_special_tokens=special).ids
+
+    def encode_chat(self, messages: list[dict], generation_prompt: bool = True) -> list[int]:
+        """A chat's token ids, rendered with the model's template as a worker renders a plain chat."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        self._known()
+        plain = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
+        try:
+            rendered, _ = render_jinja_template(
+                conversations=[plain],
+                chat_template=self._template,
+                add_generation_prompt=generation_prompt,
+                **self._special,
+            )
+        except Exception as exc:  # the template's own errors (a role it refuses): the caller's input
+            raise P.ProtocolError(P.E_BAD_FIELD, f"the chat template cannot render these messages: {exc}") from None
+        return self.encode(rendered[0], special=False)
+
+    def decode(self, ids: list[int]) -> str:
+        tok = self._known()
+        vocab = tok.get_vocab_size()
+        if any(not 0 <= t < vocab for t in ids):
+            raise P.ProtocolError(P.E_BAD_FIELD, f"'tokens' must be ids in [0, {vocab})")
+        return tok.decode(ids, skip_special_tokens=False)
+
     def count(self, messages: list[dict], tools: list[dict] | None = None) -> int | None:
         """Prompt tokens with the generation prompt, as the workers render it; None when unknown."""
         if self._tokenizer is None:

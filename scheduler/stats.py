@@ -62,6 +62,7 @@ def stats_view(d: Daemon) -> dict[str, Any]:
         "policy": d.sched.policy.name,
         "quantum": quantum(d),
         "model": d.cfg.model_name,
+        "max_context": d.sizer.limit,
         "backend": d.cfg.spec.backend,
         "queue": len(d.sched.ready),
         "requests": by_state,

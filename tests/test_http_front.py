@@ -25,7 +25,7 @@ from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from ipc import protocol as P
-from ipc.client import Client
+from ipc.client import Client, ClientError
 from scheduler.launch import http_options
 from tests.conftest import REPO, DaemonProc, messages
 from tests.test_structured import SCHEMA, WEATHER
@@ -99,6 +99,28 @@ def test_health_models_and_bearer_token(front):
         api(front, key="wrong").chat.completions.create(model=front.model_id, messages=messages("hi"))
     with front.client(timeout=30) as c:
         assert c.stats()["accepted"] == 0  # refused before it became a request
+
+
+def test_tokenize_and_detokenize_count_as_the_model_does(front):
+    limit = api(front).models.retrieve(front.model_id).model_extra["max_model_len"]
+    assert limit == 2048  # the tiny model's positions, as its worker reported them
+    chat = messages("How many tokens is this?")
+    status, _, body = raw(front, "/tokenize", json.dumps({"model": front.model_id, "messages": chat}).encode())
+    assert status == 200 and body["max_model_len"] == limit and body["count"] == len(body["tokens"]) > 5
+    with front.client(timeout=60) as c:
+        done = c.chat(chat, max_tokens=1)
+        assert done.usage["prompt_tokens"] == body["count"]  # what the worker computed for the same chat
+        assert c.tokenize(messages=chat)["tokens"] == body["tokens"]
+        ids = c.tokenize("Hello there")["tokens"]
+        assert c.detokenize(ids) == "Hello there"
+        with pytest.raises(ClientError) as bad:
+            c.detokenize([10**9])
+        assert bad.value.code == "bad_field"
+    status, _, body = raw(front, "/detokenize", json.dumps({"tokens": ids}).encode())
+    assert status == 200 and body == {"prompt": "Hello there"}
+    assert raw(front, "/tokenize", json.dumps({"prompt": "x"}).encode(), token=None)[0] == 401
+    status, _, body = raw(front, "/tokenize", json.dumps({"prompt": "x", "messages": chat}).encode())
+    assert status == 400 and body["error"]["code"] == "bad_field"
 
 
 def test_chat_streaming_and_not_matches_the_zmq_client(front):

@@ -44,6 +44,12 @@ BAD_INPUT = [
     ([msgpack.packb({"v": 1, "op": "kill", "id": 4, "pid": "one"})], P.E_BAD_FIELD),
     ([msgpack.packb({"v": 1, "op": "kill", "id": 5, "pid": 99999})], P.E_NOT_FOUND),
     ([msgpack.packb({"v": 1, "op": "ping", "id": 6}), b"extra frame"], P.E_BAD_FRAME),
+    ([msgpack.packb({"v": 1, "op": "cancel"})], P.E_BAD_FIELD),
+    ([msgpack.packb({"v": 1, "op": "cancel", "id": 7})], P.E_NOT_FOUND),
+    ([msgpack.packb({"v": 1, "op": "tokenize", "id": 8})], P.E_BAD_FIELD),
+    ([msgpack.packb({"v": 1, "op": "detokenize", "id": 9, "tokens": ["a"]})], P.E_BAD_FIELD),
+    ([msgpack.packb({"v": 1, "op": "chat", "id": 10, "messages": [{"role": "user", "content": "x"}], "n": 2})],
+     P.E_UNSUPPORTED),
 ]  # fmt: skip
 
 

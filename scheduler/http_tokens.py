@@ -1,0 +1,61 @@
+"""``/tokenize`` and ``/detokenize`` in vLLM's shape, for the HTTP front: the daemon's ``tokenize`` ops behind them.
+
+The daemon counts prompts with the workers' own tokenizer and chat template (``prompt_size``),
+so what these return is what a chat's prompt costs and what its ``max_tokens`` must fit
+beside (``max_model_len``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ipc.client import ClientError
+from scheduler.http_errors import HttpError
+
+if TYPE_CHECKING:
+    from scheduler.http_front import HttpFront
+
+PATHS = ("/tokenize", "/detokenize")
+
+
+async def _body(request: web.Request, front: HttpFront) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise HttpError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise HttpError(400, "the request body must be a JSON object")
+    if "model" in body and body["model"] not in front.models:
+        name = body["model"]
+        raise HttpError(404, f"model {name!r} is not served here", "not_found_error", "model_not_found", "model")
+    return body
+
+
+def add_routes(app: web.Application, front: HttpFront) -> None:
+    async def tokenize(request: web.Request) -> web.Response:
+        body = await _body(request, front)
+        keys = ("prompt", "messages", "add_special_tokens", "add_generation_prompt")
+        fields = {k: body[k] for k in keys if k in body}
+        if "messages" in fields and "add_special_tokens" not in fields:
+            fields["add_special_tokens"] = False  # vLLM's default for chats: the template holds them
+        try:
+            out = await front.client.call("tokenize", **fields)
+        except ClientError as exc:
+            raise HttpError.of(exc.code, exc.message) from None
+        return web.json_response({**out, "token_strs": None})
+
+    async def detokenize(request: web.Request) -> web.Response:
+        body = await _body(request, front)
+        try:
+            text = await front.client.detokenize(body.get("tokens"))
+        except ClientError as exc:
+            raise HttpError.of(exc.code, exc.message) from None
+        except TypeError:
+            raise HttpError(400, "'tokens' must be a list of token ids", param="tokens") from None
+        return web.json_response({"prompt": text})
+
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
