@@ -68,3 +68,24 @@ def quantum_ends(rows: list[Sequence]) -> list[Sequence]:
         ending = {id(seq) for seq in over}
         over += [seq for seq in rows if id(seq) not in ending and not seq.quantum.ended and seq.quantum.nearly_over()]
     return over
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int, piece: Callable[[int], str]) -> dict:
+    """OpenAI's logprobs entry of a chosen token, from the model's own logits (vLLM's raw logprobs).
+
+    Raw: before the bias, penalties, grammar and temperature shaped the choice, so what a
+    request reports is the model's view, the same on every engine and across preemption.
+    """
+    lp = torch.log_softmax(logits.reshape(-1).float(), dim=-1)
+
+    def entry(i: int, v: float) -> dict:
+        text = piece(i)
+        return {"token": text, "logprob": v, "bytes": list(text.encode())}
+
+    out = entry(token, float(lp[token]))
+    if top > 0:
+        vals, ids = torch.topk(lp, top)
+        out["top_logprobs"] = [entry(i, v) for i, v in zip(ids.tolist(), vals.tolist(), strict=True)]
+    else:
+        out["top_logprobs"] = []
+    return out

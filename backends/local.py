@@ -36,7 +36,7 @@ import psutil
 import torch
 import zmq
 
-from backends.decode import greedy_rows, next_token, quantum_ends
+from backends.decode import greedy_rows, next_token, quantum_ends, token_logprobs
 from backends.detok import TextStream
 from backends.engine import Engine, Send
 from backends.hooks import ModelHooks, State
@@ -247,6 +247,13 @@ class LocalEngine(Engine, ModelHooks):
         seq.stream.emitted = min(run.emitted_chars, len(seq.stream.text))
         return seq
 
+    def logprobs(self, seq: Sequence, token: int) -> dict:
+        """The chosen token's logprob entry (and its ``top_logprobs``), from the logits it was chosen from."""
+        return token_logprobs(seq.logits, token, int(seq.params.get("top_logprobs", 0)), self._piece)
+
+    def _piece(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
     def ident(self, seq: Sequence) -> str:
         """What ``seq``'s context is computed from: this model, and its prompt and generated ids."""
         return disk.ids_digest(seq.context_ids, f"{self.model_name}|{self.device}")
@@ -323,7 +330,8 @@ class LocalEngine(Engine, ModelHooks):
         for seq in list(self.rows()):
             token = next_token(seq, greedy.get(seq.rid), self.eos_ids, self.without_eos)
             delta, reason = seq.advance(token, self.eos_ids)
-            self.send(M.Tokens(rid=seq.rid, ids=[token], text=delta))
+            lp = [self.logprobs(seq, token)] if seq.params.get("logprobs") else []
+            self.send(M.Tokens(rid=seq.rid, ids=[token], text=delta, logprobs=lp))
             if reason is None:
                 going[seq.rid] = token
                 continue

@@ -20,6 +20,7 @@ from ipc.protocol import (
 ROLES = ("system", "user", "assistant", "tool")
 MAX_TOOLS = 128
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 DEFAULT_MAX_TOKENS = 256
 
 
@@ -75,11 +76,21 @@ def _controls(msg: dict[str, Any]) -> dict[str, Any]:
         "top_k": int(number(msg, "top_k", -1, 1 << 20, 0, integer=True)),
         "min_p": float(number(msg, "min_p", 0.0, 1.0, 0.0)),
         "logit_bias": _logit_bias(field(msg, "logit_bias", dict, {})),
+        **_logprobs(msg),
     }
     if out["top_k"] == -1:  # vLLM's "off"
         out["top_k"] = 0
     neutral = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "top_k": 0, "min_p": 0.0}
-    return {k: v for k, v in out.items() if v and v != neutral.get(k)}
+    return {k: v for k, v in out.items() if k == "top_logprobs" or (v and v != neutral.get(k))}
+
+
+def _logprobs(msg: dict[str, Any]) -> dict[str, Any]:
+    """``logprobs`` (bool) and ``top_logprobs`` (0..20, which needs ``logprobs``), as OpenAI has them."""
+    wanted = bool(field(msg, "logprobs", bool, False))
+    top = number(msg, "top_logprobs", 0, MAX_TOP_LOGPROBS, None, integer=True)
+    if top is not None and not wanted:
+        raise ProtocolError(E_BAD_FIELD, "'top_logprobs' needs 'logprobs': true")
+    return {"logprobs": True, "top_logprobs": top or 0} if wanted else {}
 
 
 def _logit_bias(bias: dict) -> dict[str, float]:
@@ -96,12 +107,10 @@ def _logit_bias(bias: dict) -> dict[str, float]:
 
 
 def refuse_unsupported(msg: dict[str, Any]) -> None:
-    """OpenAI fields the daemon knows and cannot honour yet: refused by name, never dropped."""
+    """OpenAI fields the daemon knows and cannot honour: refused by name, never dropped."""
     n = msg.get("n")
     if n is not None and n != 1:
         raise ProtocolError(E_UNSUPPORTED, "'n' other than 1 is not supported")
-    if msg.get("logprobs") or msg.get("top_logprobs"):
-        raise ProtocolError(E_UNSUPPORTED, "'logprobs' are not supported")
 
 
 def _on_behalf(msg: dict[str, Any]) -> dict[str, Any]:

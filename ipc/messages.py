@@ -172,6 +172,7 @@ class Tokens(Message):
     ids: list[int] = field(default_factory=list)
     text: str = ""
     n: int | None = None
+    logprobs: list = field(default_factory=list)  # per id, OpenAI-shaped (``logprobs`` asked for)
 
     @property
     def count(self) -> int:

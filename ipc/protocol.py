@@ -97,7 +97,8 @@ E_INVALID_OUTPUT = "invalid_output"  # an endpoint returned text that breaks the
 E_QUOTA = "quota_exceeded"  # the identity's live requests or their tokens are at its limit
 E_RATE_LIMITED = "rate_limited"  # the connection sends more messages per second than it may
 E_UNSUPPORTED = "unsupported_parameter"  # a known field, or a value of one, this daemon does not do: never dropped
-WORKER_CODES = (E_REMOTE, E_INVALID_OUTPUT, E_CONTEXT_LENGTH)  # codes a worker may pass through to the agent
+# codes a worker may pass through to the agent
+WORKER_CODES = (E_REMOTE, E_INVALID_OUTPUT, E_CONTEXT_LENGTH, E_UNSUPPORTED)
 
 # Context tiers reported by workers.
 TIER_DEVICE = "device"

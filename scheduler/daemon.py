@@ -282,11 +282,13 @@ class Daemon:
                 continue
             msg = {"event": event, "id": cid, "pid": req.pid, **fields}
             if event == P.EV_TOKEN:
-                out = req.unsent(w)
+                start, out = w.tokens, req.unsent(w)
                 if out is None:  # recomputed after a restart: it has these already
                     continue
                 msg["text"], msg["token_ids"] = out
                 msg["index"] = req.generated
+                if req.params.get("logprobs"):
+                    msg["logprobs"] = req.logprobs[start : req.generated]
             self.send_agent(addr, msg)
 
     # ---- a request's end ----------------------------------------------------------------

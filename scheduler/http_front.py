@@ -306,7 +306,14 @@ class HttpFront:
             **meta,
             "object": "chat.completion",
             "system_fingerprint": None,
-            "choices": [{"index": 0, "message": message, "finish_reason": done.get("finish_reason"), "logprobs": None}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": done.get("finish_reason"),
+                    "logprobs": None if "logprobs" not in done else {"content": done["logprobs"], "refusal": None},
+                }
+            ],
             "usage": done.get("usage") or {},
             "quantad": {
                 "pid": done.get("pid"),
@@ -338,8 +345,9 @@ class HttpFront:
         head = {**meta, "object": "chat.completion.chunk", "system_fingerprint": None}
         seen = list(at or (0, 0))  # tokens and characters sent so far
 
-        async def chunk(delta: dict[str, Any], finish: str | None = None) -> None:
-            data = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        async def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: list | None = None) -> None:
+            lp = None if logprobs is None else {"content": logprobs, "refusal": None}
+            data = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": lp}]}
             await resp.write(
                 f"id: {pid}.{seen[0]}.{seen[1]}\n".encode() + b"data: " + json.dumps(data).encode() + b"\n\n"
             )
@@ -351,8 +359,8 @@ class HttpFront:
                 if ev.event == P.EV_TOKEN:
                     seen[0] = ev.data.get("index") or seen[0]
                     seen[1] += len(ev.text)
-                if ev.event == P.EV_TOKEN and ev.text and not buffer:
-                    await chunk({"content": ev.text})
+                if ev.event == P.EV_TOKEN and (ev.text or ev.data.get("logprobs")) and not buffer:
+                    await chunk({"content": ev.text}, logprobs=ev.data.get("logprobs"))
                 elif ev.event in (P.EV_PREEMPTED, P.EV_RESUMED):
                     # a comment line, part of the next event's block: a blank line after it would make an
                     # empty event of its own, which SDKs that keep the last id (openai's) fail to parse
@@ -377,7 +385,7 @@ class HttpFront:
         done = ev.data
         calls = tool_calls(done)
         if buffer and content_of(done):
-            await chunk({"content": content_of(done)})
+            await chunk({"content": content_of(done)}, logprobs=done.get("logprobs"))
         if calls:
             await chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
         if done.get("stats", {}).get("grammar_complete") is False:

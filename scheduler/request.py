@@ -87,6 +87,7 @@ class Request:
     # that attached; none after a restart until its agent comes back (``attach``)
     watchers: dict[tuple[bytes, Any], Watch] = field(default_factory=dict)
     recovered: bool = False  # taken back from a dead daemon's journal
+    logprobs: list = field(default_factory=list)  # per token, when asked for (None where a restart lost one)
 
     def __post_init__(self) -> None:
         if self.params.get("seed") is None:  # fixed now, so any restart samples the same stream
@@ -140,10 +141,13 @@ class Request:
         self.tier, self.context_bytes = tier, nbytes
         self.note_moved(tier, nbytes)
 
-    def note_output(self, ids: list[int], text: str, count: int) -> None:
+    def note_output(self, ids: list[int], text: str, count: int, logprobs: list | None = None) -> None:
         """Tokens streamed by its worker: ids (local engines) and/or text, ``count`` of them."""
         if self.first_token_s is None and (ids or text):
             self.first_token_s = time.monotonic() - self.submitted_at
+        if self.params.get("logprobs") and ids:  # one entry per id, aligned with ``tokens``
+            self.logprobs.extend([None] * (len(self.tokens) - len(self.logprobs)))
+            self.logprobs.extend((list(logprobs or []) + [None] * len(ids))[: len(ids)])
         self.tokens.extend(ids)
         self.generated += count
         self.text += text

@@ -160,7 +160,7 @@ class WorkerOps:
     # ---- a running request ----------------------------------------------------------------
     @running
     def tokens(self, req: Request, rec: M.Tokens) -> None:
-        req.note_output(rec.ids, rec.text, rec.count)
+        req.note_output(rec.ids, rec.text, rec.count, rec.logprobs)
         self.d.counters.tokens += rec.count
         if rec.text or rec.ids:
             self.d.emit(req, P.EV_TOKEN)  # each follower gets what it has not had (``Request.unsent``)
@@ -205,6 +205,7 @@ class WorkerOps:
             tool_calls=rec.tool_calls,
             usage=rec.usage,
             stats=rec.stats,
+            **({"logprobs": req.logprobs} if req.params.get("logprobs") else {}),
         )
 
     @running
