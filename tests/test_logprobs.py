@@ -1,4 +1,4 @@
-"""Logprobs: the model's own, per token, streamed and in ``done``, the same across preemption, through the real clients."""
+"""Logprobs: the model's own, per token, streamed and in ``done``, unchanged by preemption, through real clients."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def _check(r) -> None:
         assert e["logprob"] <= 0 and len(e["top_logprobs"]) == 3 and e["bytes"] == list(e["token"].encode())
         best = e["top_logprobs"][0]  # greedy: the chosen token is the model's most likely one
         assert best["token"] == e["token"] and math.isclose(best["logprob"], e["logprob"])
-        assert [t["logprob"] for t in e["top_logprobs"]] == sorted((t["logprob"] for t in e["top_logprobs"]), reverse=True)
+        ranked = [t["logprob"] for t in e["top_logprobs"]]
+        assert ranked == sorted(ranked, reverse=True)
 
 
 @pytest.fixture(scope="module")
