@@ -36,6 +36,7 @@ import psutil
 import torch
 import zmq
 
+from backends import adoption
 from backends.decode import greedy_rows, next_token, quantum_ends, token_logprobs
 from backends.detok import TextStream
 from backends.engine import Engine, Send
@@ -45,7 +46,6 @@ from backends.prefill import PrefillLine
 from backends.sequence import Sequence
 from backends.sessions import Sessions
 from backends.structured import Structurer, as_text_message
-from contexts import disk
 from contexts.manager import ContextManager
 from contexts.snapshot import Snapshot
 from ipc import messages as M
@@ -97,7 +97,7 @@ class LocalEngine(Engine, ModelHooks):
             return
         try:
             if rid in self.contexts.orphans:
-                seq = self._adopt(run)
+                seq = adoption.adopt(self, run)
             elif rid in self.contexts:
                 seq = self._resume(rid)
             elif run.migrate is not None:
@@ -133,7 +133,7 @@ class LocalEngine(Engine, ModelHooks):
         t0 = time.perf_counter()
         state, logits = self._release(seq), seq.logits
         snap = Snapshot(
-            layers=state, logits=None if logits is None else logits.clone(), meta=seq, ident=self.ident(seq)
+            layers=state, logits=None if logits is None else logits.clone(), meta=seq, ident=adoption.ident(self, seq)
         )
         seq.partial = seq.logits = None
         moves = self.contexts.snapshot(rid, snap)
@@ -253,33 +253,6 @@ class LocalEngine(Engine, ModelHooks):
 
     def _piece(self, token: int) -> str:
         return self.tokenizer.decode([token])
-
-    def ident(self, seq: Sequence) -> str:
-        """What ``seq``'s context is computed from: this model, and its prompt and generated ids."""
-        return disk.ids_digest(seq.context_ids, f"{self.model_name}|{self.device}")
-
-    def _adopt(self, run: M.Run) -> Sequence:
-        """A request whose context a dead worker left on disk: rebuilt from the record, its KV read back.
-
-        The file is used only when it was computed from exactly this request's prompt and
-        streamed tokens (and passes ``disk.read``'s checks); otherwise the request recomputes.
-        """
-        t0 = time.perf_counter()
-        ident = self.contexts.orphans[run.rid]
-        snap = self.contexts.restore(run.rid)
-        seq = self.build(run)
-        fits = ident == self.ident(seq) and snap.tokens == len(seq.context_ids)
-        if snap.layers is None or snap.logits is None or not fits:
-            log.info("request %s: the context file left on disk does not match it: recomputing", run.rid)
-            self.line.add(seq)
-        else:
-            seq.logits = snap.logits
-            self.join(seq, snap.layers)
-            self.adopted += 1
-            log.info("request %s: adopted its context file (%d tokens)", run.rid, snap.tokens)
-        seq.restores += 1
-        seq.switch_s += time.perf_counter() - t0
-        return seq
 
     def _resume(self, rid: int) -> Sequence:
         t0 = time.perf_counter()

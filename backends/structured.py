@@ -21,8 +21,9 @@ import llguidance.torch as llt
 import torch
 
 from backends.json_close import Closers, JsonDepth, narrow
+from ipc.tool_stream import TOOL_CLOSE, TOOL_OPEN, split
 
-TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 _TOOL_RE = re.compile(re.escape(TOOL_OPEN) + r"\s*(\{.*?\})\s*" + re.escape(TOOL_CLOSE), re.DOTALL)
 
 
@@ -108,7 +109,7 @@ class Structurer:
             return msgs, None
         if self.template_knows_tools:
             return msgs, tools
-        return [{"role": "system", "content": tools_prompt(tools)}, *msgs], None
+        return [{"role": "system", "content": tools_prompt(tools)}, *map(as_user_response, msgs)], None
 
 
 def as_text_message(m: dict) -> dict:
@@ -120,6 +121,13 @@ def as_text_message(m: dict) -> dict:
         ]
         return {"role": "assistant", "content": (m.get("content") or "") + "".join(calls)}
     return {"role": m["role"], "content": m.get("content") or ""}
+
+
+def as_user_response(m: dict) -> dict:
+    """A tool's result for a template that knows no tools: a user turn in ``<tool_response>`` tags (Hermes's form)."""
+    if m.get("role") != "tool":
+        return m
+    return {"role": "user", "content": f"{RESPONSE_OPEN}\n{m.get('content') or ''}\n{RESPONSE_CLOSE}"}
 
 
 def _args(function: dict) -> Any:
@@ -135,7 +143,8 @@ def tools_prompt(tools: list[dict]) -> str:
     return (
         "You can call functions. To call one, reply with exactly "
         f'{TOOL_OPEN}{{"name": <function name>, "arguments": <arguments object>}}{TOOL_CLOSE} '
-        f"and nothing else. Available functions:\n{specs}"
+        f"and nothing else. A function's result comes back in {RESPONSE_OPEN}...{RESPONSE_CLOSE}: "
+        f"answer the user from it. Available functions:\n{specs}"
     )
 
 
@@ -228,12 +237,17 @@ def grammar_is_format(params: dict[str, Any]) -> bool:
 
 
 def parse_tool_calls(text: str, tools: list[dict] | None, rid: int) -> tuple[str | None, list[dict]]:
-    """Split generated text into content and OpenAI-shaped ``tool_calls``."""
+    """Split generated text into content and OpenAI-shaped ``tool_calls``.
+
+    The content is what ``ipc.tool_stream`` streamed (no markup, even of a call cut short), and a
+    call's id counts the ``<tool_call>`` blocks before it, as the stream's deltas do.
+    """
     if not tools:
         return text, []
     names = {t.get("function", t)["name"] for t in tools}
     calls = []
-    for i, match in enumerate(_TOOL_RE.finditer(text)):
+    for match in _TOOL_RE.finditer(text):
+        i = text.count(TOOL_OPEN, 0, match.start())
         try:
             call = json.loads(match.group(1))
         except json.JSONDecodeError:
@@ -246,7 +260,7 @@ def parse_tool_calls(text: str, tools: list[dict] | None, rid: int) -> tuple[str
                     "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments", {}))},
                 }
             )
+    content = split(text, names, final=True).content
     if not calls:
-        return text, []
-    content = _TOOL_RE.sub("", text).strip()
-    return (content or None), calls
+        return content, []
+    return (content.strip() or None), calls

@@ -60,6 +60,7 @@ EV_DONE = "done"
 EV_ERROR = "error"
 EV_CANCELLED = "cancelled"
 EV_REPLY = "reply"
+EV_TOOL_CALL = "tool_call"  # a tool call's delta, streamed: its id and name first, then its arguments' text
 EV_ATTACHED = "attached"  # the answer to ``attach``: the request's pid, state and tokens so far
 TERMINAL_EVENTS = (EV_DONE, EV_ERROR, EV_CANCELLED)
 

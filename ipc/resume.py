@@ -77,7 +77,8 @@ class OpenChats:
             if isinstance(index, int) and index <= o.tokens:
                 return False, None  # had it before the restart
             o.tokens = index if isinstance(index, int) else o.tokens
-            o.chars += len(msg.get("text") or "")
+            chars = msg.get("chars")  # raw characters (with tools, the text shown is less)
+            o.chars = chars if isinstance(chars, int) else o.chars + len(msg.get("text") or "")
         elif ev == P.EV_ERROR and msg.get("code") == P.E_SHUTTING_DOWN and msg.get("resumable") and wait:
             o.handed_over = True  # the next daemon finishes it: attach to that one
             return False, None

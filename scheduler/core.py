@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from ipc.protocol import TIER_NONE
+from ipc.protocol import TIER_DISK, TIER_NONE
 from scheduler.policy import Policy
 from scheduler.request import Request, State
 from scheduler.workers import Worker
@@ -149,6 +149,13 @@ class Scheduler:
         """Its context arrived from the exporting worker (``nbytes`` over the network)."""
         req.migrate_from = None
         req.note_moved("network", nbytes)
+
+    def adopt(self, req: Request, worker: str) -> bool:
+        """``worker`` holds a file of ``req``'s context a dead worker left: it runs there if it waits with none."""
+        if req.state is not State.READY or req.worker is not None:
+            return False
+        req.worker, req.tier = worker, TIER_DISK
+        return True
 
     def restart_on(self, req: Request) -> None:
         """Its context is lost: it runs again on its assigned worker from its streamed tokens."""

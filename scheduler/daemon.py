@@ -32,7 +32,7 @@ from ipc import messages as M
 from ipc import protocol as P
 from ipc.logfmt import under_journald
 from ipc.worker_spec import WorkerSpec
-from scheduler import fronts, handover, reload, sd_notify
+from scheduler import fronts, handover, reload, sd_notify, tool_events
 from scheduler.agent_ops import AgentOps, Caller
 from scheduler.config import Effective
 from scheduler.core import Scheduler
@@ -280,16 +280,20 @@ class Daemon:
         for (addr, cid), w in list(req.watchers.items()):
             if not w.stream and event in (P.EV_TOKEN, P.EV_PREEMPTED, P.EV_RESUMED):
                 continue
-            msg = {"event": event, "id": cid, "pid": req.pid, **fields}
+            msg, calls = {"event": event, "id": cid, "pid": req.pid, **fields}, []
             if event == P.EV_TOKEN:
-                start, out = w.tokens, req.unsent(w)
+                start, had, out = w.tokens, w.chars, req.unsent(w)
                 if out is None:  # recomputed after a restart: it has these already
                     continue
                 msg["text"], msg["token_ids"] = out
-                msg["index"] = req.generated
+                msg["index"], msg["chars"] = req.generated, len(req.text)
+                if tool_events.splits(req):  # no call markup in a token's text: the calls follow as deltas
+                    msg["text"], calls = tool_events.view(req, had)
                 if req.params.get("logprobs"):
                     msg["logprobs"] = req.logprobs[start : req.generated]
             self.send_agent(addr, msg)
+            for call in calls:
+                self.send_agent(addr, {"id": cid, "pid": req.pid, **call})
 
     # ---- a request's end ----------------------------------------------------------------
     def terminal(self, req: Request, state: State, event: str, **fields: Any) -> None:

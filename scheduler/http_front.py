@@ -96,11 +96,6 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
     return out
 
 
-def buffered(params: dict[str, Any]) -> bool:
-    """With tools the streamed text holds the call markup: such a stream sends content and calls at the end."""
-    return bool(params.get("tools")) and params.get("tool_choice") != "none"
-
-
 def tool_calls(done: dict[str, Any]) -> list[dict[str, Any]]:
     calls = []
     for c in done.get("tool_calls") or []:
@@ -253,7 +248,7 @@ class HttpFront:
             if stream:
                 opts = body.get("stream_options")
                 usage = isinstance(opts, dict) and opts.get("include_usage") is True
-                resp, ended = await self._stream(request, events, pid, meta, buffered(params), usage)
+                resp, ended = await self._stream(request, events, pid, meta, usage)
                 return resp
             last = first
             async for ev in events:
@@ -328,7 +323,6 @@ class HttpFront:
         events: AsyncIterator[Event],
         pid: int,
         meta: dict[str, Any],
-        buffer: bool,
         usage: bool,
         at: tuple[int, int] | None = None,
     ) -> tuple[web.StreamResponse, bool]:
@@ -344,6 +338,7 @@ class HttpFront:
         await resp.prepare(request)
         head = {**meta, "object": "chat.completion.chunk", "system_fingerprint": None}
         seen = list(at or (0, 0))  # tokens and characters sent so far
+        streamed: set[str] = set()  # ids of the tool calls sent as deltas
 
         async def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: list | None = None) -> None:
             lp = None if logprobs is None else {"content": logprobs, "refusal": None}
@@ -358,9 +353,13 @@ class HttpFront:
             async for ev in events:
                 if ev.event == P.EV_TOKEN:
                     seen[0] = ev.data.get("index") or seen[0]
-                    seen[1] += len(ev.text)
-                if ev.event == P.EV_TOKEN and (ev.text or ev.data.get("logprobs")) and not buffer:
+                    seen[1] = ev.data.get("chars", seen[1] + len(ev.text))  # raw characters (tools: more than shown)
+                if ev.event == P.EV_TOKEN and (ev.text or ev.data.get("logprobs")):
                     await chunk({"content": ev.text}, logprobs=ev.data.get("logprobs"))
+                elif ev.event == P.EV_TOOL_CALL:  # OpenAI's delta: id, type and name first, then argument text
+                    delta = ev.data.get("tool_call") or {}
+                    streamed.add(delta.get("id", ""))
+                    await chunk({"tool_calls": [delta]})
                 elif ev.event in (P.EV_PREEMPTED, P.EV_RESUMED):
                     # a comment line, part of the next event's block: a blank line after it would make an
                     # empty event of its own, which SDKs that keep the last id (openai's) fail to parse
@@ -369,25 +368,25 @@ class HttpFront:
                         f"context={ev.data.get('context', '')}\n".encode()
                     )
                 elif ev.terminal:
-                    await self._end(resp, chunk, head, ev, buffer, usage)
+                    await self._end(resp, chunk, head, ev, usage, streamed)
                     return resp, True
         except ConnectionError:  # the client hung up between two writes
             pass
         return resp, False
 
     async def _end(
-        self, resp: web.StreamResponse, chunk, head: dict[str, Any], ev: Event, buffer: bool, usage: bool
+        self, resp: web.StreamResponse, chunk, head: dict[str, Any], ev: Event, usage: bool, streamed: set[str]
     ) -> None:
         if ev.event != P.EV_DONE:  # headers are gone: the error travels as a chunk (the OpenAI client raises it)
             await resp.write(b"data: " + json.dumps(error_of(ev).body()).encode() + b"\n\n")
             await resp.write_eof()
             return
         done = ev.data
-        calls = tool_calls(done)
-        if buffer and content_of(done):
-            await chunk({"content": content_of(done)}, logprobs=done.get("logprobs"))
-        if calls:
-            await chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+        if done.get("content_tail"):  # content held back because it looked like the start of a tool call
+            await chunk({"content": done["content_tail"]})
+        late = [{"index": i, **c} for i, c in enumerate(tool_calls(done)) if c["id"] not in streamed]
+        if late:  # calls the stream did not show as it went (written in another key order)
+            await chunk({"tool_calls": late})
         if done.get("stats", {}).get("grammar_complete") is False:
             await resp.write(f": quantad warning {CUT_GRAMMAR}\n".encode())
         await chunk({}, done.get("finish_reason"))

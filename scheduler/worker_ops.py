@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ipc import messages as M
 from ipc import protocol as P
 from ipc.tensor_frames import check, spec_bytes
+from scheduler import tool_events
 from scheduler.request import Request, State
 from scheduler.workers import Worker
 
@@ -121,8 +122,7 @@ class WorkerOps:
         """
         for pid in pids:
             req = self.d.sched.table.get(pid)
-            if req is not None and req.state is State.READY and req.worker is None:
-                req.worker, req.tier = w.name, P.TIER_DISK
+            if req is not None and self.d.sched.adopt(req, w.name):
                 log.info("event=adopt pid=%s worker=%s", pid, w.name)
             else:
                 self.d.to_worker(w.name, M.Cancel(pid))
@@ -206,6 +206,7 @@ class WorkerOps:
             usage=rec.usage,
             stats=rec.stats,
             **({"logprobs": req.logprobs} if req.params.get("logprobs") else {}),
+            **({"content_tail": tail} if tool_events.splits(req) and (tail := tool_events.tail(req)) else {}),
         )
 
     @running

@@ -164,7 +164,10 @@ def test_tools_and_response_format_pass_through(front):
                   tool_choice="required", max_tokens=60)  # fmt: skip
         if stream:
             chunks = list(client.chat.completions.create(stream=True, **kw))
-            calls = [c for ch in chunks for c in (ch.choices[0].delta.tool_calls or [])]
+            deltas = [c for ch in chunks for c in (ch.choices[0].delta.tool_calls or [])]
+            assert {d.index for d in deltas} == {0} and len(deltas) > 1  # the call streams in pieces
+            calls = [deltas[0].model_copy(deep=True)]
+            calls[0].function.arguments = "".join(d.function.arguments or "" for d in deltas)
             finish = chunks[-1].choices[0].finish_reason
             assert not any(ch.choices[0].delta.content for ch in chunks)  # markup is not streamed as text
         else:
