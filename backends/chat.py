@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ipc import protocol as P
+
 
 def render(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Token ids of a chat, with the generation prompt, via the model's chat template."""
@@ -17,3 +19,13 @@ def without_eos(logits: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
     out = logits.clone()
     out[..., sorted(eos_ids)] = float("-inf")
     return out
+
+
+def encode_prompt(tokenizer, prompt: str | list[int]) -> list[int]:
+    """A completion's prompt ids: its text tokenized as it is (the tokenizer's own BOS, if any), or ids checked."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    vocab = len(tokenizer)
+    if any(not 0 <= t < vocab for t in prompt):
+        raise P.ProtocolError(P.E_BAD_FIELD, f"'prompt' holds token ids outside the vocabulary [0, {vocab})")
+    return list(prompt)

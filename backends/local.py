@@ -37,6 +37,7 @@ import torch
 import zmq
 
 from backends import adoption
+from backends.chat import encode_prompt
 from backends.decode import greedy_rows, next_token, quantum_ends, token_logprobs
 from backends.detok import TextStream
 from backends.engine import Engine, Send
@@ -222,11 +223,12 @@ class LocalEngine(Engine, ModelHooks):
         """A request built from the daemon's record: its prompt, and the tokens already streamed replayed."""
         params, resume = run.params, run.resume_ids
         structured = params.get("tools") or params.get("response_format")
-        if structured:
-            messages, tools = self.structurer.messages(params)
+        if "prompt" in params:  # a completion: the text as it is, no chat template
+            prompt_ids = encode_prompt(self.tokenizer, params["prompt"])
+        elif structured:
+            prompt_ids = self.render(*self.structurer.messages(params))
         else:
-            messages, tools = [as_text_message(m) for m in params["messages"]], None
-        prompt_ids = self.render(messages, tools)
+            prompt_ids = self.render([as_text_message(m) for m in params["messages"]], None)
         if self.max_context is not None and len(prompt_ids) >= self.max_context:
             raise P.ProtocolError(
                 P.E_CONTEXT_LENGTH,

@@ -165,9 +165,10 @@ class ApiEngine(Engine):
         )
 
     def run(self, run: M.Run, frames: list) -> None:
-        if run.params.get("logprobs"):  # an endpoint's logprobs would not survive a text switch
-            self.send(M.Failed(run.rid, P.E_UNSUPPORTED, "'logprobs' are not supported by API workers"))
-            return
+        for name in ("logprobs", "prompt"):  # an endpoint's logprobs would not survive a text switch
+            if run.params.get(name):
+                self.send(M.Failed(run.rid, P.E_UNSUPPORTED, f"'{name}' is not supported by API workers"))
+                return
         self.bridge.soon(self.streams.start, run)
 
     def keep(self, cont: M.Continue) -> None:

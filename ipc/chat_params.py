@@ -21,13 +21,15 @@ ROLES = ("system", "user", "assistant", "tool")
 MAX_TOOLS = 128
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_PROMPT_IDS = 1 << 17  # a prompt given as token ids
 DEFAULT_MAX_TOKENS = 256
 
 
 def parse_chat(msg: dict[str, Any]) -> dict[str, Any]:
     """Return the normalised generation parameters of a ``chat`` message."""
     refuse_unsupported(msg)
-    clean = parse_messages(field(msg, "messages", list))
+    prompt = _prompt(msg)
+    clean = [] if prompt is not None else parse_messages(field(msg, "messages", list))
     stop = field(msg, "stop", (str, list), [])
     if isinstance(stop, str):
         stop = [stop]
@@ -57,7 +59,24 @@ def parse_chat(msg: dict[str, Any]) -> dict[str, Any]:
         **_controls(msg),
         **_structured(msg),
         **_on_behalf(msg),
+        **({} if prompt is None else {"prompt": prompt}),
     }
+
+
+def _prompt(msg: dict[str, Any]) -> str | list[int] | None:
+    """A completion's ``prompt`` (a text, or token ids) instead of ``messages``: no chat template applied."""
+    prompt = field(msg, "prompt", (str, list), None)
+    if prompt is None:
+        return None
+    if msg.get("messages") is not None:
+        raise ProtocolError(E_BAD_FIELD, "a chat has 'messages' or a 'prompt', not both")
+    if msg.get("tools") is not None:
+        raise ProtocolError(E_BAD_FIELD, "'tools' need 'messages' (a chat template), not a 'prompt'")
+    if not prompt:
+        raise ProtocolError(E_BAD_FIELD, "'prompt' must not be empty")
+    if isinstance(prompt, list) and (len(prompt) > MAX_PROMPT_IDS or any(type(t) is not int or t < 0 for t in prompt)):
+        raise ProtocolError(E_BAD_FIELD, f"'prompt' as token ids: up to {MAX_PROMPT_IDS} non-negative integers")
+    return prompt
 
 
 def parse_messages(messages: list) -> list[dict[str, Any]]:

@@ -109,10 +109,11 @@ class ChatResult:
         }
 
 
-def chat_message(cid: Any, messages: Messages, **params: Any) -> dict[str, Any]:
+def chat_message(cid: Any, messages: Messages | None, **params: Any) -> dict[str, Any]:
+    """A ``chat`` op; ``messages`` None for a completion (``prompt`` in ``params``)."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
-    msg = {"op": P.OP_CHAT, "id": cid, "messages": messages}
+    msg = {"op": P.OP_CHAT, "id": cid, **({} if messages is None else {"messages": messages})}
     msg.update({k: v for k, v in params.items() if v is not None})
     return msg
 
@@ -323,6 +324,10 @@ class Client:
         cid = self.submit(messages, stream=True, **params)
         it = self.events(cid)
         return it if stream else result_of(list(it))
+
+    def complete(self, prompt: str | list[int], **params: Any) -> ChatResult | Iterator[Event]:
+        """A completion: ``prompt`` (text or token ids) continued as it is, without the chat template."""
+        return self.chat(None, prompt=prompt, **params)
 
 
 class AsyncClient:

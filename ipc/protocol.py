@@ -99,7 +99,7 @@ E_QUOTA = "quota_exceeded"  # the identity's live requests or their tokens are a
 E_RATE_LIMITED = "rate_limited"  # the connection sends more messages per second than it may
 E_UNSUPPORTED = "unsupported_parameter"  # a known field, or a value of one, this daemon does not do: never dropped
 # codes a worker may pass through to the agent
-WORKER_CODES = (E_REMOTE, E_INVALID_OUTPUT, E_CONTEXT_LENGTH, E_UNSUPPORTED)
+WORKER_CODES = (E_REMOTE, E_INVALID_OUTPUT, E_CONTEXT_LENGTH, E_UNSUPPORTED, E_BAD_FIELD)
 
 # Context tiers reported by workers.
 TIER_DEVICE = "device"

@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from ipc import protocol as P
+from ipc.client import Event
 
 # protocol error code -> (HTTP status, OpenAI error type)
 ERRORS: dict[str, tuple[int, str]] = {
@@ -65,3 +66,9 @@ class HttpError(Exception):
         if self.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
         return web.json_response(self.body(), status=self.status, headers=headers)
+
+
+def error_of(ev: Event) -> HttpError:
+    if ev.event == P.EV_CANCELLED:
+        return HttpError.of(P.EV_CANCELLED, f"the request was cancelled: {ev.data.get('message', '')}", ev.text)
+    return HttpError.of(ev.data.get("code", P.E_INTERNAL), ev.data.get("message", ""), ev.text)

@@ -24,7 +24,8 @@ from aiohttp import web
 from ipc import protocol as P
 from ipc.client import AsyncClient, ClientError, Event
 from scheduler import http_tokens
-from scheduler.http_errors import HttpError
+from scheduler.http_completions import Completions
+from scheduler.http_errors import HttpError, error_of
 
 log = logging.getLogger("quantad")
 
@@ -39,12 +40,6 @@ CHAT_FIELDS = frozenset(
 )
 HTTP_ONLY = frozenset("model messages max_tokens max_completion_tokens stream stream_options user".split())
 CUT_GRAMMAR = "max_tokens cut the output before its grammar was complete: it is not valid JSON"
-
-
-def error_of(ev: Event) -> HttpError:
-    if ev.event == P.EV_CANCELLED:
-        return HttpError.of(P.EV_CANCELLED, f"the request was cancelled: {ev.data.get('message', '')}", ev.text)
-    return HttpError.of(ev.data.get("code", P.E_INTERNAL), ev.data.get("message", ""), ev.text)
 
 
 # ---- request translation --------------------------------------------------------------------
@@ -138,6 +133,7 @@ class HttpFront:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/quantad/requests/{pid}/stream", self.resume)
         http_tokens.add_routes(app, self)
+        app.router.add_post("/v1/completions", Completions(self).handle)
         self.runner = web.AppRunner(
             app, handle_signals=False, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_S
         )
@@ -287,7 +283,7 @@ class HttpFront:
             if first.event != P.EV_ATTACHED:
                 raise error_of(first) if first.event in P.TERMINAL_EVENTS else HttpError(500, "unexpected event")
             meta = {"id": f"chatcmpl-{pid}-resumed", "created": int(time.time()), "model": self.models[0]}
-            resp, _ = await self._stream(request, events, pid, meta, False, False, at=(tokens, chars))
+            resp, _ = await self._stream(request, events, pid, meta, False, at=(tokens, chars))
             return resp
         finally:
             await events.aclose()

@@ -111,13 +111,20 @@ class PromptSizer:
             return floor  # far too long: not worth the tokenizer's time (a 4 MB prompt would hold the loop)
         return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
-    def check(self, messages: list[dict], tools: list[dict] | None, max_tokens: int | None) -> int | None:
+    def check(
+        self, messages: list[dict], tools: list[dict] | None, max_tokens: int | None, prompt: Any = None
+    ) -> int | None:
         """The prompt's length, or ``context_length_exceeded`` when it and ``max_tokens`` do not fit."""
         if tools or any(m.get("tool_calls") for m in messages):
             return None  # the worker rewrites tools and tool calls into the prompt its own way: its check decides
         plain = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]  # as the worker does
         try:
-            n = self.count(plain, None) if self.limit else None
+            if not self.limit:
+                n = None
+            elif prompt is not None:  # a completion: no template
+                n = len(prompt) if isinstance(prompt, list) else len(self.encode(prompt)) if self._tokenizer else None
+            else:
+                n = self.count(plain, None)
         except Exception as exc:  # a chat the template cannot take here: the worker decides, as before
             log.info("event=prompt_size_skipped why=%r", str(exc)[:200])
             return None

@@ -27,12 +27,16 @@ class State(enum.StrEnum):
 TERMINAL = (State.DONE, State.FAILED, State.CANCELLED)
 
 
-def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
+def estimate_prompt_tokens(messages: list[dict[str, Any]], prompt: str | list[int] | None = None) -> int:
     """A prompt's length in tokens before any tokenizer saw it (the daemon has none).
 
     About 4 characters a token for English text, plus a few template tokens per message;
     policies use it until the worker reports the exact count.
     """
+    if isinstance(prompt, list):
+        return max(1, len(prompt))
+    if isinstance(prompt, str):
+        return max(1, (len(prompt) + 3) // 4)
     chars = sum(len(m.get("content") or "") for m in messages if isinstance(m, dict))
     return max(1, (chars + 3) // 4 + 5 * len(messages))
 
@@ -94,7 +98,7 @@ class Request:
             self.params["seed"] = random.getrandbits(63)
         self.nice = int(self.params.get("nice", 0))
         if not self.prompt_tokens:
-            self.prompt_tokens = estimate_prompt_tokens(self.params.get("messages", []))
+            self.prompt_tokens = estimate_prompt_tokens(self.params.get("messages", []), self.params.get("prompt"))
         if not self.watchers:
             self.watchers[(self.agent_addr, self.client_id)] = Watch(stream=self.stream)
         if not self.cost:  # fixed at accept: what its owner's quota was charged, and is given back

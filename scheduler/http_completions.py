@@ -1,0 +1,163 @@
+"""``/v1/completions``: a prompt continued as it is (no chat template), scheduled and preempted as chats are.
+
+Each completion is a ``chat`` op with ``prompt`` (a text or token ids) instead of ``messages``.
+Its answer takes OpenAI's legacy shapes: ``text_completion`` objects, ``logprobs`` as an
+integer (the top-k size) answered in the ``tokens``/``token_logprobs``/``top_logprobs``/
+``text_offset`` form, and ``echo`` (the prompt before the text).  ``suffix``, ``best_of`` above
+1 and ``n`` above 1 are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ipc import protocol as P
+from ipc.client import ClientError
+from scheduler.http_errors import HttpError, error_of
+
+if TYPE_CHECKING:
+    from scheduler.http_front import HttpFront
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+PASSED = frozenset(
+    "temperature top_p seed stop n frequency_penalty presence_penalty logit_bias top_k min_p repetition_penalty"
+    " nice session min_tokens response_format".split()
+)
+KNOWN = PASSED | frozenset("model prompt max_tokens stream stream_options user logprobs echo suffix best_of".split())
+
+
+def completion_fields(body: Any, models: list[str]) -> tuple[Any, dict[str, Any], bool]:
+    """A completions body -> (prompt, chat params, echo); what the daemon checks is left to it."""
+    if not isinstance(body, dict):
+        raise HttpError(400, "the request body must be a JSON object")
+    if body.get("model") not in models:
+        name = body.get("model")
+        raise HttpError(404, f"model {name!r} is not served here", "not_found_error", "model_not_found", "model")
+    unknown = sorted(set(body) - KNOWN)
+    if unknown:
+        raise HttpError(400, f"'{unknown[0]}' is not supported here", code=P.E_UNSUPPORTED, param=unknown[0])
+    if body.get("suffix"):
+        raise HttpError(400, "'suffix' is not supported", code=P.E_UNSUPPORTED, param="suffix")
+    if body.get("best_of") not in (None, 1):
+        raise HttpError(400, "'best_of' other than 1 is not supported", code=P.E_UNSUPPORTED, param="best_of")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) != 1:
+            raise HttpError(400, "one prompt per request", code=P.E_UNSUPPORTED, param="prompt")
+        prompt = prompt[0]  # a batch of one
+    params = {k: body[k] for k in PASSED if k in body}
+    params["max_tokens"] = body.get("max_tokens", DEFAULT_MAX_TOKENS)
+    params["agent"] = body.get("user") if body.get("user") is not None else "http"
+    k = body.get("logprobs")
+    if k is not None:
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 20:
+            raise HttpError(400, "'logprobs' is the number of top tokens, 0..20", param="logprobs")
+        params |= {"logprobs": True, "top_logprobs": k}
+    return prompt, params, body.get("echo") is True
+
+
+def legacy_logprobs(entries: list, offset: int) -> dict[str, Any]:
+    """Chat-shaped logprob entries in the completions API's form; offsets count from ``offset`` characters."""
+    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        e = e or {"token": "", "logprob": None, "top_logprobs": []}
+        out["tokens"].append(e["token"])
+        out["token_logprobs"].append(e["logprob"])
+        out["top_logprobs"].append({t["token"]: t["logprob"] for t in e.get("top_logprobs", [])})
+        out["text_offset"].append(offset)
+        offset += len(e["token"])
+    return out
+
+
+class Completions:
+    def __init__(self, front: HttpFront):
+        self.front = front
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise HttpError(400, "the request body is not valid JSON") from None
+        prompt, params, echo = completion_fields(body, self.front.models)
+        if "identity" in request:
+            params["on_behalf_of"] = request["identity"]
+        client, stream = self.front.client, body.get("stream") is True
+        try:
+            cid = await client.submit(None, stream=stream, prompt=prompt, **params)
+            shown = (prompt if isinstance(prompt, str) else await client.detokenize(prompt)) if echo else ""
+        except ClientError as exc:
+            raise HttpError.of(exc.code, exc.message) from None
+        events, ended = client.events(cid), False
+        try:
+            first = await anext(events)
+            if first.event != P.EV_ACCEPTED:
+                ended = True
+                raise self._error(first)
+            pid = first.data["pid"]
+            head = {"id": f"cmpl-{pid}-{uuid.uuid4().hex[:12]}", "object": "text_completion",
+                    "created": int(time.time()), "model": self.front.models[0]}  # fmt: skip
+            if stream:
+                opts = body.get("stream_options")
+                usage = isinstance(opts, dict) and opts.get("include_usage") is True
+                resp = await self._stream(request, events, head, shown, usage)
+                ended = True
+                return resp
+            last = first
+            async for ev in events:
+                last = ev
+            ended = True
+            if last.event != P.EV_DONE:
+                raise self._error(last)
+            return web.json_response(self._whole(head, last.data, shown), headers={"x-quantad-pid": str(pid)})
+        finally:
+            if not ended:
+                await client.cancel(cid)
+            await events.aclose()
+
+    @staticmethod
+    def _error(ev) -> HttpError:
+        return error_of(ev) if ev.event in P.TERMINAL_EVENTS else HttpError(500, "unexpected event")
+
+    @staticmethod
+    def _whole(head: dict[str, Any], done: dict[str, Any], shown: str) -> dict[str, Any]:
+        lp = legacy_logprobs(done["logprobs"], len(shown)) if "logprobs" in done else None
+        choice = {"index": 0, "text": shown + done.get("text", ""), "logprobs": lp,
+                  "finish_reason": done.get("finish_reason")}  # fmt: skip
+        return {**head, "choices": [choice], "usage": done.get("usage") or {},
+                "quantad": {"pid": done.get("pid"), "stats": done.get("stats", {})}}  # fmt: skip
+
+    async def _stream(self, request, events, head: dict[str, Any], shown: str, usage: bool) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        offset = len(shown)
+
+        async def chunk(text: str, finish: str | None = None, logprobs: list | None = None) -> None:
+            nonlocal offset
+            lp = None if logprobs is None else legacy_logprobs(logprobs, offset)
+            offset += len(text)
+            data = {**head, "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}]}
+            await resp.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+
+        if shown:
+            await chunk(shown)
+            offset = len(shown)
+        async for ev in events:
+            if ev.event == P.EV_TOKEN and (ev.text or ev.data.get("logprobs")):
+                await chunk(ev.text, logprobs=ev.data.get("logprobs"))
+            elif ev.terminal:
+                if ev.event != P.EV_DONE:
+                    await resp.write(b"data: " + json.dumps(self._error(ev).body()).encode() + b"\n\n")
+                else:
+                    await chunk("", ev.data.get("finish_reason"))
+                    if usage:
+                        tail = {**head, "choices": [], "usage": ev.data.get("usage") or {}}
+                        await resp.write(b"data: " + json.dumps(tail).encode() + b"\n\n")
+                    await resp.write(b"data: [DONE]\n\n")
+                break
+        await resp.write_eof()
+        return resp
