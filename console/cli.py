@@ -89,7 +89,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--seed", type=int)
     r.add_argument("--stop", action="append", help="stop string (repeatable)")
     r.add_argument("--agent", default="cli", help="agent name shown in ps")
-    r.add_argument("--nice", type=int, help="priority -20..19 as in Unix: lower runs first (default 0)")
+    r.add_argument("--nice", type=int, help="nice value -20..19 as in Unix: lower runs first (default 0)")
     r.add_argument("--json", action="store_true", help="print the final result as one JSON object")
     r.add_argument("--events", action="store_true", help="print scheduling events (preempted/resumed) on stderr")
     r.add_argument(

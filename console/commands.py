@@ -101,7 +101,7 @@ def cmd_nice(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data))
     else:
-        print(f"{data['pid']}: old priority {data['old']}, new priority {data['nice']}")
+        print(f"{data['pid']}: old nice {data['old']}, new nice {data['nice']}")
     return 0
 
 

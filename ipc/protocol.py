@@ -129,6 +129,30 @@ def pack(msg: dict[str, Any]) -> bytes:
     return msgpack.packb(msg, use_bin_type=True)
 
 
+MAX_DEPTH = 1024  # msgpack's own limit on nesting (arrays and maps within each other)
+LIMIT_NAMES = {
+    "max_str_len": "a string",
+    "max_array_len": "an array",
+    "max_map_len": "a map",
+    "max_bin_len": "a binary",
+}
+
+
+def _why(exc: Exception) -> str:
+    """Which decoder limit or rule a frame broke, in words (msgpack's own, where it has some)."""
+    if isinstance(exc, msgpack.StackError):
+        return f"nested more than {MAX_DEPTH} levels deep"
+    if isinstance(exc, msgpack.ExtraData):
+        return "bytes after the message (one message per frame)"
+    if isinstance(exc, msgpack.FormatError):
+        return "not msgpack (a reserved or invalid type byte)"
+    text = str(exc) or type(exc).__name__
+    for name, what in LIMIT_NAMES.items():
+        if name in text:
+            return f"{what} longer than allowed: {text}"
+    return text
+
+
 def unpack(frame: bytes, max_size: int = MAX_FRAME, header: str = "op") -> dict[str, Any]:
     """Decode one frame into a message map or raise ``ProtocolError``.
 
@@ -148,7 +172,7 @@ def unpack(frame: bytes, max_size: int = MAX_FRAME, header: str = "op") -> dict[
             max_map_len=MAX_MAP,
         )
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise ProtocolError(E_BAD_FRAME, f"undecodable msgpack frame: {type(exc).__name__}") from None
+        raise ProtocolError(E_BAD_FRAME, f"undecodable msgpack frame: {_why(exc)}") from None
     if not isinstance(msg, dict):
         raise ProtocolError(E_BAD_FRAME, "a message must be a msgpack map")
     version = msg.get("v")

@@ -192,12 +192,44 @@ def show(eff: Effective, as_json: bool = False) -> str:
     """``quantad config show``: every effective value and its source."""
     import json
 
-    rows = {k: {"value": _plain(v), "source": eff.sources[k]} for k, v in sorted(vars(eff.values).items())}
+    derived = derived_defaults(vars(eff.values))
+    rows = {}
+    for k, v in sorted(vars(eff.values).items()):
+        if v is None and k in derived:  # what the daemon will use, not a bare "unset"
+            rows[k] = {"value": _plain(derived[k]), "source": "default (derived)"}
+        else:
+            rows[k] = {"value": _plain(v), "source": eff.sources[k]}
     if as_json:
         return json.dumps({"file": str(eff.file) if eff.file else None, "options": rows}, indent=2)
     width = max(map(len, rows), default=0)
     head = f"# config file: {eff.file or 'none'}"
     return "\n".join([head] + [f"{k.ljust(width)} = {_toml(r['value'])}  # {r['source']}" for k, r in rows.items()])
+
+
+def derived_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """The values options left unset take at start (what ``launch`` derives), for ``config show``."""
+    from ipc.endpoints import agent_endpoint, state_dir, worker_endpoint
+    from scheduler.limits import Limits
+    from scheduler.options import DEFAULT_QUANTUM_MS
+
+    lim = Limits()
+    endpoint = values.get("endpoint") or agent_endpoint(None, client=False)
+    out: dict[str, Any] = {
+        "endpoint": endpoint,
+        "worker_endpoint": worker_endpoint(endpoint),
+        "state_dir": str(state_dir()),
+        "requests_per_identity": lim.requests_per_identity,
+        "tokens_per_identity": lim.tokens_per_identity,
+        "rate_limit": lim.messages_per_s,
+        "rate_burst": lim.burst,
+        "max_unread": lim.max_unread,
+        "max_connections": lim.max_connections,
+    }
+    if values.get("backend") != "openai":
+        out["model"] = "smollm2"
+    if not values.get("quantum_tokens"):
+        out["quantum_ms"] = DEFAULT_QUANTUM_MS
+    return out
 
 
 def _plain(v: Any) -> Any:

@@ -1,4 +1,4 @@
-"""``/v1/completions`` and the protocol's ``prompt``: a text continued as it is, scheduled and preempted as chats are."""
+"""``/v1/completions`` and the protocol's ``prompt``: a text continued as is, scheduled and preempted as chats are."""
 
 from __future__ import annotations
 

@@ -262,6 +262,8 @@ def test_config_show_and_precedence(tmp_path, monkeypatch):
     assert shown["slots"] == {"value": 4, "source": "env:QUANTAD_SLOTS"}
     assert shown["host_budget"] == {"value": 1 << 30, "source": f"file:{conf}:4"}
     assert shown["policy"] == {"value": "rr", "source": "default"}
+    assert shown["max_unread"] == {"value": 10_000, "source": "default (derived)"}  # the value used, not "unset"
+    assert shown["state_dir"]["value"] and shown["endpoint"]["value"].startswith("ipc://")
     assert quantad("config", "check", "--config", str(conf)).returncode == 0
 
     # flag > env > file > default, for every option of the parser (the mapping is generic)
