@@ -59,6 +59,14 @@ class ModelHooks(ABC):
     def crop(self, state: State, n: int) -> Any:
         """A kept state cut to its first ``n`` tokens, as a ``partial`` to prefill on (sessions)."""
 
+    def fork(self, state: State) -> State:
+        """A copy of a prefilled row's state (or of a kept copy) for another row that shares its prompt."""
+        return [(k.clone(), v.clone()) for k, v in state]
+
+    def keep_copy(self, state: State) -> State:
+        """A copy of a prefilled row's state that holds nothing of the engine's (kept for late forks)."""
+        return self.fork(state)
+
     def kv_length(self, state: State) -> int:
         """Tokens of context a state holds."""
         return int(state[0][0].shape[-2])

@@ -193,6 +193,16 @@ class LlamaCppEngine(LocalEngine):
         slot.tokens = n
         return slot
 
+    def fork(self, state: Slot | Layers) -> Slot:
+        """Another sequence with the same cells: the state's bytes copied (at memcpy speed) into a new id."""
+        return self._restored(self.keep_copy(state))
+
+    def keep_copy(self, state: Slot | Layers) -> Layers:
+        """The host form of a state (no sequence id held: those are few)."""
+        if not isinstance(state, Slot):
+            return state
+        return [(self.model.get_state(state.sid), torch.tensor([state.tokens], dtype=torch.int64))]
+
     def kv_length(self, state: Slot | Layers) -> int:
         return state.tokens if isinstance(state, Slot) else int(state[0][1][0])
 

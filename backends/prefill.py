@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
 
 from backends.sequence import Sequence
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from backends.local import LocalEngine
 
 log = logging.getLogger("quantad.worker")
+KEPT_FORKS = 2  # fork groups whose prompt state is kept for rows that come after their leader's prefill
 
 
 class PrefillLine:
@@ -26,18 +28,72 @@ class PrefillLine:
         self.engine = engine
         self.chunk = chunk
         self.seqs: list[Sequence] = []
+        self.forks: dict[int, list[Sequence]] = {}  # a leader's rid -> rows waiting for a copy of its prompt
+        self.kept: OrderedDict[str, tuple[list[int], Any, Any]] = OrderedDict()  # fork group -> its prompt, copied
 
     def __bool__(self) -> bool:
         return bool(self.seqs)
 
     def __contains__(self, seq: Sequence) -> bool:
-        return seq in self.seqs
+        return seq in self.seqs or any(seq in f for f in self.forks.values())
 
     def add(self, seq: Sequence) -> None:
+        """A row to prefill; one of a ``fork`` group whose prompt another row is prefilling waits for a copy."""
+        leader = self._leader(seq)
+        if leader is not None:
+            self.forks.setdefault(leader.rid, []).append(seq)
+            return
+        kept = self.kept.get(seq.params.get("fork") or "")
+        if kept is not None and self._fresh_row(seq) and kept[0] == seq.context_ids:  # it came after its leader's
+            self._join_copy(seq, kept[1], kept[2])
+            return
         self.seqs.append(seq)
 
     def remove(self, seq: Sequence) -> None:
+        for followers in self.forks.values():
+            if seq in followers:
+                followers.remove(seq)
+                return
         self.seqs.remove(seq)
+        rest = self.forks.pop(seq.rid, [])
+        if rest:  # the next of the group prefills in its place
+            self.seqs.append(rest[0])
+            self.forks[rest[0].rid] = rest[1:]
+
+    @staticmethod
+    def _fresh_row(seq: Sequence) -> bool:
+        return not (seq.prefilled or seq.partial is not None or seq.generated)
+
+    def _leader(self, seq: Sequence) -> Sequence | None:
+        group = seq.params.get("fork")
+        if not group or not self._fresh_row(seq):
+            return None
+        return next(
+            (s for s in self.seqs if s.params.get("fork") == group and s.context_ids == seq.context_ids),
+            None,
+        )
+
+    def _complete(self, seq: Sequence, state, logits) -> None:
+        """A row's prompt is in: it joins the batch, and so does every row that waited for a copy of it."""
+        engine, group = self.engine, seq.params.get("fork")
+        if group and self._fresh_prompt(seq):
+            self.kept[group] = (list(seq.context_ids), engine.keep_copy(state), logits.clone())
+            while len(self.kept) > KEPT_FORKS:
+                self.kept.popitem(last=False)
+        for f in self.forks.pop(seq.rid, []):
+            self._join_copy(f, state, logits)
+        seq.logits = logits
+        engine.join(seq, state)
+
+    @staticmethod
+    def _fresh_prompt(seq: Sequence) -> bool:
+        return not seq.generated and not seq.replay
+
+    def _join_copy(self, seq: Sequence, state, logits) -> None:
+        """A row of a fork group joins with a copy of its prompt's state: its prefill is not computed again."""
+        seq.prefilled, seq.reused = len(seq.context_ids), seq.reused + len(seq.context_ids)
+        seq.logits = logits.clone()
+        self.engine.join(seq, self.engine.fork(state))
 
     def _fits_whole(self, seq: Sequence) -> bool:
         """A new prompt short enough to prefill in one go (with others: see ``_fresh``)."""
@@ -86,8 +142,8 @@ class PrefillLine:
         if seq.prefilled < len(seq.context_ids):
             return
         self.seqs.remove(seq)
-        seq.logits, state, seq.partial = logits, engine.settle(seq.partial), None
-        engine.join(seq, state)
+        state, seq.partial = engine.settle(seq.partial), None
+        self._complete(seq, state, logits)
 
     def _feed(self, seq: Sequence, budget: int) -> None:
         """Feed the next chunk of a slot's context; when complete, the slot joins the batch."""
@@ -103,8 +159,8 @@ class PrefillLine:
         if seq.prefilled < len(ids):
             return
         self.seqs.remove(seq)
-        seq.logits, state, seq.partial = logits, engine.settle(seq.partial), None
-        engine.join(seq, state)
+        state, seq.partial = engine.settle(seq.partial), None
+        self._complete(seq, state, logits)
 
     def _fresh(self, budget: int) -> int:
         """Prefill the new prompts at the head of the line that fit the budget together, in one forward."""
@@ -135,6 +191,5 @@ class PrefillLine:
             seq.quantum.charge(dt * n / total)
             seq.prefilled, seq.prefill_computed = n, seq.prefill_computed + n
             self.seqs.remove(seq)
-            seq.logits = logits
-            engine.join(seq, state)
+            self._complete(seq, state, logits)
         return budget

@@ -38,8 +38,9 @@ def parse_chat(msg: dict[str, Any]) -> dict[str, Any]:
     seed = number(msg, "seed", 0, 2**63 - 1, None, integer=True)
     agent = field(msg, "agent", str, "")
     session = field(msg, "session", str, "")
-    if len(agent) > 128 or len(session) > 128:
-        raise ProtocolError(E_BAD_FIELD, "'agent' and 'session' are at most 128 characters")
+    fork = field(msg, "fork", str, "")
+    if len(agent) > 128 or len(session) > 128 or len(fork) > 128:
+        raise ProtocolError(E_BAD_FIELD, "'agent', 'session' and 'fork' are at most 128 characters")
     max_tokens = number(msg, "max_tokens", 1, MAX_TOKENS_LIMIT, DEFAULT_MAX_TOKENS, integer=True)
     min_tokens = number(msg, "min_tokens", 0, MAX_TOKENS_LIMIT, 0, integer=True)
     if min_tokens > max_tokens:
@@ -60,6 +61,7 @@ def parse_chat(msg: dict[str, Any]) -> dict[str, Any]:
         **_structured(msg),
         **_on_behalf(msg),
         **({} if prompt is None else {"prompt": prompt}),
+        **({"fork": fork} if fork else {}),
     }
 
 
@@ -129,7 +131,7 @@ def refuse_unsupported(msg: dict[str, Any]) -> None:
     """OpenAI fields the daemon knows and cannot honour: refused by name, never dropped."""
     n = msg.get("n")
     if n is not None and n != 1:
-        raise ProtocolError(E_UNSUPPORTED, "'n' other than 1 is not supported")
+        raise ProtocolError(E_UNSUPPORTED, "'n' other than 1 is not supported: send n chats of one 'fork' group")
 
 
 def _on_behalf(msg: dict[str, Any]) -> dict[str, Any]:

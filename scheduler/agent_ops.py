@@ -77,6 +77,8 @@ class AgentOps:
             who = Caller(who.addr, rec.params["on_behalf_of"], admin=False)
         if params.get("session"):
             params = params | {"session": session_key(who.identity, params["session"])}
+        if params.get("fork"):  # a group is its owner's own too
+            params = params | {"fork": session_key(who.identity, params["fork"])}
         exact = d.sizer.check(params["messages"], params.get("tools"), params.get("max_tokens"), params.get("prompt"))
         req = Request(pid=next(d.pids), agent_addr=addr, client_id=cid, params=params, owner=who.identity or "",
                       prompt_tokens=exact or 0)  # fmt: skip

@@ -25,9 +25,9 @@ class Scheduler:
     # ---- a request's life ---------------------------------------------------------------
     def add(self, req: Request) -> None:
         """A new request joins the run queue; one of a session goes to the worker keeping its context."""
-        home = self.session_home(req.session)
+        home = self.session_home(req.session) or self.fork_home(req.params.get("fork"))
         if home is not None and home.alive:
-            req.worker = home.name  # affinity: that worker holds the session's context
+            req.worker = home.name  # affinity: that worker holds the session's context, or prefills the group's
         self.table[req.pid] = req
         req.move(State.READY)
         self.policy.admit(req)
@@ -189,6 +189,15 @@ class Scheduler:
         return lost
 
     # ---- sessions and policies ----------------------------------------------------------
+    def fork_home(self, group: str | None) -> Worker | None:
+        """The worker a live request of fork ``group`` was placed on: its prompt is prefilled once, there."""
+        if not group:
+            return None
+        for r in self.table.values():
+            if r.params.get("fork") == group and not r.finished and r.worker is not None:
+                return self.workers.get(r.worker)
+        return None
+
     def session_home(self, session: str) -> Worker | None:
         """The worker keeping ``session``'s context, if one does."""
         return next((w for w in self.workers.values() if session in w.sessions), None)

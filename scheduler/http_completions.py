@@ -99,8 +99,12 @@ class Completions:
                 ended = True
                 raise self._error(first)
             pid = first.data["pid"]
-            head = {"id": f"cmpl-{pid}-{uuid.uuid4().hex[:12]}", "object": "text_completion",
-                    "created": int(time.time()), "model": self.front.models[0]}  # fmt: skip
+            head = {
+                "id": f"cmpl-{pid}-{uuid.uuid4().hex[:12]}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": self.front.models[0],
+            }
             if stream:
                 opts = body.get("stream_options")
                 usage = isinstance(opts, dict) and opts.get("include_usage") is True
@@ -126,10 +130,18 @@ class Completions:
     @staticmethod
     def _whole(head: dict[str, Any], done: dict[str, Any], shown: str) -> dict[str, Any]:
         lp = legacy_logprobs(done["logprobs"], len(shown)) if "logprobs" in done else None
-        choice = {"index": 0, "text": shown + done.get("text", ""), "logprobs": lp,
-                  "finish_reason": done.get("finish_reason")}  # fmt: skip
-        return {**head, "choices": [choice], "usage": done.get("usage") or {},
-                "quantad": {"pid": done.get("pid"), "stats": done.get("stats", {})}}  # fmt: skip
+        choice = {
+            "index": 0,
+            "text": shown + done.get("text", ""),
+            "logprobs": lp,
+            "finish_reason": done.get("finish_reason"),
+        }
+        return {
+            **head,
+            "choices": [choice],
+            "usage": done.get("usage") or {},
+            "quantad": {"pid": done.get("pid"), "stats": done.get("stats", {})},
+        }
 
     async def _stream(self, request, events, head: dict[str, Any], shown: str, usage: bool) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})

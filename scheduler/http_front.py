@@ -24,6 +24,7 @@ from aiohttp import web
 from ipc import protocol as P
 from ipc.client import AsyncClient, ClientError, Event
 from scheduler import http_tokens
+from scheduler.http_choices import Choices, choices_of
 from scheduler.http_completions import Completions
 from scheduler.http_errors import HttpError, error_of
 
@@ -222,6 +223,15 @@ class HttpFront:
             raise HttpError(400, "the request body is not valid JSON") from None
         messages, params = chat_fields(body, self.models)
         stream = bool(body.get("stream", False))
+        n = choices_of(body)
+        params.pop("n", None)
+        if n > 1:  # n requests of one fork group: the prompt is prefilled once
+            if "identity" in request:
+                params["on_behalf_of"] = request["identity"]
+            opts = body.get("stream_options")
+            return await Choices(self, request, messages, params, n).respond(
+                stream, isinstance(opts, dict) and opts.get("include_usage") is True
+            )
         try:
             if "identity" in request:  # the daemon takes it from its admin (the front) only
                 params["on_behalf_of"] = request["identity"]
@@ -255,7 +265,7 @@ class HttpFront:
             headers = {"x-quantad-pid": str(pid)}
             if last.data.get("stats", {}).get("grammar_complete") is False:
                 headers["x-quantad-warning"] = CUT_GRAMMAR
-            return web.json_response(self._completion(meta, last.data), headers=headers)
+            return web.json_response(self.completion(meta, last.data), headers=headers)
         finally:
             if not ended:  # the HTTP client hung up (or we failed): the request must not run on for nobody
                 await self.client.cancel(cid)
@@ -288,7 +298,7 @@ class HttpFront:
         finally:
             await events.aclose()
 
-    def _completion(self, meta: dict[str, Any], done: dict[str, Any]) -> dict[str, Any]:
+    def completion(self, meta: dict[str, Any], done: dict[str, Any]) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": content_of(done)}
         calls = tool_calls(done)
         if calls:

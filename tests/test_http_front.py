@@ -263,7 +263,7 @@ def test_errors_are_openai_shaped(front):
         client.chat.completions.create(model="no-such-model", messages=messages("x"))
     assert missing.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=front.model_id, messages=messages("x"), n=2)
+        client.chat.completions.create(model=front.model_id, messages=messages("x"), n=9)  # 1..8
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=front.model_id, messages=image)

@@ -118,7 +118,7 @@ def test_the_http_front_takes_the_controls_and_refuses_unknown_fields(daemon):
     vllm = {"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1}
     extra = client.chat.completions.create(model=model, messages=messages(PROMPTS[1]), max_tokens=4, extra_body=vllm)
     assert extra.choices[0].finish_reason == "length"
-    for kw, name in (({"n": 2}, "n"), ({"extra_body": {"best_of": 2}}, "best_of")):
+    for kw, name in (({"n": 9}, "n"), ({"extra_body": {"best_of": 2}}, "best_of")):
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model=model, messages=messages("x"), max_tokens=2, **kw)
         assert refused.value.body["code"] == "unsupported_parameter" and refused.value.body["param"] == name

@@ -1,0 +1,160 @@
+"""``n`` choices of one HTTP chat: ``n`` chats of one ``fork`` group, so their prompt is prefilled once.
+
+Each choice is a request of its own (listed by ``ps``, preempted, killed) with the seed
+``seed + i`` when a seed was given, so every choice is reproducible; the group makes the
+worker prefill the shared prompt once and copy its state into the other rows.  A stream
+interleaves the choices' chunks (``choices[0].index`` says whose); it cannot be resumed by
+``Last-Event-ID`` (one request's stream can).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ipc import protocol as P
+from ipc.client import ClientError
+from scheduler.http_errors import HttpError, error_of
+
+if TYPE_CHECKING:
+    from scheduler.http_front import HttpFront
+
+MAX_N = 8
+
+
+def choices_of(body: dict[str, Any]) -> int:
+    """``n`` (1 when absent), within 1..MAX_N."""
+    n = body.get("n")
+    if n is None:
+        return 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+        raise HttpError(400, f"'n' must be an integer in 1..{MAX_N}", code=P.E_UNSUPPORTED, param="n")
+    return n
+
+
+class Choices:
+    def __init__(self, front: HttpFront, request: web.Request, messages: list, params: dict[str, Any], n: int):
+        self.front, self.request, self.n = front, request, n
+        group = uuid.uuid4().hex
+        seed = params.get("seed")
+        self.params = [params | {"fork": group, **({"seed": seed + i} if seed is not None else {})} for i in range(n)]
+        self.messages = messages
+        self.cids: list[Any] = []
+
+    async def respond(self, stream: bool, usage: bool) -> web.StreamResponse:
+        client = self.front.client
+        try:
+            for p in self.params:
+                self.cids.append(await client.submit(self.messages, stream=stream, **p))
+        except ClientError as exc:
+            await self._cancel()
+            raise HttpError.of(exc.code, exc.message) from None
+        streams = [client.events(cid) for cid in self.cids]
+        try:
+            firsts = [await anext(s) for s in streams]
+            bad = next((ev for ev in firsts if ev.event != P.EV_ACCEPTED), None)
+            if bad is not None:
+                raise error_of(bad) if bad.event in P.TERMINAL_EVENTS else HttpError(500, "unexpected event")
+            head = {
+                "id": f"chatcmpl-{firsts[0].data['pid']}-{uuid.uuid4().hex[:12]}",
+                "created": int(time.time()),
+                "model": self.front.models[0],
+            }
+            pids = ",".join(str(ev.data["pid"]) for ev in firsts)
+            if stream:
+                return await self._stream(streams, head, usage, pids)
+            dones = [await self._last(s) for s in streams]
+            return web.json_response(self._whole(head, dones), headers={"x-quantad-pid": pids})
+        finally:
+            await self._cancel()
+            for s in streams:
+                await s.aclose()
+
+    async def _cancel(self) -> None:
+        for cid in self.cids:  # those already ended ignore it
+            await self.front.client.cancel(cid)
+
+    @staticmethod
+    async def _last(events) -> dict[str, Any]:
+        last = None
+        async for ev in events:
+            last = ev
+        if last is None or last.event != P.EV_DONE:
+            raise error_of(last) if last is not None else HttpError(500, "no answer")
+        return last.data
+
+    def _whole(self, head: dict[str, Any], dones: list[dict[str, Any]]) -> dict[str, Any]:
+        one = [self.front.completion(head, d)["choices"][0] for d in dones]
+        usage = {
+            "prompt_tokens": dones[0].get("usage", {}).get("prompt_tokens", 0),
+            "completion_tokens": sum(d.get("usage", {}).get("completion_tokens", 0) for d in dones),
+        }
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {
+            **head,
+            "object": "chat.completion",
+            "system_fingerprint": None,
+            "choices": [c | {"index": i} for i, c in enumerate(one)],
+            "usage": usage,
+            "quantad": {"pids": [d.get("pid") for d in dones], "stats": [d.get("stats", {}) for d in dones]},
+        }
+
+    async def _stream(self, streams, head: dict[str, Any], usage: bool, pids: str) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "x-quantad-pid": pids}
+        )
+        await resp.prepare(self.request)
+        head = {**head, "object": "chat.completion.chunk", "system_fingerprint": None}
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, events) -> None:
+            async for ev in events:
+                await queue.put((i, ev))
+            await queue.put((i, None))
+
+        async def chunk(i: int, delta: dict, finish: str | None = None, logprobs: list | None = None) -> None:
+            lp = None if logprobs is None else {"content": logprobs, "refusal": None}
+            data = {**head, "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}]}
+            await resp.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        done: list[dict] = []
+        try:
+            for i in range(self.n):
+                await chunk(i, {"role": "assistant", "content": ""})
+            open_ = self.n
+            while open_:
+                i, ev = await queue.get()
+                if ev is None:
+                    open_ -= 1
+                elif ev.event == P.EV_TOKEN and (ev.text or ev.data.get("logprobs")):
+                    await chunk(i, {"content": ev.text}, logprobs=ev.data.get("logprobs"))
+                elif ev.event == P.EV_TOOL_CALL:
+                    await chunk(i, {"tool_calls": [ev.data.get("tool_call") or {}]})
+                elif ev.event == P.EV_DONE:
+                    done.append(ev.data)
+                    if ev.data.get("content_tail"):
+                        await chunk(i, {"content": ev.data["content_tail"]})
+                    await chunk(i, {}, ev.data.get("finish_reason"))
+                elif ev.terminal:
+                    await resp.write(b"data: " + json.dumps(error_of(ev).body()).encode() + b"\n\n")
+            if usage and done:
+                prompt = done[0].get("usage", {}).get("prompt_tokens", 0)
+                out = sum(d.get("usage", {}).get("completion_tokens", 0) for d in done)
+                tail = {
+                    **head,
+                    "choices": [],
+                    "usage": {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out},
+                }
+                await resp.write(b"data: " + json.dumps(tail).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        finally:
+            for t in tasks:
+                t.cancel()
+        return resp
