@@ -69,7 +69,10 @@ def _restart(d) -> None:
     d.proc = d.daemon.proc
 
 
-@pytest.mark.parametrize("engine,tier", [("hf", "auto"), ("hf", "disk"), ("llamacpp", "disk")])
+@pytest.mark.parametrize(
+    "engine,tier", [("hf", "auto"), ("hf", "device"), ("hf", "host"), ("hf", "disk"), ("hf", "recompute"),
+                    ("llamacpp", "disk")]
+)  # fmt: skip
 def test_a_killed_daemon_finishes_every_request_after_a_restart(tiny_model_dir, start_daemon, engine, tier):
     n = 4
     flags = (*FLAGS, "--snapshot-tier", tier, "--disk-budget", "64MiB")
