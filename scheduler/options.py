@@ -332,7 +332,8 @@ def _http_flags(h: argparse._ArgumentGroup) -> None:
         "--http",
         type=netaddr.host_port,
         metavar="HOST:PORT",
-        help="serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health) on HOST:PORT; "
+        help="serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /tokenize, "
+        "/detokenize, /health) on HOST:PORT; "
         "loopback only unless --http-allow-remote; port 0 picks a free port",
     )
     h.add_argument(
