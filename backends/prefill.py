@@ -76,7 +76,7 @@ class PrefillLine:
     def _complete(self, seq: Sequence, state, logits) -> None:
         """A row's prompt is in: it joins the batch, and so does every row that waited for a copy of it."""
         engine, group = self.engine, seq.params.get("fork")
-        if group and self._fresh_prompt(seq):
+        if group and not seq.generated:  # its prompt alone (a restarted row holds streamed tokens too)
             self.kept[group] = (list(seq.context_ids), engine.keep_copy(state), logits.clone())
             while len(self.kept) > KEPT_FORKS:
                 self.kept.popitem(last=False)
@@ -84,10 +84,6 @@ class PrefillLine:
             self._join_copy(f, state, logits)
         seq.logits = logits
         engine.join(seq, state)
-
-    @staticmethod
-    def _fresh_prompt(seq: Sequence) -> bool:
-        return not seq.generated and not seq.replay
 
     def _join_copy(self, seq: Sequence, state, logits) -> None:
         """A row of a fork group joins with a copy of its prompt's state: its prefill is not computed again."""

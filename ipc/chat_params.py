@@ -97,12 +97,11 @@ def _controls(msg: dict[str, Any]) -> dict[str, Any]:
         "top_k": int(number(msg, "top_k", -1, 1 << 20, 0, integer=True)),
         "min_p": float(number(msg, "min_p", 0.0, 1.0, 0.0)),
         "logit_bias": _logit_bias(field(msg, "logit_bias", dict, {})),
-        **_logprobs(msg),
     }
     if out["top_k"] == -1:  # vLLM's "off"
         out["top_k"] = 0
     neutral = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "top_k": 0, "min_p": 0.0}
-    return {k: v for k, v in out.items() if k == "top_logprobs" or (v and v != neutral.get(k))}
+    return {k: v for k, v in out.items() if v and v != neutral.get(k)} | _logprobs(msg)
 
 
 def _logprobs(msg: dict[str, Any]) -> dict[str, Any]:

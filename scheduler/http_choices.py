@@ -20,6 +20,7 @@ from aiohttp import web
 from ipc import protocol as P
 from ipc.client import ClientError
 from scheduler.http_errors import HttpError, error_of
+from scheduler.http_request import done_data, last_event, rejection
 
 if TYPE_CHECKING:
     from scheduler.http_front import HttpFront
@@ -59,7 +60,7 @@ class Choices:
             firsts = [await anext(s) for s in streams]
             bad = next((ev for ev in firsts if ev.event != P.EV_ACCEPTED), None)
             if bad is not None:
-                raise error_of(bad) if bad.event in P.TERMINAL_EVENTS else HttpError(500, "unexpected event")
+                raise rejection(bad)
             head = {
                 "id": f"chatcmpl-{firsts[0].data['pid']}-{uuid.uuid4().hex[:12]}",
                 "created": int(time.time()),
@@ -68,7 +69,7 @@ class Choices:
             pids = ",".join(str(ev.data["pid"]) for ev in firsts)
             if stream:
                 return await self._stream(streams, head, usage, pids)
-            dones = [await self._last(s) for s in streams]
+            dones = [done_data(await last_event(first, s)) for first, s in zip(firsts, streams, strict=True)]
             return web.json_response(self._whole(head, dones), headers={"x-quantad-pid": pids})
         finally:
             await self._cancel()
@@ -80,27 +81,20 @@ class Choices:
             await self.front.client.cancel(cid)
 
     @staticmethod
-    async def _last(events) -> dict[str, Any]:
-        last = None
-        async for ev in events:
-            last = ev
-        if last is None or last.event != P.EV_DONE:
-            raise error_of(last) if last is not None else HttpError(500, "no answer")
-        return last.data
+    def _usage(dones: list[dict[str, Any]]) -> dict[str, int]:
+        """The choices' usage together: the prompt once (it was computed once), every choice's completion."""
+        prompt = dones[0].get("usage", {}).get("prompt_tokens", 0)
+        out = sum(d.get("usage", {}).get("completion_tokens", 0) for d in dones)
+        return {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out}
 
     def _whole(self, head: dict[str, Any], dones: list[dict[str, Any]]) -> dict[str, Any]:
         one = [self.front.completion(head, d)["choices"][0] for d in dones]
-        usage = {
-            "prompt_tokens": dones[0].get("usage", {}).get("prompt_tokens", 0),
-            "completion_tokens": sum(d.get("usage", {}).get("completion_tokens", 0) for d in dones),
-        }
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return {
             **head,
             "object": "chat.completion",
             "system_fingerprint": None,
             "choices": [c | {"index": i} for i, c in enumerate(one)],
-            "usage": usage,
+            "usage": self._usage(dones),
             "quantad": {"pids": [d.get("pid") for d in dones], "stats": [d.get("stats", {}) for d in dones]},
         }
 
@@ -144,13 +138,7 @@ class Choices:
                 elif ev.terminal:
                     await resp.write(b"data: " + json.dumps(error_of(ev).body()).encode() + b"\n\n")
             if usage and done:
-                prompt = done[0].get("usage", {}).get("prompt_tokens", 0)
-                out = sum(d.get("usage", {}).get("completion_tokens", 0) for d in done)
-                tail = {
-                    **head,
-                    "choices": [],
-                    "usage": {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out},
-                }
+                tail = {**head, "choices": [], "usage": self._usage(done)}
                 await resp.write(b"data: " + json.dumps(tail).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()

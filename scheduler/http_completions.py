@@ -18,7 +18,8 @@ from aiohttp import web
 
 from ipc import protocol as P
 from ipc.client import ClientError
-from scheduler.http_errors import HttpError, error_of
+from scheduler.http_errors import HttpError
+from scheduler.http_request import done_data, json_body, last_event, rejection, served, wants_usage
 
 if TYPE_CHECKING:
     from scheduler.http_front import HttpFront
@@ -31,13 +32,9 @@ PASSED = frozenset(
 KNOWN = PASSED | frozenset("model prompt max_tokens stream stream_options user logprobs echo suffix best_of".split())
 
 
-def completion_fields(body: Any, models: list[str]) -> tuple[Any, dict[str, Any], bool]:
-    """A completions body -> (prompt, chat params, echo); what the daemon checks is left to it."""
-    if not isinstance(body, dict):
-        raise HttpError(400, "the request body must be a JSON object")
-    if body.get("model") not in models:
-        name = body.get("model")
-        raise HttpError(404, f"model {name!r} is not served here", "not_found_error", "model_not_found", "model")
+def completion_fields(body: dict[str, Any], models: list[str]) -> tuple[Any, dict[str, Any], bool]:
+    """A completions body (a JSON object) -> (prompt, chat params, echo); what the daemon checks is left to it."""
+    served(body.get("model"), models)
     unknown = sorted(set(body) - KNOWN)
     if unknown:
         raise HttpError(400, f"'{unknown[0]}' is not supported here", code=P.E_UNSUPPORTED, param=unknown[0])
@@ -79,10 +76,7 @@ class Completions:
         self.front = front
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            raise HttpError(400, "the request body is not valid JSON") from None
+        body = await json_body(request)
         prompt, params, echo = completion_fields(body, self.front.models)
         if "identity" in request:
             params["on_behalf_of"] = request["identity"]
@@ -97,7 +91,7 @@ class Completions:
             first = await anext(events)
             if first.event != P.EV_ACCEPTED:
                 ended = True
-                raise self._error(first)
+                raise rejection(first)
             pid = first.data["pid"]
             head = {
                 "id": f"cmpl-{pid}-{uuid.uuid4().hex[:12]}",
@@ -106,26 +100,17 @@ class Completions:
                 "model": self.front.models[0],
             }
             if stream:
-                opts = body.get("stream_options")
-                usage = isinstance(opts, dict) and opts.get("include_usage") is True
-                resp = await self._stream(request, events, head, shown, usage)
+                resp = await self._stream(request, events, head, shown, wants_usage(body))
                 ended = True
                 return resp
-            last = first
-            async for ev in events:
-                last = ev
+            last = await last_event(first, events)
             ended = True
-            if last.event != P.EV_DONE:
-                raise self._error(last)
-            return web.json_response(self._whole(head, last.data, shown), headers={"x-quantad-pid": str(pid)})
+            done = done_data(last)
+            return web.json_response(self._whole(head, done, shown), headers={"x-quantad-pid": str(pid)})
         finally:
             if not ended:
                 await client.cancel(cid)
             await events.aclose()
-
-    @staticmethod
-    def _error(ev) -> HttpError:
-        return error_of(ev) if ev.event in P.TERMINAL_EVENTS else HttpError(500, "unexpected event")
 
     @staticmethod
     def _whole(head: dict[str, Any], done: dict[str, Any], shown: str) -> dict[str, Any]:
@@ -163,7 +148,7 @@ class Completions:
                 await chunk(ev.text, logprobs=ev.data.get("logprobs"))
             elif ev.terminal:
                 if ev.event != P.EV_DONE:
-                    await resp.write(b"data: " + json.dumps(self._error(ev).body()).encode() + b"\n\n")
+                    await resp.write(b"data: " + json.dumps(rejection(ev).body()).encode() + b"\n\n")
                 else:
                     await chunk("", ev.data.get("finish_reason"))
                     if usage:

@@ -27,6 +27,7 @@ from scheduler import http_tokens
 from scheduler.http_choices import Choices, choices_of
 from scheduler.http_completions import Completions
 from scheduler.http_errors import HttpError, error_of
+from scheduler.http_request import done_data, json_body, last_event, rejection, served, wants_usage
 
 log = logging.getLogger("quantad")
 
@@ -44,18 +45,12 @@ CUT_GRAMMAR = "max_tokens cut the output before its grammar was complete: it is 
 
 
 # ---- request translation --------------------------------------------------------------------
-def chat_fields(body: Any, models: Iterable[str]) -> tuple[list, dict[str, Any]]:
-    """An OpenAI chat-completions body -> (messages, chat params).  Field values are checked by the daemon."""
-    if not isinstance(body, dict):
-        raise HttpError(400, "the request body must be a JSON object")
+def chat_fields(body: dict[str, Any], models: Iterable[str]) -> tuple[list, dict[str, Any]]:
+    """An OpenAI chat-completions body (a JSON object) -> (messages, chat params).  The daemon checks the values."""
     model = body.get("model")
     if not isinstance(model, str):
         raise HttpError(400, "'model' is required", param="model")
-    names = list(models)
-    if model not in names:
-        raise HttpError(
-            404, f"model {model!r} is not served here; try {names[0]!r}", "not_found_error", "model_not_found", "model"
-        )
+    served(model, models)
     unknown = sorted(set(body) - CHAT_FIELDS - HTTP_ONLY)
     if unknown:
         raise HttpError(400, f"'{unknown[0]}' is not supported here", code=P.E_UNSUPPORTED, param=unknown[0])
@@ -211,16 +206,11 @@ class HttpFront:
         return web.json_response({"object": "list", "data": [await self._model(self.models[0])]})
 
     async def get_model(self, request: web.Request) -> web.Response:
-        name = request.match_info["model"]
-        if name not in self.models:
-            raise HttpError(404, f"model {name!r} is not served here", "not_found_error", "model_not_found", "model")
+        served(request.match_info["model"], self.models)
         return web.json_response(await self._model(self.models[0]))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            raise HttpError(400, "the request body is not valid JSON") from None
+        body = await json_body(request)
         messages, params = chat_fields(body, self.models)
         stream = bool(body.get("stream", False))
         n = choices_of(body)
@@ -228,10 +218,7 @@ class HttpFront:
         if n > 1:  # n requests of one fork group: the prompt is prefilled once
             if "identity" in request:
                 params["on_behalf_of"] = request["identity"]
-            opts = body.get("stream_options")
-            return await Choices(self, request, messages, params, n).respond(
-                stream, isinstance(opts, dict) and opts.get("include_usage") is True
-            )
+            return await Choices(self, request, messages, params, n).respond(stream, wants_usage(body))
         try:
             if "identity" in request:  # the daemon takes it from its admin (the front) only
                 params["on_behalf_of"] = request["identity"]
@@ -244,7 +231,7 @@ class HttpFront:
             first = await anext(events)
             if first.event != P.EV_ACCEPTED:  # rejected: the only event there is
                 ended = True
-                raise error_of(first) if first.event in P.TERMINAL_EVENTS else HttpError(500, "unexpected event")
+                raise rejection(first)
             pid = first.data["pid"]
             meta = {
                 "id": f"chatcmpl-{pid}-{uuid.uuid4().hex[:12]}",
@@ -252,20 +239,15 @@ class HttpFront:
                 "model": self.models[0],
             }
             if stream:
-                opts = body.get("stream_options")
-                usage = isinstance(opts, dict) and opts.get("include_usage") is True
-                resp, ended = await self._stream(request, events, pid, meta, usage)
+                resp, ended = await self._stream(request, events, pid, meta, wants_usage(body))
                 return resp
-            last = first
-            async for ev in events:
-                last = ev
+            last = await last_event(first, events)
             ended = True
-            if last.event != P.EV_DONE:
-                raise error_of(last)
+            done = done_data(last)
             headers = {"x-quantad-pid": str(pid)}
-            if last.data.get("stats", {}).get("grammar_complete") is False:
+            if done.get("stats", {}).get("grammar_complete") is False:
                 headers["x-quantad-warning"] = CUT_GRAMMAR
-            return web.json_response(self.completion(meta, last.data), headers=headers)
+            return web.json_response(self.completion(meta, done), headers=headers)
         finally:
             if not ended:  # the HTTP client hung up (or we failed): the request must not run on for nobody
                 await self.client.cancel(cid)
@@ -291,7 +273,7 @@ class HttpFront:
         try:
             first = await anext(events)
             if first.event != P.EV_ATTACHED:
-                raise error_of(first) if first.event in P.TERMINAL_EVENTS else HttpError(500, "unexpected event")
+                raise rejection(first)
             meta = {"id": f"chatcmpl-{pid}-resumed", "created": int(time.time()), "model": self.models[0]}
             resp, _ = await self._stream(request, events, pid, meta, False, at=(tokens, chars))
             return resp

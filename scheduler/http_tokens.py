@@ -7,13 +7,13 @@ beside (``max_model_len``).
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from ipc.client import ClientError
 from scheduler.http_errors import HttpError
+from scheduler.http_request import json_body, served
 
 if TYPE_CHECKING:
     from scheduler.http_front import HttpFront
@@ -22,15 +22,10 @@ PATHS = ("/tokenize", "/detokenize")
 
 
 async def _body(request: web.Request, front: HttpFront) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise HttpError(400, "the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise HttpError(400, "the request body must be a JSON object")
-    if "model" in body and body["model"] not in front.models:
-        name = body["model"]
-        raise HttpError(404, f"model {name!r} is not served here", "not_found_error", "model_not_found", "model")
+    """A JSON object, naming a model served here if it names one (vLLM's routes take none too)."""
+    body = await json_body(request)
+    if "model" in body:
+        served(body["model"], front.models)
     return body
 
 

@@ -70,20 +70,26 @@ class PromptSizer:
 
     def encode_chat(self, messages: list[dict], generation_prompt: bool = True) -> list[int]:
         """A chat's token ids, rendered with the model's template as a worker renders a plain chat."""
-        from transformers.utils.chat_template_utils import render_jinja_template
-
         self._known()
         plain = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
         try:
-            rendered, _ = render_jinja_template(
-                conversations=[plain],
-                chat_template=self._template,
-                add_generation_prompt=generation_prompt,
-                **self._special,
-            )
+            text = self._render(plain, None, generation_prompt)
         except Exception as exc:  # the template's own errors (a role it refuses): the caller's input
             raise P.ProtocolError(P.E_BAD_FIELD, f"the chat template cannot render these messages: {exc}") from None
-        return self.encode(rendered[0], special=False)
+        return self.encode(text, special=False)
+
+    def _render(self, messages: list[dict], tools: list[dict] | None, generation_prompt: bool = True) -> str:
+        """A chat as the model's template writes it (what ``apply_chat_template`` renders, without torch)."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, _ = render_jinja_template(
+            conversations=[messages],
+            tools=tools,
+            chat_template=self._template,
+            add_generation_prompt=generation_prompt,
+            **self._special,
+        )
+        return rendered[0]
 
     def decode(self, ids: list[int]) -> str:
         tok = self._known()
@@ -96,20 +102,17 @@ class PromptSizer:
         """Prompt tokens with the generation prompt, as the workers render it; None when unknown."""
         if self._tokenizer is None:
             return None
-        from transformers.utils.chat_template_utils import render_jinja_template
-
-        rendered, _ = render_jinja_template(
-            conversations=[messages],
-            tools=tools,
-            chat_template=self._template,
-            add_generation_prompt=True,
-            **self._special,
-        )
-        text = rendered[0]
+        text = self._render(messages, tools)
         floor = len(text.encode()) // self._longest  # no tokenization can make fewer tokens
         if self.limit and floor > self.limit:
             return floor  # far too long: not worth the tokenizer's time (a 4 MB prompt would hold the loop)
         return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def _prompt_length(self, prompt: str | list[int]) -> int | None:
+        """A completion's prompt: its ids, or its text tokenized as is (no template); None without a tokenizer."""
+        if isinstance(prompt, list):
+            return len(prompt)
+        return len(self.encode(prompt)) if self._tokenizer is not None else None
 
     def check(
         self, messages: list[dict], tools: list[dict] | None, max_tokens: int | None, prompt: Any = None
@@ -121,10 +124,8 @@ class PromptSizer:
         try:
             if not self.limit:
                 n = None
-            elif prompt is not None:  # a completion: no template
-                n = len(prompt) if isinstance(prompt, list) else len(self.encode(prompt)) if self._tokenizer else None
-            else:
-                n = self.count(plain, None)
+            else:  # a completion's prompt has no template
+                n = self._prompt_length(prompt) if prompt is not None else self.count(plain, None)
         except Exception as exc:  # a chat the template cannot take here: the worker decides, as before
             log.info("event=prompt_size_skipped why=%r", str(exc)[:200])
             return None

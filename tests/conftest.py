@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,24 @@ class DaemonProc:
         self.daemon = DaemonProcess("--model", str(model_dir), *args, endpoint=ep, env=env, log=log, cwd=REPO)
         self.endpoint, self.log_path = self.daemon.endpoint, self.daemon.log_path
         self.proc = self.daemon.start().proc
+
+    @functools.cached_property
+    def urls(self) -> dict[str, str]:
+        """Its listening endpoints as ``stats`` gives them (``http`` with ``--http 127.0.0.1:0``: the port it took)."""
+        with self.client(timeout=30) as c:
+            return c.stats()["endpoints"]
+
+    def openai(self, **kw):
+        """The official OpenAI client on its HTTP front (no token, no retries)."""
+        from openai import OpenAI
+
+        return OpenAI(
+            base_url=self.urls["http"] + "/v1",
+            api_key=kw.pop("api_key", "x"),
+            max_retries=0,
+            timeout=kw.pop("timeout", 300),
+            **kw,
+        )
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         self.daemon.wait_ready(timeout)

@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from openai import OpenAI
-
 from tests.conftest import messages
 
 PROMPT = "Write a short poem about the sea, the wind and the rain."
-
-
-def _front(start_daemon, tiny_model_dir):
-    d = start_daemon(tiny_model_dir, "--slots", "4", "--http", "127.0.0.1:0")
-    with d.client(timeout=30) as c:
-        d.urls = c.stats()["endpoints"]
-    return d
 
 
 def test_a_fork_group_prefills_its_prompt_once(start_daemon, tiny_model_dir):
@@ -35,8 +26,8 @@ def test_a_fork_group_prefills_its_prompt_once(start_daemon, tiny_model_dir):
 
 
 def test_n_choices_over_http_are_reproducible_streamed_and_not(start_daemon, tiny_model_dir):
-    d = _front(start_daemon, tiny_model_dir)
-    client = OpenAI(base_url=d.urls["http"] + "/v1", api_key="x", max_retries=0, timeout=300)
+    d = start_daemon(tiny_model_dir, "--slots", "4", "--http", "127.0.0.1:0")
+    client = d.openai()
     model = client.models.list().data[0].id
     kw = {"model": model, "messages": messages(PROMPT), "max_tokens": 8, "n": 4, "seed": 11, "temperature": 1.0,
           "extra_body": {"min_tokens": 8}}  # fmt: skip

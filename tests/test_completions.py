@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import openai
 import pytest
-from openai import OpenAI
 
 from ipc.client import ClientError, result_of
 from tests.conftest import DaemonProc
@@ -15,14 +14,8 @@ PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", 
 @pytest.fixture(scope="module")
 def front(tiny_model_dir, tmp_path_factory):
     d = DaemonProc(tiny_model_dir, tmp_path_factory.mktemp("cmpl"), "--policy", "fifo", "--http", "127.0.0.1:0")
-    with d.client(timeout=30) as c:
-        d.urls = c.stats()["endpoints"]
     yield d
     d.stop()
-
-
-def api(d) -> OpenAI:
-    return OpenAI(base_url=d.urls["http"] + "/v1", api_key="x", max_retries=0, timeout=120)
 
 
 def test_a_prompt_is_continued_without_the_chat_template(front):
@@ -52,7 +45,7 @@ def test_completions_are_the_same_when_preempted(front, start_daemon, tiny_model
 
 
 def test_the_openai_sdk_completes_streamed_and_not(front):
-    client = api(front)
+    client = front.openai()
     model = client.models.list().data[0].id
     with front.client(timeout=60) as c:
         want = c.complete(PROMPTS[1], max_tokens=6, min_tokens=6).text

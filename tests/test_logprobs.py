@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-from openai import OpenAI
 
 from ipc.client import ClientError, result_of
 from tests.conftest import PROMPTS, DaemonProc, messages
@@ -34,8 +33,6 @@ def _check(r) -> None:
 @pytest.fixture(scope="module")
 def alone(tiny_model_dir, tmp_path_factory):
     d = DaemonProc(tiny_model_dir, tmp_path_factory.mktemp("lp-alone"), "--policy", "fifo", "--http", "127.0.0.1:0")
-    with d.client(timeout=30) as c:
-        d.urls = c.stats()["endpoints"]
     yield d
     d.stop()
 
@@ -59,7 +56,7 @@ def test_logprobs_are_the_same_when_preempted_every_two_tokens(alone, start_daem
 
 
 def test_the_openai_sdk_reads_logprobs_streamed_and_not(alone):
-    client = OpenAI(base_url=alone.urls["http"] + "/v1", api_key="x", max_retries=0, timeout=120)
+    client = alone.openai()
     model = client.models.list().data[0].id
     r = client.chat.completions.create(model=model, messages=messages(PROMPTS[1]), max_tokens=6, logprobs=True,
                                        top_logprobs=2)  # fmt: skip
@@ -75,7 +72,7 @@ def test_the_openai_sdk_reads_logprobs_streamed_and_not(alone):
 def test_langchain_asks_for_logprobs(alone):
     from langchain_openai import ChatOpenAI
 
-    client = OpenAI(base_url=alone.urls["http"] + "/v1", api_key="x")
+    client = alone.openai()
     model = client.models.list().data[0].id
     llm = ChatOpenAI(model=model, base_url=alone.urls["http"] + "/v1", api_key="x", max_tokens=6, logprobs=True,
                      temperature=0)  # fmt: skip

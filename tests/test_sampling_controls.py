@@ -11,7 +11,6 @@ import collections
 import openai
 import pytest
 import torch
-from openai import OpenAI
 
 from backends.sampling import choose, shape
 from ipc.chat_params import parse_chat
@@ -64,8 +63,6 @@ def daemon(tiny_model_dir, tmp_path_factory):
     from tests.conftest import DaemonProc
 
     d = DaemonProc(tiny_model_dir, tmp_path_factory.mktemp("controls"), "--slots", "2", "--http", "127.0.0.1:0")
-    with d.client(timeout=30) as c:
-        d.urls = c.stats()["endpoints"]
     yield d
     d.stop()
 
@@ -107,7 +104,7 @@ def test_controls_are_exact_across_preemption(daemon, start_daemon, tiny_model_d
 
 
 def test_the_http_front_takes_the_controls_and_refuses_unknown_fields(daemon):
-    client = OpenAI(base_url=daemon.urls["http"] + "/v1", api_key="x", max_retries=0, timeout=120)
+    client = daemon.openai()
     model = client.models.list().data[0].id
     plain = _ids(daemon, PROMPTS[1])
     r = client.chat.completions.create(model=model, messages=messages(PROMPTS[1]), max_tokens=4,

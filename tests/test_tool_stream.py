@@ -6,7 +6,6 @@ import asyncio
 import json
 
 import pytest
-from openai import OpenAI
 
 from backends.structured import parse_tool_calls
 from ipc import protocol as P
@@ -50,8 +49,6 @@ def test_a_growing_text_splits_into_the_calls_the_worker_parses(step):
 def front(tiny_model_dir, tmp_path_factory):
     d = DaemonProc(tiny_model_dir, tmp_path_factory.mktemp("tools"), "--slots", "2", "--quantum-tokens", "3",
                    "--http", "127.0.0.1:0")  # fmt: skip
-    with d.client(timeout=30) as c:
-        d.urls = c.stats()["endpoints"]
     yield d
     d.stop()
 
@@ -71,7 +68,7 @@ def test_a_forced_call_streams_as_deltas_on_the_protocol(front):
 
 
 def test_the_openai_sdk_assembles_streamed_tool_calls(front):
-    client = OpenAI(base_url=front.urls["http"] + "/v1", api_key="x", max_retries=0, timeout=300)
+    client = front.openai()
     model = client.models.list().data[0].id
     kw = {"model": model, "messages": messages("Weather in Oslo?"), "tools": [WEATHER], "tool_choice": "required",
           "max_tokens": 60}  # fmt: skip

@@ -1,0 +1,64 @@
+"""What every HTTP route of the front reads the same way: the JSON body, the model it names, the request's events.
+
+``chat``, ``completions``, ``n`` choices and the tokenizer routes all take a JSON object, answer
+404 ``model_not_found`` for a model not served here, read ``stream_options.include_usage``, and
+follow a submitted request to its terminal event; each does it here once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from aiohttp import web
+
+from ipc import protocol as P
+from ipc.client import Event
+from scheduler.http_errors import HttpError, error_of
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's body, which must be a JSON object (400 otherwise)."""
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise HttpError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise HttpError(400, "the request body must be a JSON object")
+    return body
+
+
+def served(model: Any, models: Iterable[str]) -> None:
+    """404 ``model_not_found`` unless ``model`` is one of the names the model is served under."""
+    names = list(models)
+    if model not in names:
+        raise HttpError(
+            404, f"model {model!r} is not served here; try {names[0]!r}", "not_found_error", "model_not_found", "model"
+        )
+
+
+def wants_usage(body: dict[str, Any]) -> bool:
+    """``stream_options.include_usage``: a stream ends with a usage chunk."""
+    opts = body.get("stream_options")
+    return isinstance(opts, dict) and opts.get("include_usage") is True
+
+
+def rejection(ev: Event) -> HttpError:
+    """The error for a request whose first event is not ``accepted`` (or whose end is not ``done``)."""
+    return error_of(ev) if ev.event in P.TERMINAL_EVENTS else HttpError(500, "unexpected event")
+
+
+async def last_event(first: Event, events: AsyncIterator[Event]) -> Event:
+    """Follow a request to its terminal event (``first`` if it was the only one)."""
+    last = first
+    async for ev in events:
+        last = ev
+    return last
+
+
+def done_data(last: Event) -> dict[str, Any]:
+    """A request's terminal event: the ``done`` event's data, or its error raised."""
+    if last.event != P.EV_DONE:
+        raise rejection(last)
+    return last.data
