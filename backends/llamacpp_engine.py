@@ -81,6 +81,8 @@ def load_tokenizer(gguf: Path) -> Any:
 
 
 class LlamaCppEngine(LocalEngine):
+    shares_prefixes = True  # its prefill line feeds a cut prompt's rest beside other rows (``forward``)
+
     def __init__(self, spec: WorkerSpec, send: Send, ctx: Any):
         gguf = Path(spec.model)
         self.model = LlamaModel(

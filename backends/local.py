@@ -60,11 +60,12 @@ class LocalEngine(Engine, ModelHooks):
     """A model in this process, stepped by the skeleton; subclasses implement the hooks below."""
 
     tokenizer_dir = ""  # where its tokenizer lies, for the daemon's prompt counts (``ready``)
+    shares_prefixes = False  # keeps recent prompts for new ones that start alike (``backends.prefixes``)
 
     def __init__(self, spec: WorkerSpec, send: Send, ctx: zmq.Context):
         super().__init__(spec, send, ctx)
         self.running: dict[int, Sequence] = {}
-        self.line = PrefillLine(self, spec.prefill_chunk)
+        self.line = PrefillLine(self, spec.prefill_chunk, spec.prefix_cache if self.shares_prefixes else 0)
         self.contexts = ContextManager(
             self.device, spec.device_budget, spec.host_budget, disk_budget=spec.disk_budget, state_dir=spec.state_dir
         )
@@ -171,6 +172,7 @@ class LocalEngine(Engine, ModelHooks):
             "prefill_tokens": self.prefill_tokens,
             "decode_tokens": self.decode_tokens,
             "adopted_contexts": self.adopted,
+            **self.line.prefixes.stats(),
             "rss_bytes": psutil.Process().memory_info().rss,
             "host_available_bytes": psutil.virtual_memory().available,
         }

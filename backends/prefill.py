@@ -5,6 +5,7 @@ forward (``prefill_many``); the rest (long prompts, resumed prefixes, session su
 chunks, one row at a time (``prefill``).  A short prompt is never split: when it does not fit what
 is left of the budget, it waits for the next step, where it is prefilled whole (and batched with
 the others waiting).  A row whose context is complete joins the batch with its logits.
+A new prompt that starts like one prefilled before starts from its kept state (``backends.prefixes``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from backends.prefixes import PrefixCache
 from backends.sequence import Sequence
 
 if TYPE_CHECKING:
@@ -24,9 +26,10 @@ KEPT_FORKS = 2  # fork groups whose prompt state is kept for rows that come afte
 
 
 class PrefillLine:
-    def __init__(self, engine: LocalEngine, chunk: int):
+    def __init__(self, engine: LocalEngine, chunk: int, prefix_budget: int = 0):
         self.engine = engine
         self.chunk = chunk
+        self.prefixes = PrefixCache(prefix_budget)
         self.seqs: list[Sequence] = []
         self.forks: dict[int, list[Sequence]] = {}  # a leader's rid -> rows waiting for a copy of its prompt
         self.kept: OrderedDict[str, tuple[list[int], Any, Any]] = OrderedDict()  # fork group -> its prompt, copied
@@ -47,7 +50,25 @@ class PrefillLine:
         if kept is not None and self._fresh_row(seq) and kept[0] == seq.context_ids:  # it came after its leader's
             self._join_copy(seq, kept[1], kept[2])
             return
+        if self.prefixes and self._fresh_row(seq) and self._share_prefix(seq):
+            return
         self.seqs.append(seq)
+
+    def _share_prefix(self, seq: Sequence) -> bool:
+        """Start from the kept prompt sharing the longest prefix; True when it was this very prompt (it joined)."""
+        ids, prefixes, engine = seq.context_ids, self.prefixes, self.engine
+        common, entry = prefixes.longest(ids)
+        if entry is None:
+            return False
+        if common == len(ids) == len(entry.ids):  # nothing to compute: its logits are kept too
+            prefixes.tokens_reused += common
+            self._join_copy(seq, entry.state, entry.logits)
+            return True
+        common = min(common, len(ids) - 1)  # at least one token is fed, for fresh logits
+        seq.partial = engine.crop(engine.fork(entry.state), common)
+        seq.prefilled, seq.reused = common, seq.reused + common
+        prefixes.tokens_reused += common
+        return False
 
     def remove(self, seq: Sequence) -> None:
         for followers in self.forks.values():
@@ -80,6 +101,8 @@ class PrefillLine:
             self.kept[group] = (list(seq.context_ids), engine.keep_copy(state), logits.clone())
             while len(self.kept) > KEPT_FORKS:
                 self.kept.popitem(last=False)
+        if self.prefixes and not seq.generated:
+            self.prefixes.offer(list(seq.context_ids), engine.keep_copy(state), logits.clone())
         for f in self.forks.pop(seq.rid, []):
             self._join_copy(f, state, logits)
         seq.logits = logits

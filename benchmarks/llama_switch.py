@@ -1,8 +1,9 @@
 """Switch cost per tier on the llama.cpp engine: a 512-token sequence of the default GGUF through each tier.
 
 * device: the sequence stays in llama.cpp's cache; suspending and resuming it is bookkeeping (no byte moves);
-* host: ``llama_state_seq_get_data`` out (and the cells freed), ``set_data`` back in, against a memcpy
-  of the same bytes out and back;
+* host: ``llama_state_seq_get_data`` out (and the cells freed), ``set_data`` back in, against libc's
+  memcpy of the same bytes out and back (one thread, as llama.cpp copies; torch's ``copy_``, which
+  splits a large copy between the threads, is shown beside it);
 * disk: the host form written as a checksummed snapshot file and read back through the
   ``ContextManager``, against a raw write + fsync + read of the same bytes.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
 import shutil
 import tempfile
 import time
@@ -40,6 +42,15 @@ def _buffers(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _BUFFERS[like.numel()]
 
 
+def _memmove_roundtrip(src: torch.Tensor, mid: torch.Tensor, dst: torch.Tensor) -> float:
+    """libc's memcpy (``ctypes.memmove``) out and back: one thread, as llama.cpp copies a state."""
+    n = src.numel()
+    t0 = time.perf_counter()
+    ctypes.memmove(mid.data_ptr(), src.data_ptr(), n)
+    ctypes.memmove(dst.data_ptr(), mid.data_ptr(), n)
+    return time.perf_counter() - t0
+
+
 def _round(m: LlamaModel, cm: ContextManager, tokens: int, tmp: str) -> dict[str, float]:
     out: dict[str, float] = {}
     slot = Slot(m, m.acquire())
@@ -61,7 +72,8 @@ def _round(m: LlamaModel, cm: ContextManager, tokens: int, tmp: str) -> dict[str
     out["host"] = time.perf_counter() - t0
     assert back.tier == TIER_HOST
     mid, dst = _buffers(data)
-    out["memcpy"] = memcpy_roundtrip([data], [mid], [dst])
+    out["memcpy"] = _memmove_roundtrip(data, mid, dst)
+    out["torch_copy"] = memcpy_roundtrip([data], [mid], [dst])
     slot = Slot(m, sid, tokens)
     cm.snapshot(1, Snapshot(layers=slot.evict(), logits=logits, meta=None, tokens=tokens))
     t0 = time.perf_counter()  # disk: the host form to a file and back
@@ -102,7 +114,8 @@ def report(r: dict[str, list[float]], tokens: int) -> str:
     rows = [
         row("device: stays in llama.cpp's cache (no copy)", "device", None),
         row("host: get_data out + set_data in", "host", "memcpy"),
-        row("memcpy out and back (baseline)", "memcpy", None),
+        row("memcpy out and back, one thread (baseline)", "memcpy", None),
+        row("torch copy_ out and back, every thread (for comparison)", "torch_copy", None),
         row("disk: snapshot file written, fsynced, read", "disk", "file"),
         row("raw write + fsync + read (baseline)", "file", None),
     ]

@@ -222,6 +222,7 @@ def worker_spec(args: argparse.Namespace, wep: str) -> WorkerSpec:
         prefill_chunk=args.prefill_chunk,
         threads=args.threads,
         ctx_size=args.ctx_size,
+        prefix_cache=args.prefix_cache,
         **common,
     )
 

@@ -242,6 +242,14 @@ def _worker_flags(s: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=W.threads, help="--backend llamacpp: compute threads per worker (0: every core)"
     )
     s.add_argument(
+        "--prefix-cache",
+        type=size,
+        default=W.prefix_cache,
+        help="--backend llamacpp: states of recent prompts kept per worker, so a new prompt that starts "
+        "like one of them (the chat template's system turn, an agent's instructions) prefills only the rest "
+        "(0: off)",
+    )
+    s.add_argument(
         "--ctx-size",
         type=int,
         default=W.ctx_size,

@@ -86,7 +86,7 @@ def test_preempted_every_two_tokens_from_each_tier_equals_alone(tier, gguf, star
         if tier == "recompute":
             assert r.stats["prompt_tokens_computed"] > r.usage["prompt_tokens"]
         else:  # swap tiers recompute nothing; the device tier copies nothing
-            assert r.stats["prompt_tokens_computed"] == r.usage["prompt_tokens"]
+            assert r.stats["prompt_tokens_computed"] + r.stats["prompt_tokens_reused"] == r.usage["prompt_tokens"]
             assert r.stats["decode_tokens_computed"] == r.usage["completion_tokens"] - 1
     assert sorted(d.state_dir.rglob("ctx-*")) == []
     with d.client() as c:
@@ -170,7 +170,7 @@ def test_batched_rows_recompute_nothing_and_free_everything(gguf, start_daemon):
     results = asyncio.run(run_all(d))
     for r in results:
         assert r.usage["completion_tokens"] >= 1
-        assert r.stats["prompt_tokens_computed"] == r.usage["prompt_tokens"]
+        assert r.stats["prompt_tokens_computed"] + r.stats["prompt_tokens_reused"] == r.usage["prompt_tokens"]
     with d.client() as c:
         st = settled_stats(c)
         assert st["kv_cells_used"] == 0 and st["kv_seq_ids_free"] > 0
@@ -259,6 +259,32 @@ def test_json_schema_and_tools_survive_preemption(gguf, start_daemon):
     assert call["name"] == "get_weather" and json.loads(call["arguments"])["city"] in ("Paris", "Rome", "Oslo")
 
 
+def test_prompts_that_start_alike_share_their_prefix(gguf, start_daemon):
+    """A prompt that starts like an earlier one prefills only the rest; the same prompt again computes nothing."""
+    system = {"role": "system", "content": "You are a careful assistant. Answer in one short sentence."}
+
+    def ask(d, q):
+        with d.client() as c:
+            return c.chat([system, {"role": "user", "content": q}], max_tokens=8)
+
+    d = start(start_daemon, gguf, "--heartbeat-s", "0.05")
+    first, other, again = ask(d, "Name a fruit."), ask(d, "Name a colour."), ask(d, "Name a fruit.")
+    with d.client() as c:
+        st = settled_stats(c)
+    assert first.stats["prompt_tokens_reused"] == 0
+    shared = other.stats["prompt_tokens_reused"]
+    assert shared >= 16  # the system turn and "Name a"
+    assert other.stats["prompt_tokens_computed"] == other.usage["prompt_tokens"] - shared
+    assert again.stats["prompt_tokens_computed"] == 0  # joined with the kept state and logits
+    assert again.stats["prompt_tokens_reused"] == again.usage["prompt_tokens"]
+    assert again.token_ids == first.token_ids
+    assert st["prefix_hits"] >= 2 and st["prefix_entries"] >= 2 and st["prefix_tokens_reused"] >= shared
+    assert st["kv_cells_used"] == 0  # the kept prompts are host bytes: no sequence id, no cell
+    off = start(start_daemon, gguf, "--prefix-cache", "0")
+    ask(off, "Name a fruit.")
+    assert ask(off, "Name a colour.").stats["prompt_tokens_reused"] == 0
+
+
 def test_session_keeps_its_sequence_resident(gguf, start_daemon):
     d = start(start_daemon, gguf)
     convo = [{"role": "user", "content": "Name a fruit."}]
@@ -311,4 +337,5 @@ def test_migration_between_llamacpp_workers_changes_nothing(gguf, start_daemon):
     for pid, ref in zip(pids, refs, strict=True):
         if pid in results:
             assert results[pid].token_ids == ref
-            assert results[pid].stats["prompt_tokens_computed"] == results[pid].usage["prompt_tokens"]
+            st = results[pid].stats  # migration recomputed nothing (a shared prompt prefix is not computed at all)
+            assert st["prompt_tokens_computed"] + st["prompt_tokens_reused"] == results[pid].usage["prompt_tokens"]
