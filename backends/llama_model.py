@@ -46,31 +46,12 @@ def _quiet(level: int, text: bytes, user: ctypes.c_void_p) -> None:
         log.warning("llama.cpp: %s", text.decode(errors="replace").rstrip())
 
 
-def keep_freed_memory_warm() -> None:
-    """Large buffers from the heap, and freed ones kept there for the next (glibc's ``mallopt``).
-
-    A state's bytes are a fresh buffer each time (the host tier, a swap, a fork).  By default
-    glibc maps each large one anew and unmaps it when freed, so every copy out also pays the page
-    faults of fresh memory (11.3 MiB of them for a 512-token state, a quarter of the copy's time);
-    kept in the heap, a freed buffer's warm pages serve the next one.  The worker's resident size
-    then stays at its peak instead of shrinking between bursts.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: its default then
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest: states up to 32 MiB from the heap
-    libc.mallopt(m_trim_threshold, 1 << 30)
-
-
 class LlamaModel:
     def __init__(self, gguf: str, *, slots: int, ctx_size: int = 0, threads: int = 0, batch: int = 2048,
-                 device: str = "cpu", ubatch: int = 0):  # fmt: skip
+                 device: str = "cpu"):  # fmt: skip
         import llama_cpp as L
 
         self.L = L
-        keep_freed_memory_warm()
         self._log_cb = L.llama_log_callback(_quiet)  # kept alive: llama.cpp holds the pointer
         L.llama_log_set(self._log_cb, None)
         L.llama_backend_init()
@@ -87,8 +68,6 @@ class LlamaModel:
         cp.n_ctx = ctx_size or SEQ_CTX * self.n_seq_max
         cp.n_batch, cp.n_seq_max, cp.kv_unified = self.n_batch, self.n_seq_max, False
         cp.n_threads = cp.n_threads_batch = threads
-        if ubatch:
-            cp.n_ubatch = ubatch
         cp.no_perf = True
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:

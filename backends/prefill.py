@@ -66,7 +66,7 @@ class PrefillLine:
             return True
         common = min(common, len(ids) - 1)  # at least one token is fed, for fresh logits
         seq.partial = engine.crop(engine.fork(entry.state), common)
-        seq.prefilled, seq.reused = common, seq.reused + common
+        seq.prefilled = seq.reused = common  # (a row preempted mid-prefill comes back fresh: counted once)
         prefixes.tokens_reused += common
         return False
 
