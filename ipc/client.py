@@ -351,6 +351,7 @@ class AsyncClient:
         self.timeout = timeout
         self.dead_after_s = dead_after_default() if dead_after_s is None else dead_after_s
         self._heard = 0.0  # when the daemon last sent anything
+        self._probed = 0.0  # when the last probe went out
         self._ctx = zmq.asyncio.Context()
         self._sock = _dealer(self._ctx, self.endpoint, curve)
         self._ids = _Ids()
@@ -415,6 +416,10 @@ class AsyncClient:
                     raise DaemonGone(
                         f"the daemon at {self.endpoint} answered nothing for {self.dead_after_s:g} s"
                     ) from None
+                now, period = time.monotonic(), probe_period(self.dead_after_s, self._chats)
+                if now - max(self._heard, self._probed) < period:  # one probe per silence for the whole client,
+                    continue  # not one per waiting chat: 64 waiters each probing 64 chats were rate_limited
+                self._probed = now
                 for msg in self._chats.probes():  # their answers: a sign of life, and the rest of each chat
                     await self._sock.send(frame_of(msg))
                 if not self._chats.open:
