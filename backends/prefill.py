@@ -97,12 +97,14 @@ class PrefillLine:
     def _complete(self, seq: Sequence, state, logits) -> None:
         """A row's prompt is in: it joins the batch, and so does every row that waited for a copy of it."""
         engine, group = self.engine, seq.params.get("fork")
-        if group and not seq.generated:  # its prompt alone (a restarted row holds streamed tokens too)
-            self.kept[group] = (list(seq.context_ids), engine.keep_copy(state), logits.clone())
-            while len(self.kept) > KEPT_FORKS:
-                self.kept.popitem(last=False)
-        if self.prefixes and not seq.generated:
-            self.prefixes.offer(list(seq.context_ids), engine.keep_copy(state), logits.clone())
+        if (group or self.prefixes) and not seq.generated:  # its prompt alone (a restarted row holds more)
+            kept = (list(seq.context_ids), engine.keep_copy(state), logits.clone())  # one copy serves both
+            if group:
+                self.kept[group] = kept
+                while len(self.kept) > KEPT_FORKS:
+                    self.kept.popitem(last=False)
+            if self.prefixes:
+                self.prefixes.offer(*kept)
         for f in self.forks.pop(seq.rid, []):
             self._join_copy(f, state, logits)
         seq.logits = logits

@@ -22,6 +22,14 @@ import numpy as np
 MIN_SHARED = 16  # a shorter common prefix is not worth a state copy
 
 
+def common_prefix(a, b) -> int:
+    """How many leading tokens two id sequences share."""
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
 @dataclass
 class Prefix:
     ids: np.ndarray
@@ -45,17 +53,15 @@ class PrefixCache:
         """The entry sharing the longest prefix with ``ids``, and how many tokens it shares."""
         want = np.asarray(ids, dtype=np.int64)
         best, best_n = None, 0
-        for entry in self.entries.values():
-            n = min(len(entry.ids), len(want))
-            diff = np.flatnonzero(entry.ids[:n] != want[:n])
-            common = int(diff[0]) if diff.size else n
+        for key, entry in self.entries.items():
+            common = common_prefix(entry.ids, want)
             if common > best_n:
-                best, best_n = entry, common
+                best, best_n = key, common
         if best is None or best_n < MIN_SHARED:
             return 0, None
-        self.entries.move_to_end(tuple(best.ids.tolist()))
+        self.entries.move_to_end(best)
         self.hits += 1
-        return best_n, best
+        return best_n, self.entries[best]
 
     def offer(self, ids: list[int], state: Any, logits: Any) -> None:
         """Keep a prefilled prompt's state (a copy the caller made), evicting the least recently used."""

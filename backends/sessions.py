@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Any
 
+from backends.prefixes import common_prefix
 from backends.sequence import Sequence
 from contexts.snapshot import Snapshot
 from ipc import messages as M
@@ -36,10 +37,7 @@ class Sessions:
         snap = contexts.restore(key)
         kept: list[int] = snap.meta
         ids = seq.context_ids
-        common = 0
-        limit = min(len(kept), len(ids) - 1)  # at least one token is fed, for fresh logits
-        while common < limit and kept[common] == ids[common]:
-            common += 1
+        common = max(min(common_prefix(kept, ids), len(ids) - 1), 0)  # at least one token is fed, for fresh logits
         if snap.layers is None or common == 0:
             if snap.resident:  # llama.cpp's cells are not garbage collected
                 snap.layers.free()

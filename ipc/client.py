@@ -409,14 +409,15 @@ class AsyncClient:
         """Wait as long as it takes while the daemon is alive: a ping through silence, ``DaemonGone`` after none."""
         start = time.monotonic()
         while True:
+            period = probe_period(self.dead_after_s, self._chats)
             try:
-                return await asyncio.wait_for(q.get(), probe_period(self.dead_after_s, self._chats))
+                return await asyncio.wait_for(q.get(), period)
             except TimeoutError:
-                if time.monotonic() - max(self._heard, start) >= self.dead_after_s:
+                now = time.monotonic()
+                if now - max(self._heard, start) >= self.dead_after_s:
                     raise DaemonGone(
                         f"the daemon at {self.endpoint} answered nothing for {self.dead_after_s:g} s"
                     ) from None
-                now, period = time.monotonic(), probe_period(self.dead_after_s, self._chats)
                 if now - max(self._heard, self._probed) < period:  # one probe per silence for the whole client,
                     continue  # not one per waiting chat: 64 waiters each probing 64 chats were rate_limited
                 self._probed = now
