@@ -54,6 +54,7 @@ class Gate(AsyncioAuthenticator):
         self.denied = 0
         self.connections = 0  # agent connections open now (the daemon's socket monitor counts them)
         self.max_connections = 0  # 0: no limit
+        self._monitor: zmq.Socket | None = None  # the agent socket's monitor, while ``count`` runs
 
     # ---- what workers the daemon starts get -------------------------------------------------
     def mint(self, name: str, curve: bool) -> dict:
@@ -89,6 +90,7 @@ class Gate(AsyncioAuthenticator):
                     return f"worker:{name}"
             return None
         if domain == AGENTS:
+            self._read_monitor()
             if self.max_connections and self.connections > self.max_connections:  # this one is counted too
                 return None
             if mechanism == b"CURVE" and len(creds) == 1:
@@ -102,17 +104,32 @@ class Gate(AsyncioAuthenticator):
         return None
 
     async def count(self, sock: zmq.Socket) -> None:
-        """Connections open on ``sock`` now, from its monitor (``max_connections`` refuses one over)."""
-        from zmq.utils.monitor import parse_monitor_message
+        """Connections open on ``sock`` now, from its monitor (``max_connections`` refuses one over).
 
+        A connection's ``ACCEPTED`` event is queued before its ZAP request, so ``verdict`` reads
+        what the monitor holds before it judges: the count it sees includes the one asking.
+        """
         mon = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._monitor = zmq.Socket.shadow(mon.underlying)  # read without waiting, from verdict too
         try:
             while True:
-                ev = parse_monitor_message(await mon.recv_multipart())
-                self.connections += 1 if ev["event"] == zmq.EVENT_ACCEPTED else -1
+                await mon.poll(zmq.POLLIN)
+                self._read_monitor()
         finally:
+            self._monitor = None
             sock.disable_monitor()
             mon.close(0)
+
+    def _read_monitor(self) -> None:
+        """Apply every connection event the monitor holds now."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        while self._monitor is not None:
+            try:
+                ev = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            self.connections += 1 if ev["event"] == zmq.EVENT_ACCEPTED else -1
 
     async def handle_zap_message(self, msg: list[bytes]) -> None:
         if len(msg) < 6:
