@@ -8,7 +8,8 @@
   ``ContextManager``, against a raw write + fsync + read of the same bytes.
 
 All in this process, each round timing every tier and both baselines (one thread of llama.cpp is
-enough: these are copies).  ``python -m benchmarks.llama_switch [--quick]``.
+enough: these are copies), under the allocator settings a worker runs with (``MALLOC_ENV``).
+``python -m benchmarks.llama_switch [--quick]``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
+import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -31,6 +34,7 @@ from benchmarks.switch_costs import _file_roundtrip
 from contexts.manager import ContextManager
 from contexts.snapshot import Snapshot
 from ipc.protocol import TIER_DEVICE, TIER_DISK, TIER_HOST
+from scheduler.workers import MALLOC_ENV
 
 _BUFFERS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -123,7 +127,22 @@ def report(r: dict[str, list[float]], tokens: int) -> str:
     return head + "\n\n" + table(["tier", "switch ms", "GiB/s", "vs baseline"], rows)
 
 
+def _as_a_worker_allocates(argv: list[str]) -> None:
+    """Re-run this process under the workers' allocator settings (``MALLOC_ENV``), which glibc reads at start.
+
+    A worker keeps freed state buffers in its heap, so an eviction writes into pages already
+    mapped; measured without them, each eviction would also pay 11 MiB of fresh page faults
+    that no worker pays.
+    """
+    if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
+        return
+    env = {**os.environ, **MALLOC_ENV}
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.llama_switch", *argv], env)
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    _as_a_worker_allocates(argv)
     ap = argparse.ArgumentParser(prog="python -m benchmarks.llama_switch", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="3 rounds instead of 8")
     ap.add_argument("--tokens", type=int, default=512)
