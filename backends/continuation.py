@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from backends.api_logprobs import request_fields
+
 PREFIX = "prefix"
 COMPLETIONS = "completions"
 NONE = "none"
@@ -65,6 +67,11 @@ class TextContext:
         return self.max_tokens - self.generated
 
     @property
+    def completion(self) -> bool:
+        """A plain completion (``prompt``), not a chat: it goes on by appending its text to the prompt."""
+        return "prompt" in self.params
+
+    @property
     def nbytes(self) -> int:
         return len(self.text.encode()) + sum(len(str(t).encode()) for t in self.tool_calls.values())
 
@@ -76,6 +83,8 @@ class TextContext:
         token of each stream, so a continuation would open a second JSON value after the
         partial one.  ``completions`` cannot carry tools at all.
         """
+        if self.completion:  # any /v1/completions endpoint continues prompt + text; token ids need no text yet
+            return isinstance(self.params["prompt"], str)
         if method == NONE or self.tool_calls:
             return False
         if (self.params.get("response_format") or {}).get("type") in JSON_FORMATS:
@@ -208,12 +217,16 @@ def request_for(ctx: TextContext, model: str, method: str | None, template: Loca
         kw["stop"] = list(p["stop"])
     kw |= {k: p[k] for k in OPENAI_CONTROLS if p.get(k)}
     extra = {k: p[k] for k in EXTRA_CONTROLS if k in p}
+    if ctx.completion:
+        prompt = p["prompt"] + ctx.text if method and ctx.text else p["prompt"]
+        return "completions", kw | {"prompt": prompt} | request_fields("completions", p) | _extra(extra)
     if method == COMPLETIONS:
         if template is None:
             raise ValueError("the completions method needs --tokenizer")
-        return "completions", kw | {"prompt": template.render(p["messages"]) + ctx.text} | _extra(extra)
+        legacy = request_fields("completions", p)
+        return "completions", kw | {"prompt": template.render(p["messages"]) + ctx.text} | legacy | _extra(extra)
     messages = list(p["messages"])
-    kw |= {k: p[k] for k in CHAT_ONLY if p.get(k) is not None}
+    kw |= {k: p[k] for k in CHAT_ONLY if p.get(k) is not None} | request_fields("chat", p)
     if method == PREFIX:
         messages.append({"role": "assistant", "content": ctx.text})
         extra |= {"continue_final_message": True, "add_generation_prompt": False}

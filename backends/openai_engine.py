@@ -28,7 +28,8 @@ from typing import Any
 
 import zmq
 
-from backends.continuation import NONE, Attempt, LocalTemplate, ReplayDiverged, TextContext, request_for
+from backends import api_logprobs
+from backends.continuation import COMPLETIONS, NONE, Attempt, LocalTemplate, ReplayDiverged, TextContext, request_for
 from backends.engine import Engine, Send
 from backends.json_check import json_problem
 from backends.openai_endpoint import Endpoint, RemoteError, api_key, classify
@@ -165,10 +166,10 @@ class ApiEngine(Engine):
         )
 
     def run(self, run: M.Run, frames: list) -> None:
-        for name in ("logprobs", "prompt"):  # an endpoint's logprobs would not survive a text switch
-            if run.params.get(name):
-                self.send(M.Failed(run.rid, P.E_UNSUPPORTED, f"'{name}' is not supported by API workers"))
-                return
+        if "prompt" in run.params and run.params.get("response_format"):  # /v1/completions has no such field
+            why = "'response_format' with 'prompt' is not supported by API workers (use messages)"
+            self.send(M.Failed(run.rid, P.E_UNSUPPORTED, why))
+            return
         self.bridge.soon(self.streams.start, run)
 
     def keep(self, cont: M.Continue) -> None:
@@ -331,7 +332,7 @@ class Streams:
             t0 = time.perf_counter()
             kind, kw = request_for(ctx, self.api.model, method, self.template)
             prefix = ctx.generated if method else 0
-            attempt = Attempt(self._count(kw.get("prompt", "")) if kind == "completions" else None, prefix)
+            attempt = Attempt(self._prompt_count(kw["prompt"]) if kind == "completions" else None, prefix)
             ctx.attempts.append(attempt)
             ctx.switch_s += time.perf_counter() - t0 if method else 0.0
             before = ctx.generated
@@ -354,7 +355,10 @@ class Streams:
         resuming = bool(ctx.text or ctx.tool_calls)
         if self.api.method is None and not resuming and self._detecting is None:
             self._detecting = asyncio.create_task(self._detect_again())  # the start-up probe had no answer
-        method = await self.api.resume_method() if resuming else None
+        if ctx.completion:  # prompt + text, on the endpoint it already runs on
+            method = COMPLETIONS if resuming else None
+        else:
+            method = await self.api.resume_method() if resuming else None
         if resuming and (method is None or not ctx.continuable_by(method)):
             method = None  # replay from the start; the text already streamed is checked, not shown twice
             ctx.replay = ctx.text = ctx.text[: ctx.released]
@@ -373,6 +377,7 @@ class Streams:
     async def _stream(self, slot: Slot, kind: str, kw: dict, attempt: Attempt, resumed: bool) -> None:
         ctx = slot.ctx
         stops = list(ctx.params.get("stop") or [])
+        top_k = int(ctx.params.get("top_logprobs") or 0) if ctx.params.get("logprobs") else None
         finish_reason, usage, t0 = None, None, time.perf_counter()
         async with await self.api.open(kind, kw) as stream:
             async for chunk in stream:
@@ -383,10 +388,11 @@ class Streams:
                 delta = choice.text if kind == "completions" else choice.delta.content
                 if kind == "chat" and choice.delta.tool_calls:
                     self._tool_deltas(slot, choice.delta.tool_calls)
-                if delta:
+                logprobs = api_logprobs.entries(kind, choice, top_k) if top_k is not None else []
+                if delta or logprobs:
                     if resumed and ctx.generated == attempt.prefix_tokens:
                         ctx.resume_wait_s += time.perf_counter() - t0
-                    if self._text_delta(slot, delta, stops):
+                    if self._text_delta(slot, delta or "", stops, logprobs):
                         finish_reason = "stop"
                         break
                 finish_reason = choice.finish_reason or finish_reason
@@ -404,17 +410,22 @@ class Streams:
         slot.ctx.generated += n
         slot.meter.count(n)
 
-    def _text_delta(self, slot: Slot, delta: str, stops: list[str]) -> bool:
-        """Take a streamed text delta and send what is safe to show; True when a stop string ended the turn."""
+    def _text_delta(self, slot: Slot, delta: str, stops: list[str], logprobs: list) -> bool:
+        """Take a streamed text delta and send what is safe to show; True when a stop string ended the turn.
+
+        With logprobs the endpoint counts the tokens itself (one entry each); the entries go with
+        the delta, not held back with a stop string's prefix, so a token's entry may come first.
+        """
         ctx = slot.ctx
-        n = self._count(delta) or 1
+        n = len(logprobs) or self._count(delta) or 1
         replaying = bool(ctx.replay)
         new = ctx.add_text(delta)
         ctx.generated += n
         slot.meter.count(n)
         self.completion_tokens += n
         out, stopped = ctx.release(stops)
-        self.post(M.Tokens(ctx.rid, ids=[], text=out, n=0 if replaying and not new else n))
+        shown = 0 if replaying and not new else n
+        self.post(M.Tokens(ctx.rid, ids=[], text=out, n=shown, logprobs=logprobs if shown else []))
         return stopped
 
     async def _pause(self, slot: Slot) -> None:
@@ -437,7 +448,13 @@ class Streams:
         rest = ctx.flush()
         if rest:
             self.post(M.Tokens(ctx.rid, ids=[], text=rest, n=0))
-        base = self._count(self.template.render(ctx.params["messages"])) if self.template else None
+        prompt = ctx.params["prompt"] if ctx.completion else None
+        if isinstance(prompt, list) or (prompt is not None and self.template):
+            base: int | None = self._prompt_count(prompt)
+        elif prompt is None and self.template:
+            base = self._count(self.template.render(ctx.params["messages"]))
+        else:
+            base = None  # the server's usage tells
         base, computed, extra = ctx.prompt_stats(base)
         self.prompt_tokens += computed
         if usage is not None and not ctx.resumes and not ctx.replay:
@@ -450,6 +467,10 @@ class Streams:
             self.post(M.Failed(ctx.rid, code=P.E_INVALID_OUTPUT, message=problem))
             return
         self.post(finished(ctx, reason, base, computed, extra, completion))
+
+    def _prompt_count(self, prompt: str | list[int]) -> int:
+        """Tokens of a completions prompt: token ids as they are, text by the local tokenizer (else 0)."""
+        return len(prompt) if isinstance(prompt, list) else self._count(prompt)
 
     def _count(self, text: str) -> int:
         """Tokens in ``text`` by the local tokenizer; without one, 0 (callers count one per delta)."""

@@ -3,8 +3,10 @@
 Each choice is a request of its own (listed by ``ps``, preempted, killed) with the seed
 ``seed + i`` when a seed was given, so every choice is reproducible; the group makes the
 worker prefill the shared prompt once and copy its state into the other rows.  A stream
-interleaves the choices' chunks (``choices[0].index`` says whose); it cannot be resumed by
-``Last-Event-ID`` (one request's stream can).
+interleaves the choices' chunks (``choices[0].index`` says whose), each with the SSE id
+``PID.TOKENS.CHARS`` of its own request (the pids in ``x-quantad-pid``, in choice order): a
+client that lost the stream after a daemon restart resumes each choice from its last id with
+``GET /v1/quantad/requests/PID/stream?index=I``, as it resumes a single chat.
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ if TYPE_CHECKING:
     from scheduler.http_front import HttpFront
 
 MAX_N = 8
+
+
+def choice_index(request: web.Request) -> int:
+    """``?index=I`` of a resumed stream: which of ``n`` choices its chunks are (0 by default)."""
+    raw = request.query.get("index", "0")
+    if not raw.isdigit() or int(raw) >= MAX_N:
+        raise HttpError(400, f"'index' must be an integer in 0..{MAX_N - 1}", param="index")
+    return int(raw)
 
 
 def choices_of(body: dict[str, Any]) -> int:
@@ -111,10 +121,14 @@ class Choices:
                 await queue.put((i, ev))
             await queue.put((i, None))
 
+        pid_of = pids.split(",")
+        seen = [[0, 0] for _ in range(self.n)]  # each choice's tokens and characters so far: its SSE id
+
         async def chunk(i: int, delta: dict, finish: str | None = None, logprobs: list | None = None) -> None:
             lp = None if logprobs is None else {"content": logprobs, "refusal": None}
             data = {**head, "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}]}
-            await resp.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+            sse_id = f"id: {pid_of[i]}.{seen[i][0]}.{seen[i][1]}\n".encode()
+            await resp.write(sse_id + b"data: " + json.dumps(data).encode() + b"\n\n")
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         done: list[dict] = []
@@ -124,6 +138,8 @@ class Choices:
             open_ = self.n
             while open_:
                 i, ev = await queue.get()
+                if ev is not None and ev.event == P.EV_TOKEN:
+                    seen[i] = [ev.data.get("index") or seen[i][0], ev.data.get("chars", seen[i][1] + len(ev.text))]
                 if ev is None:
                     open_ -= 1
                 elif ev.event == P.EV_TOKEN and (ev.text or ev.data.get("logprobs")):

@@ -24,7 +24,7 @@ from aiohttp import web
 from ipc import protocol as P
 from ipc.client import AsyncClient, ClientError, Event
 from scheduler import http_tokens
-from scheduler.http_choices import Choices, choices_of
+from scheduler.http_choices import Choices, choice_index, choices_of
 from scheduler.http_completions import Completions
 from scheduler.http_errors import HttpError, error_of
 from scheduler.http_request import done_data, json_body, last_event, rejection, served, wants_usage
@@ -275,7 +275,8 @@ class HttpFront:
             if first.event != P.EV_ATTACHED:
                 raise rejection(first)
             meta = {"id": f"chatcmpl-{pid}-resumed", "created": int(time.time()), "model": self.models[0]}
-            resp, _ = await self._stream(request, events, pid, meta, False, at=(tokens, chars))
+            index = choice_index(request)
+            resp, _ = await self._stream(request, events, pid, meta, False, at=(tokens, chars), index=index)
             return resp
         finally:
             await events.aclose()
@@ -313,12 +314,13 @@ class HttpFront:
         meta: dict[str, Any],
         usage: bool,
         at: tuple[int, int] | None = None,
+        index: int = 0,
     ) -> tuple[web.StreamResponse, bool]:
         """SSE chunks as OpenAI sends them; preemptions as SSE comments; an error as a final ``error`` chunk.
 
         Each chunk's SSE ``id`` is ``PID.TOKENS.CHARS``: what a client that loses the stream gives
-        ``resume``.  ``at``: a resumed stream's counts (no role chunk then).  Returns the response and
-        whether the request reached its terminal event.
+        ``resume``.  ``at``: a resumed stream's counts (no role chunk then); ``index``: the choice it
+        is (one of ``n``).  Returns the response and whether the request reached its terminal event.
         """
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "x-quantad-pid": str(pid)}
@@ -330,7 +332,7 @@ class HttpFront:
 
         async def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: list | None = None) -> None:
             lp = None if logprobs is None else {"content": logprobs, "refusal": None}
-            data = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": lp}]}
+            data = {**head, "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}]}
             await resp.write(
                 f"id: {pid}.{seen[0]}.{seen[1]}\n".encode() + b"data: " + json.dumps(data).encode() + b"\n\n"
             )

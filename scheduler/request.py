@@ -149,9 +149,11 @@ class Request:
         """Tokens streamed by its worker: ids (local engines) and/or text, ``count`` of them."""
         if self.first_token_s is None and (ids or text):
             self.first_token_s = time.monotonic() - self.submitted_at
-        if self.params.get("logprobs") and ids:  # one entry per id, aligned with ``tokens``
-            self.logprobs.extend([None] * (len(self.tokens) - len(self.logprobs)))
-            self.logprobs.extend((list(logprobs or []) + [None] * len(ids))[: len(ids)])
+        if self.params.get("logprobs") and count:  # one entry per token, aligned with ``generated``
+            done = len(self.tokens) if ids else self.generated  # API workers send counted text, no ids
+            self.logprobs.extend([None] * (done - len(self.logprobs)))
+            del self.logprobs[done:]
+            self.logprobs.extend((list(logprobs or []) + [None] * count)[:count])
         self.tokens.extend(ids)
         self.generated += count
         self.text += text

@@ -242,3 +242,50 @@ def test_an_http_stream_cut_by_a_daemon_kill_resumes_from_its_last_event_id(tiny
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(f"{url}/quantad/requests/999/stream", timeout=30)
     assert missing.value.code == 404
+
+
+def test_a_streamed_n_cut_by_a_daemon_kill_resumes_choice_by_choice(tiny_model_dir, start_daemon):
+    """Each choice's chunks carry its own request's id: every choice resumes from its last one, with its index."""
+    port = _free_port()
+    d = start_daemon(tiny_model_dir, *FLAGS, "--http", f"127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{port}/v1"
+    body = {"model": tiny_model_dir.name, "messages": messages(PROMPTS[1]), "n": 2, **_params(1)}
+
+    def post(extra: dict):
+        req = urllib.request.Request(f"{url}/chat/completions", json.dumps(body | extra).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+        return urllib.request.urlopen(req, timeout=120)
+
+    with post({}) as r:
+        want = [c["message"]["content"] for c in json.loads(r.read())["choices"]]
+    text, last = ["", ""], [None, None]
+    with post({"stream": True}) as r:
+        pids = [int(p) for p in r.headers["x-quantad-pid"].split(",")]
+        pending = None
+        for line in _sse_lines(r):
+            if line.startswith("id: "):
+                pending = line[4:]
+            elif line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                i = choice["index"]
+                text[i] += choice["delta"].get("content") or ""
+                last[i] = pending
+                assert pending.startswith(f"{pids[i]}.")
+                if min(len(t) for t in text) > 10 and d.proc.poll() is None:
+                    os.kill(d.proc.pid, signal.SIGKILL)
+    assert text != want
+    d.proc.wait()
+    _restart(d)
+    for i, pid in enumerate(pids):
+        rest, done = "", False
+        get = urllib.request.Request(
+            f"{url}/quantad/requests/{pid}/stream?index={i}", headers={"Last-Event-ID": last[i]}
+        )
+        with urllib.request.urlopen(get, timeout=120) as r:
+            for line in _sse_lines(r):
+                if line.startswith("data: {"):
+                    choice = json.loads(line[6:])["choices"][0]
+                    assert choice["index"] == i
+                    rest += choice["delta"].get("content") or ""
+                done = done or line == "data: [DONE]"
+        assert done and text[i] + rest == want[i]

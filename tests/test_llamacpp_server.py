@@ -239,3 +239,76 @@ def test_json_requests_are_continuable_by_no_text_method():
     assert plain.continuable_by(PREFIX) and plain.continuable_by(COMPLETIONS)
     tools = TextContext(3, {"tools": [WEATHER]}, text="Let me")
     assert tools.continuable_by(PREFIX) and not tools.continuable_by(COMPLETIONS)
+
+
+# ---- completions and logprobs ------------------------------------------------------------------------------------
+STORY = "Once upon a time, in a small village by the sea,"
+
+
+def _joined(entries: list) -> str:
+    return "".join(e["token"] for e in entries)
+
+
+def test_a_plain_completion_is_preempted_and_resumed_from_its_text(llama, smollm2_dir, start_daemon):
+    """``prompt`` on an API worker: ``/v1/completions`` on the endpoint, resumed as prompt + the text so far."""
+    d = daemon(start_daemon, llama, smollm2_dir)
+    with d.client() as c:
+        competitor = c.submit(messages(COMPETITOR), max_tokens=30)
+        events = list(c.complete(STORY, stream=True, max_tokens=16))
+        result_of(list(c.events(competitor)))
+    text, boundaries = check_stream(events)
+    stats = events[-1].data["stats"]
+    assert stats["preemptions"] == len(boundaries) >= 1 and stats["resume_method"] == "completions"
+    with llama.client() as c:
+        ref = c.completions.create(model=llama.model, prompt=STORY, max_tokens=16, temperature=0.0).choices[0].text
+    assert text[: boundaries[0]] == ref[: boundaries[0]]  # any difference starts at a resume (see above)
+    assert common_prefix(text, ref) >= boundaries[0]
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_logprobs_on_an_api_worker_are_the_endpoints_one_per_token(llama, smollm2_dir, start_daemon, kind):
+    """Each token's entry as the endpoint streamed it: entries joined give the text, streamed and in ``done``."""
+    d = daemon(start_daemon, llama, smollm2_dir)
+    with d.client() as c:
+        competitor = c.submit(messages(COMPETITOR), max_tokens=30)
+        if kind == "chat":
+            it = c.chat(messages("Say hello."), stream=True, max_tokens=12, logprobs=True, top_logprobs=2)
+        else:
+            it = c.complete(STORY, stream=True, max_tokens=12, logprobs=True, top_logprobs=2)
+        events = list(it)
+        result_of(list(c.events(competitor)))
+    text, boundaries = check_stream(events)
+    done = events[-1].data
+    lps = done["logprobs"]
+    streamed = [e for ev in events if ev.event == "token" for e in ev.data.get("logprobs", [])]
+    assert boundaries and streamed == lps and len(lps) == done["usage"]["completion_tokens"]
+    assert _joined(lps) == text
+    for e in lps:
+        assert e["logprob"] <= 0 and 1 <= len(e["top_logprobs"]) <= 2
+        assert e["top_logprobs"][0]["logprob"] >= e["logprob"] - 1e-6  # greedy: the best one, or tied with it
+
+
+def test_response_format_with_a_prompt_is_refused_by_api_workers(llama, smollm2_dir, start_daemon):
+    from ipc.client import ClientError
+
+    d = daemon(start_daemon, llama, smollm2_dir)
+    with d.client() as c, pytest.raises(ClientError, match="response_format") as err:
+        c.complete(STORY, max_tokens=4, response_format={"type": "json_object"})
+    assert err.value.code == "unsupported_parameter"
+
+
+def test_endpoint_logprobs_take_the_daemons_shape():
+    from types import SimpleNamespace as NS
+
+    from backends.api_logprobs import entries, request_fields
+
+    assert request_fields("chat", {"logprobs": True, "top_logprobs": 3}) == {"logprobs": True, "top_logprobs": 3}
+    assert request_fields("completions", {"logprobs": True}) == {"logprobs": 1}
+    assert request_fields("chat", {}) == {}
+    legacy = NS(logprobs=NS(tokens=[" a"], token_logprobs=[-0.5], top_logprobs=[{" b": -2.0, " a": -0.5}]))
+    assert entries("completions", legacy, 1) == [
+        {"token": " a", "logprob": -0.5, "bytes": [32, 97], "top_logprobs": [{"token": " a", "logprob": -0.5,
+                                                                                "bytes": [32, 97]}]}]  # fmt: skip
+    chat = NS(logprobs=NS(content=[NS(token="x", logprob=-0.1, bytes=[120], top_logprobs=[])]))
+    assert entries("chat", chat, 2) == [{"token": "x", "logprob": -0.1, "bytes": [120], "top_logprobs": []}]
+    assert entries("chat", NS(logprobs=None), 2) == []
