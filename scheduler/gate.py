@@ -16,7 +16,6 @@ from there, never from what a peer says of itself.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import os
@@ -28,8 +27,6 @@ import zmq
 import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils import z85
-
-MONITOR_DRAIN_S = 0.25  # connection events read at least this often (and before every verdict)
 
 log = logging.getLogger("quantad")
 
@@ -110,16 +107,13 @@ class Gate(AsyncioAuthenticator):
         """Connections open on ``sock`` now, from its monitor (``max_connections`` refuses one over).
 
         A connection's ``ACCEPTED`` event is queued before its ZAP request, so ``verdict`` reads
-        what the monitor holds before it judges: the count it sees includes the one asking.  In
-        between, the queue is drained every ``MONITOR_DRAIN_S`` (well inside its 1000 events):
-        awaiting the monitor's poll while reading it from ``verdict`` woke this loop ~570 times a
-        second with nothing to read.
+        what the monitor holds before it judges: the count it sees includes the one asking.
         """
         mon = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._monitor = zmq.Socket.shadow(mon.underlying)  # read without waiting, from verdict too
         try:
             while True:
-                await asyncio.sleep(MONITOR_DRAIN_S)
+                await mon.poll(zmq.POLLIN)
                 self._read_monitor()
         finally:
             self._monitor = None
