@@ -448,13 +448,12 @@ class Streams:
         rest = ctx.flush()
         if rest:
             self.post(M.Tokens(ctx.rid, ids=[], text=rest, n=0))
-        prompt = ctx.params["prompt"] if ctx.completion else None
-        if isinstance(prompt, list) or (prompt is not None and self.template):
-            base: int | None = self._prompt_count(prompt)
-        elif prompt is None and self.template:
+        base: int | None = None  # without a local count, the server's usage tells
+        if ctx.completion:
+            prompt = ctx.params["prompt"]
+            base = self._prompt_count(prompt) if isinstance(prompt, list) or self.template else None
+        elif self.template:
             base = self._count(self.template.render(ctx.params["messages"]))
-        else:
-            base = None  # the server's usage tells
         base, computed, extra = ctx.prompt_stats(base)
         self.prompt_tokens += computed
         if usage is not None and not ctx.resumes and not ctx.replay:

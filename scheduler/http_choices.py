@@ -22,7 +22,7 @@ from aiohttp import web
 from ipc import protocol as P
 from ipc.client import ClientError
 from scheduler.http_errors import HttpError, error_of
-from scheduler.http_request import done_data, last_event, rejection
+from scheduler.http_request import done_data, last_event, rejection, sse_id, stream_position
 
 if TYPE_CHECKING:
     from scheduler.http_front import HttpFront
@@ -127,8 +127,7 @@ class Choices:
         async def chunk(i: int, delta: dict, finish: str | None = None, logprobs: list | None = None) -> None:
             lp = None if logprobs is None else {"content": logprobs, "refusal": None}
             data = {**head, "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}]}
-            sse_id = f"id: {pid_of[i]}.{seen[i][0]}.{seen[i][1]}\n".encode()
-            await resp.write(sse_id + b"data: " + json.dumps(data).encode() + b"\n\n")
+            await resp.write(sse_id(pid_of[i], seen[i]) + b"data: " + json.dumps(data).encode() + b"\n\n")
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         done: list[dict] = []
@@ -139,7 +138,7 @@ class Choices:
             while open_:
                 i, ev = await queue.get()
                 if ev is not None and ev.event == P.EV_TOKEN:
-                    seen[i] = [ev.data.get("index") or seen[i][0], ev.data.get("chars", seen[i][1] + len(ev.text))]
+                    seen[i] = stream_position(seen[i], ev)
                 if ev is None:
                     open_ -= 1
                 elif ev.event == P.EV_TOKEN and (ev.text or ev.data.get("logprobs")):

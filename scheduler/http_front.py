@@ -27,7 +27,16 @@ from scheduler import http_tokens
 from scheduler.http_choices import Choices, choice_index, choices_of
 from scheduler.http_completions import Completions
 from scheduler.http_errors import HttpError, error_of
-from scheduler.http_request import done_data, json_body, last_event, rejection, served, wants_usage
+from scheduler.http_request import (
+    done_data,
+    json_body,
+    last_event,
+    rejection,
+    served,
+    sse_id,
+    stream_position,
+    wants_usage,
+)
 
 log = logging.getLogger("quantad")
 
@@ -333,17 +342,14 @@ class HttpFront:
         async def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: list | None = None) -> None:
             lp = None if logprobs is None else {"content": logprobs, "refusal": None}
             data = {**head, "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}]}
-            await resp.write(
-                f"id: {pid}.{seen[0]}.{seen[1]}\n".encode() + b"data: " + json.dumps(data).encode() + b"\n\n"
-            )
+            await resp.write(sse_id(pid, seen) + b"data: " + json.dumps(data).encode() + b"\n\n")
 
         try:
             if at is None:
                 await chunk({"role": "assistant", "content": ""})
             async for ev in events:
                 if ev.event == P.EV_TOKEN:
-                    seen[0] = ev.data.get("index") or seen[0]
-                    seen[1] = ev.data.get("chars", seen[1] + len(ev.text))  # raw characters (tools: more than shown)
+                    seen = stream_position(seen, ev)
                 if ev.event == P.EV_TOKEN and (ev.text or ev.data.get("logprobs")):
                     await chunk({"content": ev.text}, logprobs=ev.data.get("logprobs"))
                 elif ev.event == P.EV_TOOL_CALL:  # OpenAI's delta: id, type and name first, then argument text

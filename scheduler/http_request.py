@@ -62,3 +62,13 @@ def done_data(last: Event) -> dict[str, Any]:
     if last.event != P.EV_DONE:
         raise rejection(last)
     return last.data
+
+
+def stream_position(seen: list[int], ev: Event) -> list[int]:
+    """Tokens and raw characters (tools: more than shown) a stream has had after token event ``ev``."""
+    return [ev.data.get("index") or seen[0], ev.data.get("chars", seen[1] + len(ev.text))]
+
+
+def sse_id(pid: Any, seen: list[int]) -> bytes:
+    """The SSE ``id`` line of a chunk: ``PID.TOKENS.CHARS``, what a client that lost the stream resumes from."""
+    return f"id: {pid}.{seen[0]}.{seen[1]}\n".encode()
