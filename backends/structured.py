@@ -17,9 +17,9 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
-import llguidance.torch as llt
 import torch
 
+from backends import token_mask
 from backends.json_close import Closers, JsonDepth, narrow
 from ipc.tool_stream import TOOL_CLOSE, TOOL_OPEN, split
 
@@ -36,7 +36,7 @@ class Constraint:
         self.matcher = llguidance.LLMatcher(lltok, grammar)
         if self.matcher.is_error():
             raise ValueError(f"bad grammar: {self.matcher.get_error()}")
-        self._mask = llt.allocate_token_bitmask(1, lltok.vocab_size)
+        self._mask = token_mask.allocate(lltok.vocab_size)
         self.closers = closers  # a JSON output: closed before max_tokens cuts it (``backends.json_close``)
         self.budget = budget  # max_tokens
         self.depth = JsonDepth()
@@ -49,9 +49,9 @@ class Constraint:
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """A masked copy of one row of logits (the snapshot keeps the raw ones); near the budget's end, closing."""
-        llt.fill_next_token_bitmask(self.matcher, self._mask, 0)
+        token_mask.fill(self.matcher, self._mask)
         out = logits.reshape(1, -1).float().cpu().clone()
-        llt.apply_token_bitmask_inplace(out, self._mask)
+        token_mask.apply(out, self._mask)
         if self.closing:
             narrowed = narrow(out, self.closers, self.depth)
             return out if narrowed is None else narrowed
