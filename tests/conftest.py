@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,12 @@ from ipc.client import AsyncClient, Client
 from ipc.launcher import DaemonProcess
 
 REPO = Path(__file__).resolve().parent.parent
+
+# One torch thread in this process and in every daemon and worker it starts (they inherit it): a
+# test runs several torch processes at once on 2 cores, and two threads each oversubscribe them
+# (the SmolLM2 tests ran ~10% faster with one thread on an idle machine, and far faster on a
+# busy one).  llama.cpp sets its own thread count; a caller's own setting is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
