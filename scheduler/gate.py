@@ -113,7 +113,7 @@ class Gate(AsyncioAuthenticator):
         self._monitor = zmq.Socket.shadow(mon.underlying)  # read without waiting, from verdict too
         try:
             while True:
-                await mon.poll(zmq.POLLIN)
+                await mon.poll()  # no timeout: ``poll(zmq.POLLIN)`` would be a 1 ms one
                 self._read_monitor()
         finally:
             self._monitor = None
