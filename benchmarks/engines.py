@@ -15,6 +15,9 @@ the same seeded requests and 16 slots.  Workloads:
 
 ``python -m benchmarks.engines [--quick] [--out DIR]`` prints one table per workload, ratios
 against llama-server's row; each server's full report is under ``DIR/<workload>/<engine>/``.
+The burst's table has one more row, its prefill floor (``benchmarks.prefill_floor``): the time a
+plain llama.cpp loop takes to prefill the prompt tokens quantad computed, which no schedule's p99
+time to first token can beat.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks import prefill_floor
 from benchmarks.common import table
 from benchmarks.harness.config import BenchConfig
 from benchmarks.harness.runner import run
@@ -82,9 +86,20 @@ def measure(out: Path, quick: bool) -> dict[str, list[tuple[str, dict]]]:
         rows[wl] = []
         for engine, opts in ENGINES.items():
             cfg = BenchConfig(**shape, **opts, quanta=[100.0], slots=16, out=str(out / wl / engine))
-            for p in run(cfg)["points"]:
-                rows[wl].append((_name(engine, p), p))
+            points = run(cfg)["points"]
+            rows[wl] += [(_name(engine, p), p) for p in points]
+            if wl == "burst" and engine == "llamacpp":
+                rows[wl].append(("prefill floor (raw llama.cpp)", _floor_point(points)))
     return rows
+
+
+def _floor_point(points: list[dict]) -> dict:
+    """The burst's prefill floor as a row of its own, measured right after the run it bounds."""
+    rr = next((p for p in points if p["target"] == "quantad" and not p.get("error")), None)
+    if rr is None:
+        return {"error": "no quantad point to take the prompts from"}
+    floor = prefill_floor.floor_s(prefill_floor.computed_prompts(rr["records"]), slots=16)
+    return {"metrics": {"overall": {"ttft_s": {"p99": floor}}}}
 
 
 def report(rows: dict[str, list[tuple[str, dict]]]) -> str:

@@ -308,3 +308,30 @@ def test_bench_llama_server_peer(smollm2_dir, tmp_path):
     assert "| llama-server (peer) |" in (out / "results.md").read_text()
     log = (out / "logs" / "llama-server.log").read_text()
     assert "n_slots = 2" in log  # the same slot count as the daemon (QUICK: --slots 2)
+
+
+def test_prefill_floor_of_a_report(tmp_path):
+    """``benchmarks.prefill_floor``: the computed prompt tokens of a report's records, prefilled by plain llama.cpp."""
+    pytest.importorskip("llama_cpp")
+    from benchmarks import prefill_floor
+
+    def record(reused: int, computed: int) -> dict:
+        stats = {"prompt_tokens_reused": reused, "prompt_tokens_computed": computed}
+        return {"prompt_tokens": reused + computed, "stats": stats}
+
+    ttft = {"overall": {"ttft_s": {"p99": 3.0}}}
+    points = [{"label": "rr q=100", "target": "quantad", "error": None, "metrics": ttft,
+               "records": [record(0, 40), record(24, 30), record(24, 0), record(24, 9)]},
+              {"label": "llama-server (peer)", "target": "llama-server", "error": None, "metrics": ttft}]  # fmt: skip
+    assert prefill_floor.computed_prompts(points[0]["records"]) == [(0, 40), (24, 30), (24, 9)]
+    assert [[len(r[2]) for r in part] for part in prefill_floor._fitting([(0, 0, [1] * 5), (1, 3, [2] * 4)], 6)] == [
+        [5, 1],
+        [3],
+    ]
+    report = str(tmp_path / "results.json")
+    (tmp_path / "results.json").write_text(json.dumps({"points": points}))
+    cmd = [sys.executable, "-m", "benchmarks.prefill_floor", report, "--slots", "2", "--rounds", "1"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "prefill floor: 79 prompt tokens of 3 requests in" in r.stdout
+    assert "| llama-server (peer) | 3.00" in r.stdout
