@@ -115,7 +115,8 @@ def report(rows: dict[str, list[tuple[str, dict]]]) -> str:
             for _, path in COLUMNS:
                 v, r = _get(p, path), _get(ref, path) if ref else None
                 cells.append("-" if v is None else f"{v:.2f}" + (f" ({v / r:.2f})" if r else ""))
-            body.append([name, *cells, str(_get(p, "preemptions.total") or 0)])
+            preempted = _get(p, "preemptions.total")
+            body.append([name, *cells, "-" if preempted is None else str(preempted)])
         head = ["server", *[c for c, _ in COLUMNS], "preemptions"]
         parts.append(f"## {wl} (ratios: / llama-server)\n\n" + table(head, body))
     return "\n\n".join(parts)
