@@ -30,6 +30,7 @@ from typing import Any
 from benchmarks import prefill_floor
 from benchmarks.common import table
 from benchmarks.harness.config import BenchConfig
+from benchmarks.harness.report import metric
 from benchmarks.harness.runner import run
 
 WORKLOADS: dict[str, dict[str, Any]] = {
@@ -65,13 +66,6 @@ COLUMNS = (
 )
 
 
-def _get(point: dict, path: str) -> float | None:
-    v: Any = point.get("metrics", {})
-    for k in path.split("."):
-        v = v.get(k) if isinstance(v, dict) else None
-    return v
-
-
 def _name(engine: str, point: dict) -> str:
     if point["target"] != "quantad":
         return point["label"].replace(" (peer)", "")
@@ -95,11 +89,10 @@ def measure(out: Path, quick: bool) -> dict[str, list[tuple[str, dict]]]:
 
 def _floor_point(points: list[dict]) -> dict:
     """The burst's prefill floor as a row of its own, measured right after the run it bounds."""
-    rr = next((p for p in points if p["target"] == "quantad" and not p.get("error")), None)
-    if rr is None:
+    found = prefill_floor.of_report(points, slots=16)
+    if found is None:
         return {"error": "no quantad point to take the prompts from"}
-    floor = prefill_floor.floor_s(prefill_floor.computed_prompts(rr["records"]), slots=16)
-    return {"metrics": {"overall": {"ttft_s": {"p99": floor}}}}
+    return {"metrics": {"overall": {"ttft_s": {"p99": found[1]}}}}
 
 
 def report(rows: dict[str, list[tuple[str, dict]]]) -> str:
@@ -113,9 +106,9 @@ def report(rows: dict[str, list[tuple[str, dict]]]) -> str:
                 continue
             cells = []
             for _, path in COLUMNS:
-                v, r = _get(p, path), _get(ref, path) if ref else None
+                v, r = metric(p, path), metric(ref, path) if ref else None
                 cells.append("-" if v is None else f"{v:.2f}" + (f" ({v / r:.2f})" if r else ""))
-            preempted = _get(p, "preemptions.total")
+            preempted = metric(p, "preemptions.total")
             body.append([name, *cells, "-" if preempted is None else str(preempted)])
         head = ["server", *[c for c, _ in COLUMNS], "preemptions"]
         parts.append(f"## {wl} (ratios: / llama-server)\n\n" + table(head, body))

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterable
 
 from benchmarks.common import median, table
+from benchmarks.harness.report import metric
 
 Prompt = tuple[int, int]  # (first position computed, tokens computed)
 
@@ -42,6 +43,15 @@ def computed_prompts(records: Iterable[dict]) -> list[Prompt]:
     return out
 
 
+def of_report(points: list[dict], slots: int = 16, rounds: int = 3) -> tuple[list[Prompt], float] | None:
+    """The first quantad point's computed prompts and their floor; None when the report has no such point."""
+    ours = next((p for p in points if p["target"] == "quantad" and not p.get("error")), None)
+    if ours is None:
+        return None
+    prompts = computed_prompts(ours["records"])
+    return prompts, floor_s(prompts, slots, rounds=rounds)
+
+
 def floor_s(prompts: list[Prompt], slots: int = 16, threads: int = 0, rounds: int = 3) -> float:
     """Seconds a plain decode loop takes to prefill ``prompts``, ``slots`` to a decode (median of rounds)."""
     from backends.llama_model import LlamaModel
@@ -54,14 +64,14 @@ def floor_s(prompts: list[Prompt], slots: int = 16, threads: int = 0, rounds: in
         for _ in range(rounds):
             total = 0.0
             for at in range(0, len(prompts), slots):
-                wave = prompts[at : at + slots]
-                rows = [(i, pos, [rng.randrange(1000, 20000) for _ in range(n)]) for i, (pos, n) in enumerate(wave)]
+                wave = [(m.acquire(), pos, n) for pos, n in prompts[at : at + slots]]
+                rows = [(sid, pos, [rng.randrange(1000, 20000) for _ in range(n)]) for sid, pos, n in wave]
                 for part in _fitting(rows, m.n_batch):
                     t0 = time.perf_counter()
                     m.decode(part)
                     total += time.perf_counter() - t0
-                for sid in range(len(wave)):
-                    m.L.llama_memory_seq_rm(m.mem, sid, -1, -1)
+                for sid, _, n in wave:
+                    m.release(sid, n)
             times.append(total)
         return median(times)
     finally:
@@ -90,15 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds; the floor is their median")
     args = ap.parse_args(argv)
     points = json.load(open(args.results))["points"]
-    ours = next((p for p in points if p["target"] == "quantad" and not p.get("error")), None)
-    if ours is None:
+    found = of_report(points, args.slots, args.rounds)
+    if found is None:
         print("no quantad point in the report", file=sys.stderr)
         return 2
-    prompts = computed_prompts(ours["records"])
-    floor = floor_s(prompts, args.slots, rounds=args.rounds)
+    prompts, floor = found
     rows = []
     for p in points:
-        p99 = (p.get("metrics") or {}).get("overall", {}).get("ttft_s", {}).get("p99")
+        p99 = metric(p, "overall.ttft_s.p99")
         cells = ["failed", "-"] if p99 is None else [f"{p99:.2f}", f"{p99 / floor:.2f}"]
         rows.append([p["label"], *cells])
     print(f"prefill floor: {sum(n for _, n in prompts)} prompt tokens of {len(prompts)} requests in {floor:.2f} s")

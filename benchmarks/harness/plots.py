@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness.report import metric
+
 
 def _plt():
     import matplotlib
@@ -44,23 +46,16 @@ def _series(points: list[dict[str, Any]]) -> tuple[list[str], dict[str, list[dic
     return labels, swept, flat
 
 
-def _get(p: dict, path: str) -> float | None:
-    v: Any = p["metrics"]
-    for k in path.split("."):
-        v = v.get(k) if isinstance(v, dict) else None
-    return v
-
-
 def _vs_quantum(ax, points: list[dict], path: str, title: str, ylabel: str) -> None:
     labels, swept, flat = _series(points)
     xs = list(range(len(labels)))
     for policy, ps in swept.items():
-        by_q = {p["quantum"]: _get(p, path) for p in ps}
+        by_q = {p["quantum"]: metric(p, path) for p in ps}
         ys = [by_q.get(q) for q in labels]
         ax.plot([x for x, y in zip(xs, ys, strict=True) if y is not None], [y for y in ys if y is not None],
                 marker="o", label=policy)  # fmt: skip
     for p in flat:
-        y = _get(p, path)
+        y = metric(p, path)
         if y is not None:
             ax.axhline(y, linestyle="--" if p["target"] == "quantad" else ":", color="gray" if p["target"] ==
                        "quantad" else "black", label=p["label"])  # fmt: skip

@@ -16,7 +16,8 @@ def _f(x: Any, digits: int = 2) -> str:
     return str(x)
 
 
-def _get(p: dict, path: str) -> Any:
+def metric(p: dict, path: str) -> Any:
+    """A point's metric by its dotted path (``overall.ttft_s.p99``); None where the point has none."""
     v: Any = p.get("metrics", {})
     for k in path.split("."):
         v = v.get(k) if isinstance(v, dict) else None
@@ -38,40 +39,44 @@ def targets(points: list[dict[str, Any]]) -> dict[str, Any]:
     )
 
     def best(policy: str) -> dict | None:
-        cands = [p for p in ok if p["policy"] == policy and p["quantum"] != "inf" and _get(p, "overall.jct_s.mean")]
-        return min(cands, key=lambda p: _get(p, "overall.jct_s.mean"), default=None)
+        cands = [p for p in ok if p["policy"] == policy and p["quantum"] != "inf" and metric(p, "overall.jct_s.mean")]
+        return min(cands, key=lambda p: metric(p, "overall.jct_s.mean"), default=None)
 
     rr, mlfq = best("rr"), best("mlfq")
     fair = [p for p in ok if p["policy"] == "fair"]
     out: dict[str, Any] = {"fifo": fifo and fifo["label"], "best_rr": rr and rr["label"]}
     if rr and fifo:
-        out["rr_mean_jct_over_fifo"] = _ratio(_get(rr, "overall.jct_s.mean"), _get(fifo, "overall.jct_s.mean"))
+        out["rr_mean_jct_over_fifo"] = _ratio(metric(rr, "overall.jct_s.mean"), metric(fifo, "overall.jct_s.mean"))
         out["rr_p99_ttft_short_over_fifo"] = _ratio(
-            _get(rr, "by_class.short.ttft_s.p99"), _get(fifo, "by_class.short.ttft_s.p99")
+            metric(rr, "by_class.short.ttft_s.p99"), metric(fifo, "by_class.short.ttft_s.p99")
         )
         out["rr_tokens_per_s_over_fifo"] = _ratio(
-            _get(rr, "throughput.tokens_per_s"), _get(fifo, "throughput.tokens_per_s")
+            metric(rr, "throughput.tokens_per_s"), metric(fifo, "throughput.tokens_per_s")
         )
     if mlfq:
         out["best_mlfq"] = mlfq["label"]
-        out["mlfq_mean_jct_over_rr"] = rr and _ratio(_get(mlfq, "overall.jct_s.mean"), _get(rr, "overall.jct_s.mean"))
+        out["mlfq_mean_jct_over_rr"] = rr and _ratio(
+            metric(mlfq, "overall.jct_s.mean"), metric(rr, "overall.jct_s.mean")
+        )
     if fair:
-        out["fair_jain_min"] = min((_get(p, "fairness.jain_share") or 0.0) for p in fair)
-        out["fair_jain_tokens_min"] = min((_get(p, "fairness.jain_share_tokens") or 0.0) for p in fair)
-        out["fair_jain_rate_min"] = min((_get(p, "fairness.jain_rate") or 0.0) for p in fair)
+        out["fair_jain_min"] = min((metric(p, "fairness.jain_share") or 0.0) for p in fair)
+        out["fair_jain_tokens_min"] = min((metric(p, "fairness.jain_share_tokens") or 0.0) for p in fair)
+        out["fair_jain_rate_min"] = min((metric(p, "fairness.jain_rate") or 0.0) for p in fair)
     if fifo:
-        out["fifo_jain"] = _get(fifo, "fairness.jain_share")
+        out["fifo_jain"] = metric(fifo, "fairness.jain_share")
     if rr:
-        out["rr_jain"] = _get(rr, "fairness.jain_share")
+        out["rr_jain"] = metric(rr, "fairness.jain_share")
     for target, suffix in PEER_SUFFIXES:  # the best RR point against each peer of the run
         peer = next((p for p in points if p["target"] == target and not p.get("error")), None)
         if peer and rr:
-            out[f"rr_mean_jct_over_{suffix}"] = _ratio(_get(rr, "overall.jct_s.mean"), _get(peer, "overall.jct_s.mean"))
+            out[f"rr_mean_jct_over_{suffix}"] = _ratio(
+                metric(rr, "overall.jct_s.mean"), metric(peer, "overall.jct_s.mean")
+            )
             out[f"rr_tokens_per_s_over_{suffix}"] = _ratio(
-                _get(rr, "throughput.tokens_per_s"), _get(peer, "throughput.tokens_per_s")
+                metric(rr, "throughput.tokens_per_s"), metric(peer, "throughput.tokens_per_s")
             )
             out[f"rr_p99_ttft_short_over_{suffix}"] = _ratio(
-                _get(rr, "by_class.short.ttft_s.p99"), _get(peer, "by_class.short.ttft_s.p99")
+                metric(rr, "by_class.short.ttft_s.p99"), metric(peer, "by_class.short.ttft_s.p99")
             )
     return out
 
@@ -137,16 +142,16 @@ def _row(p: dict[str, Any]) -> list[str]:
         if name == "point":
             out.append(p["label"])
         elif name == "ok/n":
-            out.append(f"{_get(p, 'overall.ok')}/{_get(p, 'overall.requests')}")
+            out.append(f"{metric(p, 'overall.ok')}/{metric(p, 'overall.requests')}")
         elif name == "switch s (share)":
-            out.append(f"{_f(_get(p, 'switch.seconds'), 3)} ({_f(100 * (_get(p, 'switch.share') or 0), 1)}%)")
+            out.append(f"{_f(metric(p, 'switch.seconds'), 3)} ({_f(100 * (metric(p, 'switch.share') or 0), 1)}%)")
         elif name == "TPOT ms":
-            v = _get(p, path)
+            v = metric(p, path)
             out.append(_f(None if v is None else v * 1000, 1))
         elif name == "client ms/req":
-            out.append(_f(_get(p, path) * 1000, 2))
+            out.append(_f(metric(p, path) * 1000, 2))
         else:
-            out.append(_f(_get(p, path), 3 if name == "Jain" else 2))
+            out.append(_f(metric(p, path), 3 if name == "Jain" else 2))
     return out
 
 
@@ -225,14 +230,14 @@ def overhead(points: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
 
     def mean(path: str) -> float | None:
-        xs = [v for p in q if (v := _get(p, path)) is not None]
+        xs = [v for p in q if (v := metric(p, path)) is not None]
         return sum(xs) / len(xs) if xs else None
 
     return {
         "client_cpu_ms_per_request": (mean("overhead.client_cpu_s_per_request") or 0) * 1000,
         "driver_ms_per_request": (mean("overhead.driver_s_per_request") or 0) * 1000,
         "ping_ms": mean("overhead.ping_ms"),
-        "max_submit_lateness_s": max(_get(p, "overhead.max_submit_lateness_s") or 0 for p in q),
+        "max_submit_lateness_s": max(metric(p, "overhead.max_submit_lateness_s") or 0 for p in q),
         "mean_jct_s": mean("overall.jct_s.mean"),
     }
 
