@@ -237,9 +237,15 @@ class LlamaCppEngine(LocalEngine):
         return self._rows
 
     def step(self) -> None:
-        """A step with rows to decode feeds the prefill line's chunks in the same ``llama_decode`` (``forward``)."""
+        """A step with rows to decode feeds the prefill line's chunks in the same ``llama_decode`` (``forward``).
+
+        ``--prefill-chunk`` bounds a step so that decoding rows keep streaming.  With none decoding,
+        a step takes as much prefill as one ``llama_decode`` holds: in a burst, a chunk that left
+        the first fill's last prompt to the next step kept that slot past the others' quanta, and the
+        burst's last request waited a further step for it (~0.5 s of its first token).
+        """
         if not self._decoding():
-            super().step()
+            super().step(self.model.n_batch)
             return
         self._merged = True
         try:

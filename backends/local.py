@@ -170,6 +170,7 @@ class LocalEngine(Engine, ModelHooks):
             **self.batch_stats(),
             "contexts": self.contexts.stats(),
             "prefill_tokens": self.prefill_tokens,
+            "prefill_steps": self.line.steps,
             "decode_tokens": self.decode_tokens,
             "adopted_contexts": self.adopted,
             **self.line.prefixes.stats(),
@@ -180,9 +181,9 @@ class LocalEngine(Engine, ModelHooks):
     def has_work(self) -> bool:
         return bool(self.line) or self._decoding()
 
-    def step(self) -> None:
-        """One scheduling step: a budget of prefill, then one decode step for the whole batch."""
-        self.line.run()
+    def step(self, prefill_budget: int = 0) -> None:
+        """One scheduling step: a budget of prefill (``prefill_chunk`` unless given), then one decode step."""
+        self.line.run(prefill_budget)
         if self._decoding():
             self._decode_step()
 

@@ -33,6 +33,7 @@ class PrefillLine:
         self.seqs: list[Sequence] = []
         self.forks: dict[int, list[Sequence]] = {}  # a leader's rid -> rows waiting for a copy of its prompt
         self.kept: OrderedDict[str, tuple[list[int], Any, Any]] = OrderedDict()  # fork group -> its prompt, copied
+        self.steps = 0  # steps that fed prompt tokens (``ps`` shows it: how a budget split the prompts)
 
     def __bool__(self) -> bool:
         return bool(self.seqs)
@@ -120,9 +121,12 @@ class PrefillLine:
         """A new prompt short enough to prefill in one go (with others: see ``_fresh``)."""
         return not seq.prefilled and seq.partial is None and len(seq.context_ids) <= self.chunk
 
-    def run(self) -> None:
-        """One step's budget of prefill: the new short prompts together, then chunks in line order."""
-        budget = self._fresh(self.chunk)
+    def run(self, budget: int = 0) -> None:
+        """One step's budget of prefill (``chunk`` unless given): the new short prompts together, then chunks."""
+        budget = budget or self.chunk
+        if self.seqs:
+            self.steps += 1
+        budget = self._fresh(budget)
         for seq in list(self.seqs):
             if budget <= 0:
                 break
@@ -151,6 +155,7 @@ class PrefillLine:
             ids = seq.context_ids[seq.prefilled : seq.prefilled + budget]
             out.append((seq, ids))
             budget -= len(ids)
+        self.steps += bool(out)
         return out
 
     def fed(self, seq: Sequence, n: int, logits, seconds: float) -> None:

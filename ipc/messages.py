@@ -146,6 +146,7 @@ class Load:
     host_available_bytes: int | None = None
     prefill_tokens: int | None = None
     decode_tokens: int | None = None
+    prefill_steps: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +160,7 @@ class Heartbeat(Message):
             memory={t: _count(_map(tiers.get(t)).get("bytes")) or 0 for t in P.TIERS},
             contexts={t: _count(_map(tiers.get(t)).get("count")) or 0 for t in P.TIERS},
             **{k: _count(self.stats.get(k)) for k in ("rss_bytes", "host_available_bytes")},
-            **{k: _count(self.stats.get(k)) for k in ("prefill_tokens", "decode_tokens")},
+            **{k: _count(self.stats.get(k)) for k in ("prefill_tokens", "decode_tokens", "prefill_steps")},
         )
 
 

@@ -236,7 +236,8 @@ def _worker_flags(s: argparse.ArgumentParser) -> None:
         type=positive(int),
         default=W.prefill_chunk,
         help="prompt tokens a worker feeds per step, so running requests keep streaming "
-        "(larger: prompts prefill in bigger batches, running rows wait longer)",
+        "(larger: prompts prefill in bigger batches, running rows wait longer; "
+        "with no row decoding, a llamacpp step takes a whole batch: 2048 tokens or more)",
     )
     s.add_argument(
         "--threads", type=int, default=W.threads, help="--backend llamacpp: compute threads per worker (0: every core)"

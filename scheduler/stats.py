@@ -101,6 +101,7 @@ def workers_view(d: Daemon) -> list[dict[str, Any]]:
                 "host_available_bytes": load.host_available_bytes,
                 "prefill_tokens": load.prefill_tokens,
                 "decode_tokens": load.decode_tokens,
+                "prefill_steps": load.prefill_steps,
             }
         )
     return rows

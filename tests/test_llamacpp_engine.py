@@ -285,6 +285,32 @@ def test_prompts_that_start_alike_share_their_prefix(gguf, start_daemon):
     assert ask(off, "Name a colour.").stats["prompt_tokens_reused"] == 0
 
 
+LONG_QUESTION = (
+    "Explain, step by step and with one example for each step, " + "how a compiler turns " * 12 + "source into code."
+)
+
+
+def test_prefill_chunk_bounds_a_step_only_while_rows_decode(gguf, start_daemon):
+    """Alone, a prompt past ``--prefill-chunk`` prefills in one step; beside a decoding row, chunk by chunk."""
+    d = start(
+        start_daemon, gguf, "--slots", "2", "--prefill-chunk", "8", "--prefix-cache", "0", "--heartbeat-s", "0.05"
+    )
+    with d.client() as c, d.client() as other:
+        steps = settled_stats(c)["prefill_steps"]
+        alone = c.chat(messages(LONG_QUESTION), max_tokens=2)
+        assert alone.stats["prompt_tokens_computed"] > 8 * 4
+        # the request, then settled_stats' own one-token chat: one step each, however long the prompt
+        assert settled_stats(c)["prefill_steps"] - steps == 2
+        steps = settled_stats(c)["prefill_steps"]
+        running = c.chat(messages("Count from one to fifty."), stream=True, max_tokens=48, min_tokens=48)
+        first = next(e for e in running if e.event == "token")
+        beside = other.chat(messages(LONG_QUESTION), max_tokens=2)  # sent while the first row decodes
+        assert first.data and result_of([first, *running]).usage["completion_tokens"] == 48
+        fed = settled_stats(c)["prefill_steps"] - steps - 2  # less the streaming row's and settled_stats' own
+    assert beside.stats["prompt_tokens_computed"] == alone.stats["prompt_tokens_computed"]
+    assert fed > 1, "a prompt fed beside a decoding row is cut at the chunk"
+
+
 def test_session_keeps_its_sequence_resident(gguf, start_daemon):
     d = start(start_daemon, gguf)
     convo = [{"role": "user", "content": "Name a fruit."}]
