@@ -142,3 +142,26 @@ def test_scheduler_owns_request_changes_sessions_and_restarts():
     sched.restart_on(second)
     assert (second.tier, second.context_bytes, second.restarts) == ("none", 0, 1)
     assert sched.worker_lost("w0") == [second] and not sched.workers["w0"].sessions and second.worker is None
+
+
+def test_a_cuda_llamacpp_worker_preloads_libstdcxx_and_others_get_nothing():
+    from scheduler.workers import CUDA_LLAMACPP_PRELOAD, engine_env
+
+    assert engine_env("llamacpp", "cuda:1", {}) == {"LD_PRELOAD": CUDA_LLAMACPP_PRELOAD}
+    assert engine_env("llamacpp", "cuda", {"LD_PRELOAD": "libjemalloc.so"}) == {
+        "LD_PRELOAD": f"{CUDA_LLAMACPP_PRELOAD} libjemalloc.so"
+    }
+    assert engine_env("llamacpp", "cuda", {"LD_PRELOAD": "/usr/lib/libstdc++.so.6"}) == {}  # the operator's own
+    assert engine_env("llamacpp", "cpu", {}) == engine_env("hf", "cuda", {}) == {}
+
+
+def test_bench_converts_the_model_only_when_a_daemon_or_peer_loads_the_directory():
+    from benchmarks.harness.config import BenchConfig
+    from benchmarks.harness.runner import needs_model_dir
+
+    gguf = ["--backend=llamacpp"]
+    assert not needs_model_dir(BenchConfig(serve_args=gguf, peer="llama-server"))
+    assert not needs_model_dir(BenchConfig(serve_args=gguf, peer=""))
+    assert needs_model_dir(BenchConfig(serve_args=gguf, peer="llama-server,transformers"))
+    assert needs_model_dir(BenchConfig(peer="llama-server"))  # the HF engine's daemons
+    assert not needs_model_dir(BenchConfig(endpoint="ipc:///tmp/x.sock", peer=""))

@@ -179,6 +179,13 @@ def serves_gguf(cfg: BenchConfig) -> bool:
     return any(a == "--backend" and b == "llamacpp" for a, b in zip(args, args[1:], strict=False))
 
 
+def needs_model_dir(cfg: BenchConfig) -> bool:
+    """Whether a daemon or a peer loads the converted model directory: not when llama.cpp serves the GGUF
+    itself at every point and the only peer is llama-server (so no conversion, and no gguf package)."""
+    daemons = cfg.endpoint is None and not serves_gguf(cfg)
+    return daemons or "transformers" in cfg.peer
+
+
 def _start_peer(name: str, cfg: BenchConfig, model_dir: str | None, out: Path) -> tuple[HttpServer, OpenAITarget]:
     if name == "llama-server":
         llama_server_exe()  # not built: say so before looking for a GGUF
@@ -233,7 +240,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     workload = make_workload(cfg)
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     psi0, t0 = _psi_total_s(), time.monotonic()
-    model_dir = resolve_model(cfg.model) if cfg.endpoint is None or "transformers" in cfg.peer else None
+    model_dir = resolve_model(cfg.model) if needs_model_dir(cfg) else None
     points = _sweep(cfg, workload, model_dir, out)
     psi1, wall = _psi_total_s(), time.monotonic() - t0
     result: dict[str, Any] = {
