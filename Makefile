@@ -41,6 +41,12 @@ LLAMA_SERVER := $(VENV)/bin/llama-server
 LLAMACPP_CMAKE := -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
 	-DGGML_F16C=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON '-DCMAKE_INSTALL_RPATH=$$ORIGIN'
+# On a machine with CUDA's compiler, `make llama-server LLAMACPP_CUDA=90` (the GPU's compute capability
+# without the dot; remove $(VENV)/.llamacpp first to rebuild) builds llama.cpp's CUDA backend too: the
+# engine offloads with `quantad serve --backend llamacpp --device cuda`, llama-server by itself.  Built
+# so on an H200 (CUDA 13.0, 16 cores: 5 minutes) for the burst run in benchmarks/README.md.
+LLAMACPP_CUDA ?=
+LLAMACPP_CMAKE += $(if $(LLAMACPP_CUDA),-DGGML_CUDA=ON -DGGML_CUDA_NCCL=OFF -DCMAKE_CUDA_ARCHITECTURES=$(LLAMACPP_CUDA))
 define SDIST_FETCH
 import hashlib, json, sys, urllib.parse, urllib.request
 name, version, dest = sys.argv[1:]
