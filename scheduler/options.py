@@ -210,11 +210,7 @@ def _scheduling_flags(s: argparse.ArgumentParser) -> None:
 def _worker_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--workers", type=positive(int), default=1, help="worker processes to start")
     s.add_argument("--slots", type=positive(int), default=W.slots, help="requests each worker runs at once")
-    s.add_argument(
-        "--device",
-        default=W.device,
-        help="torch device for workers (cpu, cuda, cuda:1); llamacpp: cuda offloads every layer (CUDA build)",
-    )
+    s.add_argument("--device", default=W.device, help="device: cpu, cuda, cuda:1 (llamacpp: offloads all layers)")
     s.add_argument("--dtype", default=W.dtype, choices=DTYPES)
     s.add_argument("--device-budget", type=size, default=W.device_budget, help="suspended KV kept in place per worker")
     s.add_argument("--host-budget", type=size, default=W.host_budget, help="KV swapped to host memory per worker")
