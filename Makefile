@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 LLAMACPP := $(VENV)/.llamacpp
 
-.PHONY: install demo serve test lint bench clean systemd-analyze llama-server
+.PHONY: install demo serve test lint bench clean systemd-analyze llama-server llama-cpp-sdist print-llamacpp-cmake
 
 install: $(STAMP)
 
@@ -83,6 +83,13 @@ $(LLAMACPP): $(STAMP) constraints.txt
 	touch $@
 
 llama-server: $(LLAMACPP)
+
+# For a build elsewhere (benchmarks/gpu/prepare.sh: a GPU machine without a registry): the sdist, and the flags.
+llama-cpp-sdist:
+	$(PYTHON) -c "$$SDIST_FETCH" llama-cpp-python $(LLAMA_CPP_PYTHON) "$(DEST)"
+
+print-llamacpp-cmake:
+	@echo $(LLAMACPP_CMAKE)
 
 test: install $(LLAMACPP) systemd-analyze
 	$(VENV)/bin/ruff check .
