@@ -61,7 +61,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     creds = {"curve": {"server": server.decode(), "public": public.decode(), "secret": secret.decode()}}
     print(f"quantad worker {name}: connecting to {args.connect} ({args.backend}, {args.slots} slot(s))", flush=True)
     try:
-        return subprocess.run(spec.argv(), input=json.dumps(creds) + "\n", text=True, check=False).returncode
+        return subprocess.run(
+            spec.argv(), input=json.dumps(creds) + "\n", env={**os.environ, **spec.env()}, text=True, check=False
+        ).returncode
     except KeyboardInterrupt:
         return 130
 

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 SNAPSHOT_TIERS = ("auto", P.TIER_DEVICE, P.TIER_HOST, P.TIER_DISK, P.TIER_RECOMPUTE)
 RESUME_METHODS = ("auto", "prefix", "completions", "none")
 WORKER_MODULE = "backends.worker"
+
+# A llama.cpp worker on CUDA loads torch's CUDA libraries and llama.cpp's libggml-cuda into one
+# process, and libggml-cuda's copies of libstdc++ template symbols then win the lookup: llama.cpp's
+# tokenizer regex segfaulted in std::codecvt, from libggml-cuda, on the first model load (an H200,
+# CUDA 13.0, torch 2.11, 2026-12-04).  Preloading the real libstdc++ puts its symbols first; with it
+# the same worker ran the burst benchmark.  CPU workers are left as they are.
+CUDA_LLAMACPP_PRELOAD = "libstdc++.so.6"
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,13 @@ class WorkerSpec:
             if value is not None:
                 out += [_flag(f.name), str(value)]
         return out
+
+    def env(self, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+        """What this worker needs set in its environment beyond ``environ`` (``CUDA_LLAMACPP_PRELOAD``)."""
+        preload = environ.get("LD_PRELOAD", "")
+        if self.backend != "llamacpp" or not self.device.startswith("cuda") or "libstdc++" in preload:
+            return {}
+        return {"LD_PRELOAD": f"{CUDA_LLAMACPP_PRELOAD} {preload}".strip()}
 
     @classmethod
     def parse(cls, argv: list[str] | None = None) -> WorkerSpec:

@@ -47,7 +47,7 @@ from scheduler.request import Request, State
 from scheduler.stats import status_line
 from scheduler.supervisor import Supervisor
 from scheduler.worker_ops import WorkerOps
-from scheduler.workers import Worker, WorkerProcess, engine_env
+from scheduler.workers import Worker, WorkerProcess
 
 log = logging.getLogger("quantad")
 
@@ -185,7 +185,7 @@ class Daemon:
         self.ctx.term()
 
     def _start_workers(self) -> None:
-        env = {"QUANTAD_LOG_FORMAT": self.cfg.log_format, **engine_env(self.cfg.spec.backend, self.cfg.spec.device)}
+        env = {"QUANTAD_LOG_FORMAT": self.cfg.log_format, **self.cfg.spec.env()}
         for i in range(self.cfg.workers):
             name = f"w{i}"
             curve = uses_curve(self.cfg.worker_endpoint, self.cfg.keys)

@@ -32,24 +32,6 @@ MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": "2000000000", "MALLOC_MMAP_THRESHOLD_": 
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
 
 
-# A llama.cpp worker on CUDA loads torch's CUDA libraries and llama.cpp's libggml-cuda into one
-# process, and libggml-cuda's copies of libstdc++ template symbols then win the lookup: llama.cpp's
-# tokenizer regex segfaulted in std::codecvt, from libggml-cuda, on the first model load (an H200,
-# CUDA 13.0, torch 2.11, 2026-12-04).  Preloading the real libstdc++ puts its symbols first; with it
-# the same worker ran the burst benchmark.  CPU workers are left as they are.
-CUDA_LLAMACPP_PRELOAD = "libstdc++.so.6"
-
-
-def engine_env(backend: str, device: str, environ: dict[str, str] | os._Environ = os.environ) -> dict[str, str]:
-    """Environment a worker needs for its engine and device (see ``CUDA_LLAMACPP_PRELOAD``)."""
-    if backend != "llamacpp" or not device.startswith("cuda"):
-        return {}
-    preload = environ.get("LD_PRELOAD", "")
-    if "libstdc++" in preload:
-        return {}
-    return {"LD_PRELOAD": f"{CUDA_LLAMACPP_PRELOAD} {preload}".strip()}
-
-
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The daemon's environment, less systemd's notify variables (only the daemon talks to systemd)."""
     env = {**MALLOC_ENV, **QUIET_ENV, **os.environ, **(extra or {})}

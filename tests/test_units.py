@@ -145,14 +145,13 @@ def test_scheduler_owns_request_changes_sessions_and_restarts():
 
 
 def test_a_cuda_llamacpp_worker_preloads_libstdcxx_and_others_get_nothing():
-    from scheduler.workers import CUDA_LLAMACPP_PRELOAD, engine_env
+    from ipc.worker_spec import CUDA_LLAMACPP_PRELOAD, WorkerSpec
 
-    assert engine_env("llamacpp", "cuda:1", {}) == {"LD_PRELOAD": CUDA_LLAMACPP_PRELOAD}
-    assert engine_env("llamacpp", "cuda", {"LD_PRELOAD": "libjemalloc.so"}) == {
-        "LD_PRELOAD": f"{CUDA_LLAMACPP_PRELOAD} libjemalloc.so"
-    }
-    assert engine_env("llamacpp", "cuda", {"LD_PRELOAD": "/usr/lib/libstdc++.so.6"}) == {}  # the operator's own
-    assert engine_env("llamacpp", "cpu", {}) == engine_env("hf", "cuda", {}) == {}
+    cuda = WorkerSpec(backend="llamacpp", device="cuda:1")
+    assert cuda.env({}) == {"LD_PRELOAD": CUDA_LLAMACPP_PRELOAD}
+    assert cuda.env({"LD_PRELOAD": "libjemalloc.so"}) == {"LD_PRELOAD": f"{CUDA_LLAMACPP_PRELOAD} libjemalloc.so"}
+    assert cuda.env({"LD_PRELOAD": "/usr/lib/libstdc++.so.6"}) == {}  # the operator's own
+    assert WorkerSpec(backend="llamacpp").env({}) == WorkerSpec(backend="hf", device="cuda").env({}) == {}
 
 
 def test_bench_converts_the_model_only_when_a_daemon_or_peer_loads_the_directory():
