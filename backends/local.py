@@ -44,6 +44,7 @@ from backends.engine import Engine, Send
 from backends.hooks import ModelHooks, State
 from backends.migration import Migration
 from backends.prefill import PrefillLine
+from backends.prefixes import auto_budget
 from backends.sequence import Sequence
 from backends.sessions import Sessions
 from backends.structured import Structurer, as_text_message
@@ -60,12 +61,14 @@ class LocalEngine(Engine, ModelHooks):
     """A model in this process, stepped by the skeleton; subclasses implement the hooks below."""
 
     tokenizer_dir = ""  # where its tokenizer lies, for the daemon's prompt counts (``ready``)
-    shares_prefixes = False  # keeps recent prompts for new ones that start alike (``backends.prefixes``)
+    shares_prefixes = False  # keeps recent prompts for new ones that start alike (``backends.prefixes``);
+    # every local engine keeps ended requests' whole contexts there (the next turn of a conversation)
 
     def __init__(self, spec: WorkerSpec, send: Send, ctx: zmq.Context):
         super().__init__(spec, send, ctx)
         self.running: dict[int, Sequence] = {}
-        self.line = PrefillLine(self, spec.prefill_chunk, spec.prefix_cache if self.shares_prefixes else 0)
+        budget = spec.prefix_cache if spec.prefix_cache >= 0 else auto_budget(psutil.virtual_memory().available)
+        self.line = PrefillLine(self, spec.prefill_chunk, budget, offer_prompts=self.shares_prefixes)
         self.contexts = ContextManager(
             self.device, spec.device_budget, spec.host_budget, disk_budget=spec.disk_budget, state_dir=spec.state_dir
         )
@@ -240,6 +243,7 @@ class LocalEngine(Engine, ModelHooks):
         seq = Sequence(
             rid=run.rid,
             params=params,
+            owner=run.owner,
             prompt_ids=prompt_ids,
             limit=self.max_context or 0,
             stream=TextStream(self.tokenizer, params.get("stop") or []),
@@ -313,9 +317,12 @@ class LocalEngine(Engine, ModelHooks):
             if reason is None:
                 going[seq.rid] = token
                 continue
-            state = self.leave(seq, keep=bool(seq.session))
+            state = self.leave(seq, keep=bool(seq.session) or bool(self.line.prefixes))
             self.running.pop(seq.rid, None)
-            self._finish(seq, reason, kept=self.sessions.keep(seq, state))
+            kept = self.sessions.keep(seq, state)
+            if not kept and state is not None:
+                self.line.keep_ended(seq, state)
+            self._finish(seq, reason, kept=kept)
         if not going:
             self._step_logits = None
             return

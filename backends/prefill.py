@@ -26,10 +26,11 @@ KEPT_FORKS = 2  # fork groups whose prompt state is kept for rows that come afte
 
 
 class PrefillLine:
-    def __init__(self, engine: LocalEngine, chunk: int, prefix_budget: int = 0):
+    def __init__(self, engine: LocalEngine, chunk: int, prefix_budget: int = 0, offer_prompts: bool = True):
         self.engine = engine
         self.chunk = chunk
         self.prefixes = PrefixCache(prefix_budget)
+        self.offer_prompts = offer_prompts  # else only ended requests' contexts are kept (``LocalEngine``)
         self.seqs: list[Sequence] = []
         self.forks: dict[int, list[Sequence]] = {}  # a leader's rid -> rows waiting for a copy of its prompt
         self.kept: OrderedDict[str, tuple[list[int], Any, Any]] = OrderedDict()  # fork group -> its prompt, copied
@@ -58,10 +59,10 @@ class PrefillLine:
     def _share_prefix(self, seq: Sequence) -> bool:
         """Start from the kept prompt sharing the longest prefix; True when it was this very prompt (it joined)."""
         ids, prefixes, engine = seq.context_ids, self.prefixes, self.engine
-        common, entry = prefixes.longest(ids)
+        common, entry = prefixes.longest(ids, seq.owner)
         if entry is None:
             return False
-        if common == len(ids) == len(entry.ids):  # nothing to compute: its logits are kept too
+        if common == len(ids) and entry.whole(common):  # nothing to compute: its logits are kept too
             prefixes.tokens_reused += common
             self._join_copy(seq, entry.state, entry.logits)
             return True
@@ -98,18 +99,35 @@ class PrefillLine:
     def _complete(self, seq: Sequence, state, logits) -> None:
         """A row's prompt is in: it joins the batch, and so does every row that waited for a copy of it."""
         engine, group = self.engine, seq.params.get("fork")
-        if (group or self.prefixes) and not seq.generated:  # its prompt alone (a restarted row holds more)
+        offer = self.prefixes and self.offer_prompts
+        if (group or offer) and not seq.generated:  # its prompt alone (a restarted row holds more)
             kept = (list(seq.context_ids), engine.keep_copy(state), logits.clone())  # one copy serves both
             if group:
                 self.kept[group] = kept
                 while len(self.kept) > KEPT_FORKS:
                     self.kept.popitem(last=False)
-            if self.prefixes:
-                self.prefixes.offer(*kept)
+            if offer:
+                self.prefixes.offer(*kept, owner=seq.owner)
         for f in self.forks.pop(seq.rid, []):
             self._join_copy(f, state, logits)
         seq.logits = logits
         engine.join(seq, state)
+
+    def keep_ended(self, seq: Sequence, state) -> None:
+        """An ended row's whole context (prompt and answer) to the prefix cache: the next turn resends it.
+
+        The state covers every id but the last one chosen (never fed); its logits are the ones that
+        last token was chosen from, so a prompt that is exactly this context joins with nothing computed.
+        The engine's own hold on the state is let go (llama.cpp: its cells; the copy is what is kept).
+        """
+        engine = self.engine
+        n = engine.kv_length(state)
+        logits = seq.logits.clone() if seq.logits is not None and n == len(seq.context_ids) - 1 else None
+        try:
+            self.prefixes.offer(seq.context_ids[:n], engine.keep_copy(state), logits, owner=seq.owner)
+            self.prefixes.conversations += 1
+        finally:
+            engine.drop_partial(state)
 
     def _join_copy(self, seq: Sequence, state, logits) -> None:
         """A row of a fork group joins with a copy of its prompt's state: its prefill is not computed again."""

@@ -24,6 +24,7 @@ class Sequence:
     params: dict[str, Any]
     prompt_ids: list[int]
     stream: TextStream
+    owner: str = ""  # the identity it runs for: what it leaves in the prefix cache is that identity's only
     limit: int = 0  # the most tokens the context may hold (the model's context; 0: no limit)
     constraint: Any = None  # backends.structured.Constraint: grammar state, part of the snapshot
     generated: list[int] = field(default_factory=list)

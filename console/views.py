@@ -14,7 +14,7 @@ from ipc import protocol as P
 PS_COLS = tuple("pid agent state nice priority worker quanta tokens context context_bytes preemptible age_s".split())
 PS_HEADS = tuple("PID AGENT STATE NI PRI WORKER QUANTA TOKENS CONTEXT BYTES PREEMPT AGE".split())
 WORKER_HEADS = tuple(
-    "WORKER STATE PID SLOTS DEVICE MODEL HEARTBEAT RESTARTS DEVICE_KV HOST_KV DISK_KV RECOMPUTE RSS".split()
+    "WORKER STATE PID SLOTS DEVICE MODEL HEARTBEAT RESTARTS DEVICE_KV HOST_KV DISK_KV RECOMPUTE RSS CACHE HITS".split()
 )
 
 
@@ -58,7 +58,9 @@ def _worker_row(w: dict[str, Any]) -> tuple[str, ...]:
     heartbeat = "-" if age is None else f"{age:.1f}s ago"
     ident = (w["name"], w["state"], str(w.get("pid") or "-"), f"{w['used']}/{w['slots']}", str(w.get("device") or "-"))
     usage = (str(w.get("restarts", 0)), *(size(mem.get(t, 0)) for t in P.TIERS), size(w.get("rss_bytes")))
-    return (*ident, model, heartbeat, *usage)
+    cache = w.get("cache") or {}
+    kept = f"{size(cache.get('bytes') or 0)}/{cache.get('entries') or 0}"  # bytes / entries
+    return (*ident, model, heartbeat, *usage, kept, str(cache.get("hits") or 0))
 
 
 def _duration(s: float) -> str:

@@ -147,6 +147,10 @@ class Load:
     prefill_tokens: int | None = None
     decode_tokens: int | None = None
     prefill_steps: int | None = None
+    cache: dict[str, int | None] = field(default_factory=dict)  # the prefix/conversation cache (``CACHE_KEYS``)
+
+
+CACHE_KEYS = ("prefix_bytes", "prefix_budget", "prefix_entries", "prefix_hits", "prefix_tokens_reused")
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +165,7 @@ class Heartbeat(Message):
             contexts={t: _count(_map(tiers.get(t)).get("count")) or 0 for t in P.TIERS},
             **{k: _count(self.stats.get(k)) for k in ("rss_bytes", "host_available_bytes")},
             **{k: _count(self.stats.get(k)) for k in ("prefill_tokens", "decode_tokens", "prefill_steps")},
+            cache={k.removeprefix("prefix_"): _count(self.stats.get(k)) for k in CACHE_KEYS},
         )
 
 
@@ -272,6 +277,7 @@ class Run(Message):
     emitted_chars: int = 0
     migrate: dict | None = None  # the exporter's counters: the context migrates in
     tensors: list = field(default_factory=list)
+    owner: str = ""  # the identity it runs for (a worker's cached states are kept per identity)
 
 
 @dataclass(frozen=True, slots=True)

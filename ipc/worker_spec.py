@@ -54,7 +54,7 @@ class WorkerSpec:
     # llama.cpp.
     threads: int = 0  # compute threads (0: every core)
     ctx_size: int = 0  # cells of the KV cache, split evenly between the sequence ids (0: 2048 per id)
-    prefix_cache: int = 256 << 20  # bytes of recent prompts' states kept for prompts that start alike (0: off)
+    prefix_cache: int = -1  # bytes of recent prompts' and ended conversations' states (0: off; -1: auto)
     # OpenAI-compatible endpoints.
     base_url: str | None = None
     api_key_env: str | None = None
@@ -112,7 +112,8 @@ HELP = {
     "prefill_chunk": "prompt tokens fed per step (chunked prefill)",
     "threads": "llama.cpp compute threads (0: every core)",
     "ctx_size": "llama.cpp: cells of the KV cache, split evenly between its sequence ids (0: 2048 per id)",
-    "prefix_cache": "llama.cpp: bytes of recent prompts' states kept for new prompts that start alike (0: off)",
+    "prefix_cache": "bytes of recent prompts' (llamacpp) and ended conversations' states kept for new prompts "
+    "that start alike (0: off; -1: the smaller of 8 GiB and a quarter of the available memory)",
     "peer_endpoint": "where other workers push migrating contexts (auto: beside an ipc:// --endpoint; '': none)",
     "base_url": "the API's base URL, e.g. http://127.0.0.1:8000/v1",
     "api_key_env": "environment variable holding the API key (default: OPENAI_API_KEY)",

@@ -14,6 +14,9 @@ from scheduler.policy import Policy
 from scheduler.request import Request, State
 from scheduler.workers import Worker
 
+PARKED_PER_SLOT = 2  # parked (preempted) contexts per slot before new requests wait for them to finish
+MIN_PARKED = 8
+
 
 class Scheduler:
     def __init__(self, policy: Policy):
@@ -47,12 +50,25 @@ class Scheduler:
                     self.policy.charge(self.table[pid])
         for w in self.workers.values():
             while w.free > 0:
-                req = self.policy.pick(self.ready, w.name) or self._migrant(w.name)
+                req = self.policy.pick(self._candidates(), w.name) or self._migrant(w.name)
                 if req is None:
                     break
                 self._start(req, w)
                 started.append(req)
         return started
+
+    def _candidates(self) -> deque[Request]:
+        """The run queue, or only its parked requests when enough of them hold contexts already.
+
+        A deep backlog would otherwise start every request once and park them all (thousands of
+        contexts swapped out, each resumed for one quantum): past ``PARKED_PER_SLOT`` parked contexts
+        per slot, the parked finish before anything new starts.
+        """
+        bound = PARKED_PER_SLOT * sum(w.slots for w in self.workers.values())
+        parked = sum(r.started for r in self.ready)
+        if parked < max(bound, MIN_PARKED):
+            return self.ready
+        return deque(r for r in self.ready if r.started)
 
     def _start(self, req: Request, w: Worker) -> None:
         self.ready.remove(req)
@@ -97,12 +113,18 @@ class Scheduler:
         if prompt_tokens is not None:
             req.prompt_tokens = max(0, prompt_tokens)
         req.quanta += 1
-        req.checkpoint = emitted
         self.policy.charge(req)
         self.policy.quantum_used(req)
+        last, req.checkpoint = req.checkpoint, emitted
         w = self.workers[req.worker]
         yielding = sum(self.table[pid].preempt_pending for pid in w.running if pid in self.table)
-        req.preempt_pending = self.waiting_for(req.worker, req) > yielding and req.preemptible is not False
+        # A request that would end within another quantum like this one is not parked (time quanta only:
+        # token quanta are the tests' exact preemption points).
+        timed = not self.policy.quantum_for(req).tokens
+        near_end = timed and bool(req.max_tokens) and req.max_tokens - emitted <= emitted - last
+        req.preempt_pending = (
+            not near_end and self.waiting_for(req.worker, req) > yielding and req.preemptible is not False
+        )
         return req.preempt_pending
 
     def preempt(self, req: Request, tier: str | None = None, nbytes: int = 0, switch_s: float = 0.0) -> None:

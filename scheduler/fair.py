@@ -19,9 +19,10 @@ class VirtualTokenCounter(Policy):
     """Options: ``input_weight`` and ``output_weight`` (VTC's w_p and w_q; defaults 1 and 2).
 
     Two levels of counters: the identity that sent a request (``scheduler.gate``: a uid, a key, an
-    HTTP token) and the agent label within it.  A slot goes to the backlogged identity with the
-    least service, and within it to the agent with the least: a flood spread over many agent
-    names still counts as one identity.
+    HTTP token) and the agent program within it (``Request.program``: its session, its agent label,
+    else the conversation it continues).  A slot goes to the backlogged identity with the least
+    service, and within it to the program with the least: a flood spread over many agent names
+    still counts as one identity.
     """
 
     name = "fair"
@@ -34,8 +35,8 @@ class VirtualTokenCounter(Policy):
 
     @staticmethod
     def keys(req: Request) -> tuple[str, str]:
-        """Its identity's key (level 0) and its agent's within that identity (level 1)."""
-        return f"owner:{req.owner}", f"agent:{req.owner}/{req.agent}"
+        """Its identity's key (level 0) and its program's within that identity (level 1)."""
+        return f"owner:{req.owner}", f"program:{req.program_key}"
 
     def admit(self, req: Request) -> None:
         for level, key in enumerate(self.keys(req)):
@@ -64,4 +65,9 @@ class VirtualTokenCounter(Policy):
 
     def info(self, req: Request) -> dict[str, Any]:
         owner, agent = (round(self.counter.get(k, 0.0), 3) for k in self.keys(req))
-        return super().info(req) | {"priority": agent, "agent_counter": agent, "owner_counter": owner}
+        return super().info(req) | {
+            "priority": agent,
+            "agent_counter": agent,  # the program's (named so before programs were derived)
+            "program_counter": agent,
+            "owner_counter": owner,
+        }

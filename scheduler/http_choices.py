@@ -95,7 +95,13 @@ class Choices:
         """The choices' usage together: the prompt once (it was computed once), every choice's completion."""
         prompt = dones[0].get("usage", {}).get("prompt_tokens", 0)
         out = sum(d.get("usage", {}).get("completion_tokens", 0) for d in dones)
-        return {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out}
+        details = dones[0].get("usage", {}).get("prompt_tokens_details") or {"cached_tokens": 0}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": out,
+            "total_tokens": prompt + out,
+            "prompt_tokens_details": details,
+        }
 
     def _whole(self, head: dict[str, Any], dones: list[dict[str, Any]]) -> dict[str, Any]:
         one = [self.front.completion(head, d)["choices"][0] for d in dones]

@@ -68,7 +68,7 @@ def chat_fields(body: dict[str, Any], models: Iterable[str]) -> tuple[list, dict
     user = body.get("user")
     params = {
         "max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
-        "agent": user if user is not None else DEFAULT_AGENT,
+        "agent": user if user is not None else "",  # none: the program is the conversation (scheduler.programs)
         **{k: body[k] for k in CHAT_FIELDS if k in body},
     }
     return _messages(body.get("messages")), params

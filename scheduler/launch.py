@@ -222,7 +222,7 @@ def worker_spec(args: argparse.Namespace, wep: str) -> WorkerSpec:
         prefill_chunk=args.prefill_chunk,
         threads=args.threads,
         ctx_size=args.ctx_size,
-        prefix_cache=args.prefix_cache,
+        prefix_cache=args.cache_ram if args.prefix_cache is None else args.prefix_cache,
         **common,
     )
 

@@ -41,6 +41,11 @@ def size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 512M, 4G)") from None
 
 
+def cache_size(text: str) -> int:
+    """A byte size, or ``auto`` (-1: the worker sizes it from the memory it finds)."""
+    return -1 if text.strip().lower() == "auto" else size(text)
+
+
 def positive(kind):
     def parse(text: str):
         try:
@@ -243,13 +248,15 @@ def _worker_flags(s: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=W.threads, help="--backend llamacpp: compute threads per worker (0: every core)"
     )
     s.add_argument(
-        "--prefix-cache",
-        type=size,
-        default=W.prefix_cache,
-        help="--backend llamacpp: states of recent prompts kept per worker, so a new prompt that starts "
-        "like one of them (the chat template's system turn, an agent's instructions) prefills only the rest "
-        "(0: off)",
+        "--cache-ram",
+        type=cache_size,
+        default="auto",
+        help="states kept per worker for prompts that start like an earlier one: every ended request's "
+        "whole conversation (prompt and answer), and on llamacpp every prompt (the chat template's system "
+        "turn, an agent's instructions), per identity, LRU; the next turn prefills only what is new "
+        "(auto: the smaller of 8G and a quarter of the available memory, as llama-server's --cache-ram; 0: off)",
     )
+    s.add_argument("--prefix-cache", type=cache_size, default=None, help="the older name of --cache-ram (wins if set)")
     s.add_argument(
         "--ctx-size",
         type=int,

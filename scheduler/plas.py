@@ -3,7 +3,8 @@
 An agent calls the model many times in one program.  Ranking single calls (as MLFQ does)
 lets a program with a long chain of short calls look short forever; ranking programs by
 the service all their calls received so far puts a long chain behind programs that have
-had little.  A program is the request's session when it has one, else its agent.  The
+had little.  A program is the request's session when it has one, else its agent, else the
+conversation it continues (``scheduler.programs``: plain OpenAI clients name none).  The
 attained service is discretised into levels (least attained first, round robin inside a
 level), and halved every ``decay_quanta`` quantum ends, as 4.3BSD decays CPU usage, so a
 heavy program that waits rises again instead of starving.
@@ -18,7 +19,7 @@ from scheduler.request import Request
 
 
 def program_of(req: Request) -> str:
-    return f"session:{req.session}" if req.session else f"agent:{req.agent}"
+    return req.program_key
 
 
 class Plas(Policy):
@@ -60,6 +61,6 @@ class Plas(Policy):
         return super().info(req) | {
             "priority": level,
             "level": level,
-            "program": program_of(req),
+            "program": req.program,
             "attained": round(attained, 3),
         }

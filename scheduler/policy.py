@@ -97,7 +97,55 @@ class Policy:
 
 
 class RoundRobin(Policy):
+    """Round robin across identities, then across an identity's programs, then across a program's requests.
+
+    A slot goes to the identity served longest ago, within it to the program (``Request.program``)
+    served longest ago, and within that in queue order (a preempted request rejoins at the tail).
+    So one agent's backlog of thousands never starves another agent's request: that one's program
+    has not been served yet and goes first, while a single program's requests still rotate on
+    the quantum.
+    """
+
     name = "rr"
+
+    def __init__(self, quantum: Quantum, **opts: Any):
+        super().__init__(quantum, **opts)
+        self.turns = 0
+        self.served: dict[str, int] = {}  # owner or program -> the turn it was last given a slot
+        self.live: dict[str, int] = {}  # owner or program -> its requests waiting or running
+
+    @staticmethod
+    def keys(req: Request) -> tuple[str, str]:
+        return f"owner:{req.owner}", f"program:{req.program_key}"
+
+    def admit(self, req: Request) -> None:
+        for key in self.keys(req):
+            self.live[key] = self.live.get(key, 0) + 1
+
+    def release(self, req: Request) -> None:
+        """A key with no request left is forgotten: its next request is served as a newcomer's."""
+        for key in self.keys(req):
+            left = self.live.get(key, 0) - 1
+            if left > 0:
+                self.live[key] = left
+            else:
+                self.live.pop(key, None)
+                self.served.pop(key, None)
+
+    def pick(self, ready: deque[Request], worker: str) -> Request | None:
+        req = super().pick(ready, worker)
+        if req is not None:
+            self.turns += 1
+            for key in self.keys(req):
+                self.served[key] = self.turns
+        return req
+
+    def priority(self, req: Request) -> tuple:
+        owner, program = self.keys(req)
+        return (req.nice, self.served.get(owner, 0), self.served.get(program, 0))
+
+    def info(self, req: Request) -> dict[str, Any]:
+        return super().info(req) | {"program": req.program}
 
 
 class Fifo(Policy):

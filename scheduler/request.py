@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ipc.protocol import MAX_TOKENS_LIMIT
+from scheduler.programs import program_key, program_of
 
 
 class State(enum.StrEnum):
@@ -92,6 +93,7 @@ class Request:
     watchers: dict[tuple[bytes, Any], Watch] = field(default_factory=dict)
     recovered: bool = False  # taken back from a dead daemon's journal
     logprobs: list = field(default_factory=list)  # per token, when asked for (None where a restart lost one)
+    program: str = ""  # the agent program it belongs to (``scheduler.programs``): fixed at accept
 
     def __post_init__(self) -> None:
         if self.params.get("seed") is None:  # fixed now, so any restart samples the same stream
@@ -101,8 +103,15 @@ class Request:
             self.prompt_tokens = estimate_prompt_tokens(self.params.get("messages", []), self.params.get("prompt"))
         if not self.watchers:
             self.watchers[(self.agent_addr, self.client_id)] = Watch(stream=self.stream)
+        if not self.program:
+            self.program = program_of(self.params)
         if not self.cost:  # fixed at accept: what its owner's quota was charged, and is given back
             self.cost = self.prompt_tokens + (self.max_tokens or MAX_TOKENS_LIMIT)
+
+    @property
+    def program_key(self) -> str:
+        """Its program as policies count it: within its owner's namespace."""
+        return program_key(self.owner, self.program)
 
     @property
     def agent(self) -> str:
@@ -219,6 +228,7 @@ class Request:
             "agent": self.agent,
             "owner": self.owner,
             "session": self.session,
+            "program": self.program,
             "state": self.state.value,
             "nice": self.nice,
             "worker": self.worker,

@@ -102,6 +102,7 @@ def workers_view(d: Daemon) -> list[dict[str, Any]]:
                 "prefill_tokens": load.prefill_tokens,
                 "decode_tokens": load.decode_tokens,
                 "prefill_steps": load.prefill_steps,
+                "cache": load.cache,
             }
         )
     return rows

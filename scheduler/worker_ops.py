@@ -41,6 +41,13 @@ def running(handler: Callable[[WorkerOps, Request, Any], None]) -> Handler:
     return on
 
 
+def with_cached(usage: dict, stats: dict) -> dict:
+    """OpenAI's usage with ``prompt_tokens_details.cached_tokens``: the prompt tokens whose state was reused."""
+    reused = stats.get("prompt_tokens_reused")
+    cached = reused if type(reused) is int and reused >= 0 else 0
+    return {**usage, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
 class WorkerOps:
     def __init__(self, daemon: Daemon):
         self.d = daemon
@@ -84,6 +91,7 @@ class WorkerOps:
             emitted_chars=len(req.text),
             migrate=migrate,
             tensors=tensors or [],
+            owner=req.owner,
         )
         self.d.to_worker(req.worker, run, frames)
 
@@ -203,7 +211,7 @@ class WorkerOps:
             finish_reason=rec.finish_reason,
             content=rec.content,
             tool_calls=rec.tool_calls,
-            usage=rec.usage,
+            usage=with_cached(rec.usage, rec.stats),
             stats=rec.stats,
             **({"logprobs": req.logprobs} if req.params.get("logprobs") else {}),
             **({"content_tail": tail} if tool_events.splits(req) and (tail := tool_events.tail(req)) else {}),

@@ -138,7 +138,7 @@ def test_fair_balances_greedy_and_polite_agents():
 
 
 def vtc(sim: Sim, agent: str, owner: str = "") -> float:
-    return sim.sched.policy.counter[f"agent:{owner}/{agent}"]
+    return sim.sched.policy.counter[f"program:{owner}|agent:{agent}"]
 
 
 def test_fair_counts_identities_before_agent_names():
@@ -195,8 +195,8 @@ def test_plas_session_is_its_own_program_and_decay():
     a = sim.submit(12, agent="x", session="s1")
     sim.run()
     pol = sim.sched.policy
-    assert "session:s1" in pol.attained and "agent:x" not in pol.attained
-    assert pol.attained["session:s1"] < pol.input_weight * a.prompt_tokens + 2 * 12  # halved at least once
+    assert "|session:s1" in pol.attained and "|agent:x" not in pol.attained  # keys: owner|program
+    assert pol.attained["|session:s1"] < pol.input_weight * a.prompt_tokens + 2 * 12  # halved at least once
 
 
 def test_mlfq_with_two_slots_frees_only_what_waiters_need():
