@@ -60,8 +60,8 @@ class PrefillLine:
         """Start from the kept prompt sharing the longest prefix; True when it was this very prompt (it joined)."""
         ids, prefixes, engine = seq.context_ids, self.prefixes, self.engine
         common, entry = prefixes.longest(ids, seq.owner)
-        if entry is None:
-            return False
+        if entry is None or (not self.offer_prompts and common <= entry.prompt):
+            return False  # (an engine that shares no prompts takes an entry only to continue its conversation)
         if common == len(ids) and entry.whole(common):  # nothing to compute: its logits are kept too
             prefixes.tokens_reused += common
             self._join_copy(seq, entry.state, entry.logits)
@@ -124,7 +124,8 @@ class PrefillLine:
         n = engine.kv_length(state)
         logits = seq.logits.clone() if seq.logits is not None and n == len(seq.context_ids) - 1 else None
         try:
-            self.prefixes.offer(seq.context_ids[:n], engine.keep_copy(state), logits, owner=seq.owner)
+            ids = seq.context_ids[:n]
+            self.prefixes.offer(ids, engine.keep_copy(state), logits, owner=seq.owner, prompt=len(seq.prompt_ids))
             self.prefixes.conversations += 1
         finally:
             engine.drop_partial(state)

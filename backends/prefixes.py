@@ -46,6 +46,7 @@ class Prefix:
     logits: Any  # the next token's logits after ``ids`` [1, vocab]
     nbytes: int
     owner: str = ""  # the identity whose request computed it
+    prompt: int = 0  # of ``ids``, the tokens of the prompt (the rest: its answer, for an ended request's entry)
 
     def whole(self, n: int) -> bool:
         """Whether a prompt of ``n`` tokens sharing all of them is this very entry (its logits serve)."""
@@ -84,7 +85,7 @@ class PrefixCache:
         self.hits += 1
         return best_n, self.entries[best]
 
-    def offer(self, ids: list[int], state: Any, logits: Any, owner: str = "") -> None:
+    def offer(self, ids: list[int], state: Any, logits: Any, owner: str = "", prompt: int | None = None) -> None:
         """Keep a state (a copy the caller made) for the ids it covers, evicting the least recently used."""
         nbytes = sum(t.numel() * t.element_size() for pair in state for t in pair)
         key = (owner, tuple(ids))
@@ -95,7 +96,8 @@ class PrefixCache:
             self.used -= old.nbytes
         while self.entries and self.used + nbytes > self.budget:
             self.used -= self.entries.popitem(last=False)[1].nbytes
-        self.entries[key] = Prefix(np.asarray(ids, dtype=np.int64), state, logits, nbytes, owner)
+        prompt = len(ids) if prompt is None else prompt
+        self.entries[key] = Prefix(np.asarray(ids, dtype=np.int64), state, logits, nbytes, owner, prompt)
         self.used += nbytes
 
     def stats(self) -> dict[str, int]:

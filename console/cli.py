@@ -150,7 +150,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _bench_sweep_flags(b: argparse.ArgumentParser) -> None:
     b.add_argument("--quanta", default="25,100,400,1600,inf", help="quanta in ms, comma-separated; inf = FIFO")
     b.add_argument("--policies", default="fifo,rr", help="policy names passed to 'quantad serve --policy'")
-    b.add_argument("--workload", default="heavy-tail", choices=["heavy-tail", "agents", "uniform"])
+    b.add_argument(
+        "--workload",
+        default="heavy-tail",
+        choices=["heavy-tail", "agents", "uniform", "agents-chat"],
+        help="agents-chat: agents resending their whole conversation each turn over the OpenAI HTTP front",
+    )
     b.add_argument("--requests", type=positive(int), default=40, help="model calls in the workload")
     b.add_argument("--rate", type=positive(float), default=1.0, help="open-loop arrivals per second")
     b.add_argument(
@@ -195,7 +200,10 @@ def _bench_workload_flags(b: argparse.ArgumentParser) -> None:
     b.add_argument("--long-threshold", type=positive(int), default=100, help="output tokens from which a call is long")
     b.add_argument("--prompt-words", type=positive(int), default=40, help="median prompt length in words (lognormal)")
     b.add_argument("--agents", type=positive(int), default=4, help="agents (agents workload) or client ids")
-    b.add_argument("--greedy-agents", type=int, help="agents workload: greedy agents (default: half)")
+    b.add_argument(
+        "--greedy-agents", type=int, help="agents: greedy agents (half); agents-chat: long-answer ones (a quarter)"
+    )
+    b.add_argument("--preamble-words", type=positive(int), default=220, help="agents-chat: the shared system preamble")
     b.add_argument("--greedy-parallel", type=positive(int), default=2, help="concurrent loops per greedy agent")
     b.add_argument("--think-s", type=float, default=0.5, help="agents: mean think time of polite agents")
     b.add_argument("--tool-s", type=float, default=0.3, help="agents: mean tool wait after each call")

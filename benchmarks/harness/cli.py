@@ -42,6 +42,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         greedy_parallel=args.greedy_parallel,
         think_s=max(args.think_s, 0.0),
         tool_s=max(args.tool_s, 0.0),
+        preamble_words=args.preamble_words,
         temperature=args.temperature,
         warmup=max(args.warmup, 0),
         timeout_s=args.timeout_s,

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-WORKLOADS = ("heavy-tail", "agents", "uniform")
+WORKLOADS = ("heavy-tail", "agents", "uniform", "agents-chat")
 PEERS = ("transformers", "llama-server")  # `transformers serve --continuous-batching`; llama.cpp's llama-server
 
 
@@ -37,6 +37,7 @@ class BenchConfig:
     greedy_parallel: int = 2  # concurrent loops of each greedy agent
     think_s: float = 0.5  # agents: mean think time before a call (polite agents)
     tool_s: float = 0.3  # agents: mean tool wait after a call
+    preamble_words: int = 220  # agents-chat: the framework's shared system preamble (a few hundred tokens)
     temperature: float = 0.0
     warmup: int = 1  # untimed requests per server before each point
     timeout_s: float = 1800.0  # per point

@@ -37,6 +37,7 @@ class Record:
     finish_reason: str | None = None
     error: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)  # the daemon's done stats
+    prompt_computed: int | None = None  # prompt tokens the server computed (less what it reused from a cache)
     driver_s: float = 0.0  # time spent in the driver's own code for this call
     arrivals: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens) of each token event or chunk
 
@@ -102,6 +103,7 @@ class QuantadTarget:
                 rec.prompt_tokens = ev.data.get("usage", {}).get("prompt_tokens")
                 rec.finish_reason = ev.data.get("finish_reason")
                 rec.stats = dict(ev.data.get("stats", {}))
+                rec.prompt_computed = rec.stats.get("prompt_tokens_computed")
             elif ev.terminal:
                 rec.error = f"{ev.data.get('code', ev.event)}: {ev.data.get('message', '')}"
                 rec.stats = dict(ev.data.get("stats", {}))
@@ -174,6 +176,9 @@ class OpenAITarget:
                 if chunk.usage is not None:
                     rec.tokens = chunk.usage.completion_tokens
                     rec.prompt_tokens = chunk.usage.prompt_tokens
+                computed = prompt_computed(chunk)
+                if computed is not None:
+                    rec.prompt_computed = computed
                 rec.driver_s += time.perf_counter() - t_in
         except Exception as exc:  # the peer's failures are results too
             rec.error = f"{type(exc).__name__}: {exc}"
@@ -184,6 +189,18 @@ class OpenAITarget:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def prompt_computed(chunk: Any) -> int | None:
+    """Prompt tokens a server computed for a request: llama-server's ``timings.prompt_n``, else the prompt
+    less OpenAI's ``usage.prompt_tokens_details.cached_tokens`` (quantad's HTTP front)."""
+    timings = (chunk.model_extra or {}).get("timings") or {}
+    if isinstance(timings.get("prompt_n"), int):
+        return timings["prompt_n"]
+    if chunk.usage is None:
+        return None
+    cached = getattr(chunk.usage.prompt_tokens_details, "cached_tokens", None)
+    return None if cached is None else chunk.usage.prompt_tokens - cached
 
 
 def new_record(call: Call) -> Record:
@@ -213,7 +230,7 @@ async def drive(target: Target, workload: Workload, on_done=None) -> tuple[list[
         await one(call, [{"role": "user", "content": call.prompt}])
 
     async def loop(calls) -> None:
-        messages: list[dict[str, str]] = []
+        messages: list[dict[str, str]] = [{"role": "system", "content": calls[0].system}] if calls[0].system else []
         for call in calls:
             await asyncio.sleep(call.think_s)
             messages.append({"role": "user", "content": call.prompt})

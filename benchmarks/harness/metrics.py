@@ -156,6 +156,26 @@ def fairness(recs: Sequence[Record]) -> dict[str, Any]:
     }
 
 
+def agent_turns(recs: Sequence[Record]) -> dict[str, Any]:
+    """Agents resending their conversations: turn latency (all, and of the agents with only short answers),
+    each agent's completion time (its first submit to its last answer), and prompt tokens computed of sent."""
+    by_agent: dict[str, list[Record]] = defaultdict(list)
+    for r in recs:
+        by_agent[r.agent].append(r)
+    ok = [r for r in recs if r.ok]
+    short = [r for rs in by_agent.values() if all(x.cls == "short" for x in rs) for r in rs if r.ok]
+    spans = [max(r.done_s for r in rs) - min(r.submit_s for r in rs) for rs in by_agent.values()
+             if all(r.ok for r in rs)]  # fmt: skip
+    computed = [r.prompt_computed for r in ok]
+    return {
+        "turn_s": summary([r.done_s - r.submit_s for r in ok]),
+        "short_agents_turn_s": summary([r.done_s - r.submit_s for r in short]),
+        "agent_completion_s": summary(spans),
+        "prompt_tokens_sent": sum(r.prompt_tokens or 0 for r in ok),
+        "prompt_tokens_computed": None if None in computed else sum(computed),
+    }
+
+
 def point_metrics(recs: Sequence[Record], costs: dict[str, float], workers: int = 1) -> dict[str, Any]:
     ok = [r for r in recs if r.ok]
     start = min((r.submit_s for r in recs if r.submit_s is not None), default=0.0)
@@ -180,6 +200,7 @@ def point_metrics(recs: Sequence[Record], costs: dict[str, float], workers: int 
         "switch": {"seconds": switch, "share": switch / (makespan * max(workers, 1))},
         "context_bytes_moved": dict(moved),
         "fairness": fairness(recs),
+        "agents": agent_turns(recs) if any(r.turn for r in recs) else None,
         "overhead": {
             "client_cpu_s_per_request": costs.get("client_cpu_s", 0.0) / n,
             "driver_s_per_request": sum(r.driver_s for r in recs) / n,

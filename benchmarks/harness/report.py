@@ -212,10 +212,27 @@ def _overhead_md(o: dict[str, Any]) -> list[str]:
     ]
 
 
+def _agents_md(points: list[dict[str, Any]]) -> list[str]:
+    """Per point, the agents' figures (``agents-chat``): turns, the short-answer agents', completion, prompt."""
+    rows = [
+        [p["label"], _f(a["turn_s"]["mean"]), _f(a["short_agents_turn_s"]["mean"]), _f(a["agent_completion_s"]["mean"]),
+         _f(p["metrics"]["overall"]["ttft_s"]["p99"]), f"{a['prompt_tokens_computed']} of {a['prompt_tokens_sent']}",
+         _f(p["metrics"]["throughput"]["tokens_per_s"], 1)]
+        for p in points
+        if not p.get("error") and (a := p["metrics"].get("agents"))
+    ]  # fmt: skip
+    if not rows:
+        return []
+    headers = ["point", "mean turn s", "short agents' turn s", "mean agent completion s", "p99 TTFT s",
+               "prompt tokens computed", "tokens/s"]  # fmt: skip
+    return ["## Agents", "", *_table(headers, rows)]
+
+
 def markdown(result: dict[str, Any]) -> str:
     points = result["points"]
     sections = [
         [*_intro(result), "", *_table([c for c, _ in _COLS], [_row(p) for p in points])],
+        _agents_md(points),
         _by_class(points),
         _bytes_moved(points),
         _overhead_md(result["overhead"]),

@@ -89,8 +89,35 @@ class _Zero:
         return 0.0
 
 
+class QuantadHttpTarget(OpenAITarget):
+    """quantad through its OpenAI-compatible front, as agent frameworks reach it (``agents-chat``)."""
+
+    name = "quantad"
+
+    def _extra(self, call: Call) -> dict[str, Any]:
+        return {"extra_body": {"min_tokens": call.min_tokens}} if call.min_tokens else {}
+
+
+def over_http(cfg: BenchConfig) -> bool:
+    """Whether quantad is driven through its HTTP front (``--http``) instead of its own socket."""
+    return cfg.workload == "agents-chat"
+
+
+def _http_target(endpoint: str, cfg: BenchConfig) -> QuantadHttpTarget:
+    import json
+    import urllib.request
+
+    from ipc.client import Client
+
+    with Client(endpoint) as c:
+        url = c.stats()["endpoints"]["http"]
+    with urllib.request.urlopen(url + "/v1/models", timeout=30) as r:
+        model = json.load(r)["data"][0]["id"]
+    return QuantadHttpTarget(url + "/v1", model, cfg.temperature)
+
+
 async def _quantad_point(endpoint: str, workload: Workload, cfg: BenchConfig, desc: str) -> tuple[list, dict]:
-    target = QuantadTarget(endpoint, cfg.temperature, cfg.seed)
+    target = _http_target(endpoint, cfg) if over_http(cfg) else QuantadTarget(endpoint, cfg.temperature, cfg.seed)
     try:
         return await _run_target(target, workload, cfg, desc)
     finally:
@@ -159,7 +186,8 @@ def _sweep_point(
         return _point(policy, ql, "quantad", error=rejected[policy])
     log = out / "logs" / f"{policy}-q{ql}.log"
     model = cfg.model if serves_gguf(cfg) else model_dir  # llama.cpp workers load the GGUF itself
-    server = QuantadServer(model, policy, q, log, cfg.slots, cfg.workers, cfg.serve_args)
+    extra = [*cfg.serve_args, *(["--http", "127.0.0.1:0"] if over_http(cfg) else [])]
+    server = QuantadServer(model, policy, q, log, cfg.slots, cfg.workers, extra)
     try:
         server.wait_ready()
         recs, costs = asyncio.run(_quantad_point(server.endpoint, workload, cfg, label(policy, ql)))

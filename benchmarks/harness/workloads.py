@@ -39,6 +39,7 @@ class Call:
     think_s: float = 0.0  # agents: pause before this call
     tool_s: float = 0.0  # agents: tool wait after it
     turn: int = 0
+    system: str = ""  # agents-chat: the conversation's system message (its first call's is used)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ def make_workload(cfg: BenchConfig) -> Workload:
     rng = random.Random(cfg.seed)
     if cfg.workload == "agents":
         return _agents(cfg, rng)
+    if cfg.workload == "agents-chat":
+        return _agents_chat(cfg, rng)
     if cfg.workload in ("heavy-tail", "uniform"):
         return _open_loop(cfg, rng)
     raise ValueError(f"unknown workload {cfg.workload!r}")
@@ -163,4 +166,39 @@ def _agents(cfg: BenchConfig, rng: random.Random) -> Workload:
         if calls:
             loops.append(Loop(agent, kind, session, tuple(calls)))
     info = {"kind": "agents", "agents": k, "greedy_agents": greedy, "loops": len(loops)}
+    return Workload(cfg.workload, loops=tuple(loops), info=info)
+
+
+def _agents_chat(cfg: BenchConfig, rng: random.Random) -> Workload:
+    """Agents as frameworks run them over an OpenAI API: each turn resends the whole conversation.
+
+    Every agent's conversation opens with the framework's shared preamble (``preamble_words``) and
+    its own task; each turn appends the model's answer and a tool's output.  ``greedy_agents`` of
+    them (default: a quarter) give long answers, the rest short ones; ``tool_s`` is the mean tool
+    wait between turns.  ``requests`` calls in all, spread evenly over the agents.
+    """
+    k = max(cfg.agents, 1)
+    longs = k // 4 if cfg.greedy_agents is None else min(cfg.greedy_agents, k)
+    preamble = "You are a careful agent of an agent framework. Follow the instructions. " + " ".join(
+        _WORDS[i % len(_WORDS)] for i in range(cfg.preamble_words)
+    )
+    turns = [cfg.requests // k + (i < cfg.requests % k) for i in range(k)]
+    loops, idx = [], 0
+    for a, n_turns in enumerate(turns):
+        kind, agent = ("greedy" if a < longs else "polite"), f"agent{a}"
+        calls = []
+        for turn in range(n_turns):
+            n = _length(cfg, rng, long=kind == "greedy")
+            if turn == 0:
+                prompt = f"Task {a}: study this and report: " + _text(rng, _prompt_words(cfg, rng))
+            else:
+                prompt = "Tool output: " + _text(rng, max(4, _prompt_words(cfg, rng) // 2)) + ". Continue the task."
+            tool = rng.expovariate(1.0 / cfg.tool_s) if cfg.tool_s > 0 else 0.0
+            calls.append(Call(idx=idx, agent=agent, session="", cls=_cls(cfg, n), prompt=prompt, max_tokens=n,
+                              min_tokens=_min_tokens(cfg, n), tool_s=round(tool, 6), turn=turn,
+                              system=preamble))  # fmt: skip
+            idx += 1
+        if calls:
+            loops.append(Loop(agent, kind, "", tuple(calls)))
+    info = {"kind": "agents-chat", "agents": k, "long_agents": longs, "loops": len(loops)}
     return Workload(cfg.workload, loops=tuple(loops), info=info)
