@@ -20,7 +20,8 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[hf,test]'
 	touch $@
 
-demo: install
+# The demo runs the default engine on the embedded GGUF: llama.cpp, built once per venv (about 8 minutes on 2 cores).
+demo: install $(LLAMACPP)
 	$(VENV)/bin/quantad demo
 
 serve: install

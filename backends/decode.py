@@ -32,7 +32,7 @@ def greedy_rows(out: torch.Tensor | None, seqs: list[Sequence]) -> dict[int, int
         if seq.constraint is None and seq.params["temperature"] <= 0.0 and lg is not None and not shaped(seq.params):
             if lg.untyped_storage().data_ptr() == base:
                 rows[seq.rid] = (lg.storage_offset() - out.storage_offset()) // out.stride(0)
-    if len(rows) < 2:
+    if not rows:
         return {}
     best = out.argmax(-1).tolist()
     return {rid: best[i] for rid, i in rows.items()}
@@ -48,6 +48,10 @@ def next_token(
     p = seq.params
     if greedy is not None and not (seq.under_min and greedy in eos_ids):
         return greedy
+    if greedy is None and seq.constraint is None and p["temperature"] <= 0.0 and not shaped(p):
+        greedy = int(torch.argmax(seq.logits))  # a row whose logits came from elsewhere (prefill, restore)
+        if not (seq.under_min and greedy in eos_ids):
+            return greedy  # (under ``min_tokens``, EOS masked only when it is the choice: one copy spared a step)
     logits = shape(seq.logits, p, seq.prompt_ids, seq.generated) if shaped(p) else seq.logits
     logits = logits if seq.constraint is None else seq.constraint.apply(logits)
     if seq.constraint is None and seq.under_min:

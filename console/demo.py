@@ -9,7 +9,7 @@ import time
 from ipc.launcher import DaemonError, DaemonProcess
 
 QUESTIONS = [
-    "What is the capital of France?",
+    "Which city is the capital of France?",  # (SmolLM2 Q4_1 answers "What is the capital of France?" in French)
     "Name three colors of the rainbow.",
     "Write one sentence about the moon.",
 ]
@@ -37,6 +37,8 @@ async def _wait_ready(daemon: DaemonProcess) -> None:
 async def _demo(daemon: DaemonProcess, max_tokens: int) -> None:
     await _wait_ready(daemon)
     async with daemon.aclient(agent="demo") as client:
+        w = (await client.workers())["workers"][0]
+        print(f"engine: {w['backend']} ({w['model']})")
         t0 = time.monotonic()
         print(f"\nSubmitting {len(QUESTIONS)} requests at once to one worker slot; each quantum is a few tokens.\n")
         streams = [await client.chat(q, stream=True, max_tokens=max_tokens) for q in QUESTIONS]

@@ -10,6 +10,10 @@ keep their terminal event for ``keep_s`` (``quantad run --attach`` reads it), th
 Rows hold msgpack (params, the agent's id, the terminal event) and int32 arrays (token
 ids): nothing read back is unpickled.  ``synchronous=NORMAL`` in WAL mode: a commit
 survives the daemon's death (SIGKILL, a crash); only a power cut may lose the last ones.
+A commit in that mode does not wait for the disk, but SQLite's automatic checkpoint (every
+1000 pages of WAL) copies the WAL into the database and fsyncs it, inside whichever commit
+crossed the mark: on the event loop, a stall of the whole daemon.  So checkpoints run in a
+thread of their own (``Checkpointer``, on its own connection), off the loop.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import logging
 import os
 import signal
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +75,39 @@ def _pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
 
+CHECKPOINT_S = 1.0  # how often the checkpointer copies the WAL into the database
+
+
+class Checkpointer(threading.Thread):
+    """WAL checkpoints (and their fsync) on a connection and a thread of their own, never on the event loop."""
+
+    def __init__(self, path: Path):
+        super().__init__(name="journal-checkpoint", daemon=True)
+        self.path = path
+        self.stopping = threading.Event()
+        self.runs = 0
+
+    def run(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            while not self.stopping.wait(CHECKPOINT_S):
+                self._checkpoint(db, "PASSIVE")  # never waits for the writer: what it cannot copy waits a turn
+            self._checkpoint(db, "TRUNCATE")
+        finally:
+            db.close()
+
+    def _checkpoint(self, db: sqlite3.Connection, mode: str) -> None:
+        try:
+            db.execute(f"PRAGMA wal_checkpoint({mode})")
+            self.runs += 1
+        except sqlite3.Error as exc:  # busy or locked: the next turn tries again
+            log.debug("event=journal_checkpoint_skipped error=%r", str(exc))
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=30)
+
+
 @dataclass
 class Ended:
     """A finished request still in the journal: what ``attach`` replays."""
@@ -87,7 +125,10 @@ class Journal:
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's job, off the loop
         self.db.executescript(SCHEMA)
+        self.checkpointer = Checkpointer(path)
+        self.checkpointer.start()
         self._dirty: dict[int, Request] = {}
         self._ends: dict[int, dict[str, Any]] = {}
         self._flush_soon = False
@@ -216,4 +257,5 @@ class Journal:
 
     def close(self) -> None:
         self.flush()
+        self.checkpointer.stop()
         self.db.close()

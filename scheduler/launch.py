@@ -8,6 +8,7 @@ never imports torch.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import subprocess
@@ -106,10 +107,29 @@ def prepare_ipc_dir(endpoint: str) -> None:
         )
 
 
+def pick_backend(backend: str, model: str | None) -> str:
+    """``auto``: llama.cpp for a GGUF (the embedded default is one) when its bindings are installed, else hf.
+
+    A model directory is HuggingFace's.  Looked up without importing llama.cpp (the daemon loads no engine).
+    """
+    if backend != "auto":
+        return backend
+    gguf = model in (None, "", "smollm2") or str(model).endswith(".gguf")
+    if not gguf:
+        return "hf"
+    if importlib.util.find_spec("llama_cpp") is None:
+        logging.getLogger("quantad").warning(
+            "event=backend_fallback backend=hf note=%r", "llama.cpp is not installed (make llama-server): hf engine"
+        )
+        return "hf"
+    return "llamacpp"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from scheduler.daemon import serve
 
     setup_logging(args.log_level, args.log_format)
+    args.backend = pick_backend(args.backend, args.model)
     if args.config:
         logging.getLogger("quantad").info("event=config file=%s", args.config)
     endpoint = agent_endpoint(args.endpoint, client=False)

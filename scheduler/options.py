@@ -307,9 +307,11 @@ def _stop_flags(s: argparse.ArgumentParser) -> None:
 def _api_flags(a: argparse._ArgumentGroup) -> None:
     a.add_argument(
         "--backend",
-        default=W.backend,
-        choices=BACKENDS,
-        help="hf: local HuggingFace workers (safetensors, or a GGUF converted once; CUDA through torch); "
+        default="auto",
+        choices=("auto", *BACKENDS),
+        help="auto (default): llamacpp for a GGUF (the embedded default model included) when llama.cpp is "
+        "installed ('make llama-server'), else hf; "
+        "hf: local HuggingFace workers (safetensors, or a GGUF converted once; CUDA through torch); "
         "llamacpp: a GGUF run by llama.cpp in each worker (quantized weights, llama.cpp's kernels); "
         "openai: workers streaming from an OpenAI-compatible API",
     )

@@ -30,8 +30,8 @@ class Person(BaseModel):
 
 @pytest.fixture(scope="module")
 def front(smollm2_dir, tmp_path_factory):
-    d = DaemonProc("smollm2", tmp_path_factory.mktemp("libs"), "--slots", "2", "--quantum-tokens", "4",
-                   "--http", "127.0.0.1:0")  # fmt: skip
+    d = DaemonProc("smollm2", tmp_path_factory.mktemp("libs"), "--backend", "hf", "--slots", "2",
+                   "--quantum-tokens", "4", "--http", "127.0.0.1:0")  # fmt: skip
     d.base = d.urls["http"] + "/v1"
     d.model = OpenAI(base_url=d.base, api_key="x").models.list().data[0].id
     yield d

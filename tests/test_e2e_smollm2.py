@@ -14,7 +14,7 @@ QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2 
 
 
 def test_default_model_answers_and_preemption_changes_nothing(smollm2_dir, start_daemon):
-    d = start_daemon("smollm2", "--quantum-tokens", "3")
+    d = start_daemon("smollm2", "--backend", "hf", "--quantum-tokens", "3")
 
     async def ask():
         async with d.aclient(agent="e2e") as c:

@@ -90,7 +90,7 @@ def test_required_tool_call_is_well_formed(tiny_model_dir, start_daemon):
 
 @pytest.mark.slow
 def test_smollm2_calls_a_tool_and_reads_its_result(smollm2_dir, start_daemon):
-    d = start_daemon("smollm2", "--quantum-tokens", "4")
+    d = start_daemon("smollm2", "--backend", "hf", "--quantum-tokens", "4")
     convo = [{"role": "user", "content": "What is the weather in Paris right now?"}]
     with d.client() as c:
         r = c.chat(convo, tools=[WEATHER], tool_choice="required", max_tokens=40)
@@ -136,7 +136,7 @@ def test_json_object_is_closed_before_max_tokens_and_survives_preemption(tiny_mo
 
 @pytest.mark.slow
 def test_smollm2_keeps_to_the_schema_without_additional_properties(smollm2_dir, start_daemon):
-    d = start_daemon("smollm2")
+    d = start_daemon("smollm2", "--backend", "hf")
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
               "required": ["name", "age"]}  # fmt: skip
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}

@@ -114,9 +114,9 @@ async def _agents(d, n: int) -> list:
 
 @pytest.mark.slow
 def test_an_agent_loop_is_the_same_when_preempted(smollm2_dir, start_daemon):
-    alone = start_daemon("smollm2", "--policy", "fifo")
+    alone = start_daemon("smollm2", "--backend", "hf", "--policy", "fifo")
     want = [asyncio.run(_agents(alone, 1))[0], asyncio.run(_agent_one(alone))]
-    d = start_daemon("smollm2", "--slots", "1", "--quantum-tokens", "3")
+    d = start_daemon("smollm2", "--backend", "hf", "--slots", "1", "--quantum-tokens", "3")
     got = asyncio.run(_agents(d, 2))
     with d.client(timeout=30) as c:
         assert c.stats()["preemptions"] > 0
