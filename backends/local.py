@@ -43,6 +43,7 @@ from backends.detok import TextStream
 from backends.engine import Engine, Send
 from backends.hooks import ModelHooks, State
 from backends.migration import Migration
+from backends.outbox import Outbox
 from backends.prefill import PrefillLine
 from backends.prefixes import auto_budget
 from backends.sequence import Sequence
@@ -65,7 +66,8 @@ class LocalEngine(Engine, ModelHooks):
     # every local engine keeps ended requests' whole contexts there (the next turn of a conversation)
 
     def __init__(self, spec: WorkerSpec, send: Send, ctx: zmq.Context):
-        super().__init__(spec, send, ctx)
+        self.outbox = Outbox(send)
+        super().__init__(spec, self.outbox.send, ctx)  # every message goes after the tokens waiting
         self.running: dict[int, Sequence] = {}
         budget = spec.prefix_cache if spec.prefix_cache >= 0 else auto_budget(psutil.virtual_memory().available)
         self.line = PrefillLine(self, spec.prefill_chunk, budget, offer_prompts=self.shares_prefixes)
@@ -313,7 +315,7 @@ class LocalEngine(Engine, ModelHooks):
             token = next_token(seq, greedy.get(seq.rid), self.eos_ids, self.without_eos)
             delta, reason = seq.advance(token, self.eos_ids)
             lp = [self.logprobs(seq, token)] if seq.params.get("logprobs") else []
-            self.send(M.Tokens(rid=seq.rid, ids=[token], text=delta, logprobs=lp))
+            self.outbox.tokens(seq.rid, token, delta, lp, first=len(seq.generated) == 1)
             if reason is None:
                 going[seq.rid] = token
                 continue
@@ -325,6 +327,7 @@ class LocalEngine(Engine, ModelHooks):
             self._finish(seq, reason, kept=kept)
         if not going:
             self._step_logits = None
+            self.outbox.flush()
             return
         t0 = time.perf_counter()
         rows, logits = self.forward(going)
@@ -336,6 +339,7 @@ class LocalEngine(Engine, ModelHooks):
             seq.quantum.count()
             seq.logits = logits[i : i + 1]
             seq.decode_computed += 1
+        self.outbox.tick()
         for seq in quantum_ends(rows):
             # A token quantum stops the row until the daemon answers: exact, repeatable preemption points.
             # A time quantum is not exact anyway, so the row decodes on while the daemon decides: one row's

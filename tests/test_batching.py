@@ -63,7 +63,7 @@ def test_batched_output_identical_to_alone(flags, tiny_model_dir, start_daemon, 
 
 
 def test_batch_really_runs_together(tiny_model_dir, start_daemon):
-    """With 4 slots and 4 requests, tokens of different requests interleave step by step."""
+    """With 4 slots and 4 requests, tokens of different requests interleave."""
     d = start_daemon(tiny_model_dir, "--slots", "4", "--policy", "fifo")
 
     async def go():
@@ -71,9 +71,11 @@ def test_batch_really_runs_together(tiny_model_dir, start_daemon):
             return await asyncio.gather(*(c.chat(f"request {i}", max_tokens=16) for i in range(4)))
 
     results = asyncio.run(go())
+    # token events in arrival order (a row's tokens may come several to an event: backends/outbox.py)
     pids = [pid for _, pid in sorted((e.seq, e.data["pid"]) for r in results for e in r.events if e.event == "token")]
-    full_steps = sum(len(set(pids[i : i + 4])) == 4 for i in range(0, len(pids) - 3, 4))
-    assert full_steps >= 10  # 16 tokens each: most steps carry one token of every request
+    for pid in set(pids):
+        first, last = pids.index(pid), len(pids) - 1 - pids[::-1].index(pid)
+        assert set(pids[first : last + 1]) == set(pids), "every request streams while each of the others does"
 
 
 def test_session_prefills_only_new_tokens_and_answers_the_same(tiny_model_dir, start_daemon):
