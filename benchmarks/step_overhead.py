@@ -8,8 +8,8 @@ then one ``llama_decode`` of one token per row per step, greedy by one argmax.  
 is a real daemon (``quantad serve --backend llamacpp``, the same threads, ``--slots`` = rows)
 given as many concurrent greedy chats of exactly ``--tokens`` tokens; its decode rate is the
 tokens streamed while every row decodes (from the last row's first token to the first row's
-end), as the client receives them.  Rounds alternate bare / worker, and each ratio pairs a
-round's two sides.
+end), as the client receives them.  Rounds alternate bare / worker on one loaded model and one
+running daemon, and each ratio pairs a round's two sides (this machine's speed drifts).
 
 ``python -m benchmarks.step_overhead [--rows 1,4,16] [--tokens 128] [--threads 2] [--rounds 3]``
 """
@@ -30,62 +30,88 @@ from ipc.launcher import DaemonProcess
 PROMPT = "Write a long story about a lighthouse keeper, row {i}."
 
 
-def bare_rate(gguf: str, rows: int, tokens: int, threads: int) -> float:
-    """Decode tokens per second of a bare loop: ``rows`` rows, ``tokens`` steps, greedy."""
-    from pathlib import Path
+class Bare:
+    """The bare loop's model and prompts, loaded once for every round of a row count."""
 
-    from backends import chat
-    from backends.llama_model import LlamaModel
-    from backends.llamacpp_engine import load_tokenizer
+    def __init__(self, gguf: str, rows: int, threads: int):
+        from pathlib import Path
 
-    tok = load_tokenizer(Path(gguf))
-    model = LlamaModel(gguf, slots=rows, ctx_size=0, threads=threads, batch=2048)
-    try:
-        prompts = [chat.render(tok, [{"role": "user", "content": PROMPT.format(i=i)}], None) for i in range(rows)]
-        sids = [model.acquire() for _ in range(rows)]
-        logits = model.decode([(s, 0, p) for s, p in zip(sids, prompts, strict=True)])
-        pos = [len(p) for p in prompts]
-        t0 = time.perf_counter()
-        for _ in range(tokens):
-            nxt = logits.argmax(-1).tolist()
-            logits = model.decode([(s, pos[i], [nxt[i]]) for i, s in enumerate(sids)])
-            pos = [p + 1 for p in pos]
-        return rows * tokens / (time.perf_counter() - t0)
-    finally:
-        model.close()
+        from backends import chat
+        from backends.llama_model import LlamaModel
+        from backends.llamacpp_engine import load_tokenizer
+
+        tok = load_tokenizer(Path(gguf))
+        self.model = LlamaModel(gguf, slots=rows, ctx_size=0, threads=threads, batch=2048)
+        self.prompts = [chat.render(tok, [{"role": "user", "content": PROMPT.format(i=i)}], None) for i in range(rows)]
+
+    def rate(self, tokens: int) -> float:
+        """Decode tokens per second: every row's prompt prefilled, then ``tokens`` steps, greedy."""
+        m, rows = self.model, len(self.prompts)
+        sids = [m.acquire() for _ in range(rows)]
+        pos = [len(p) for p in self.prompts]
+        try:
+            logits = m.decode([(s, 0, p) for s, p in zip(sids, self.prompts, strict=True)])
+            t0 = time.perf_counter()
+            for _ in range(tokens):
+                nxt = logits.argmax(-1).tolist()
+                logits = m.decode([(s, pos[i], [nxt[i]]) for i, s in enumerate(sids)])
+                pos = [p + 1 for p in pos]
+            return rows * tokens / (time.perf_counter() - t0)
+        finally:
+            for i, s in enumerate(sids):
+                m.release(s, pos[i])
+
+    def close(self) -> None:
+        self.model.close()
 
 
-async def _worker_window(endpoint: str, rows: int, tokens: int) -> float:
+async def _worker_window(c, rows: int, tokens: int) -> float:
     from ipc import protocol as P
-    from ipc.client import AsyncClient
 
-    async with AsyncClient(endpoint) as c:
-        await c.chat("warm up", max_tokens=4)
-        arrivals: list[list[tuple[float, int]]] = [[] for _ in range(rows)]
+    arrivals: list[list[tuple[float, int]]] = [[] for _ in range(rows)]
 
-        async def one(i: int) -> None:
-            stream = await c.chat(PROMPT.format(i=i), stream=True, max_tokens=tokens, min_tokens=tokens, temperature=0)
-            async for ev in stream:
-                if ev.event == P.EV_TOKEN:
-                    arrivals[i].append((time.perf_counter(), len(ev.data.get("ids") or ()) or 1))
+    async def one(i: int) -> None:
+        stream = await c.chat(PROMPT.format(i=i), stream=True, max_tokens=tokens, min_tokens=tokens, temperature=0)
+        async for ev in stream:
+            if ev.event == P.EV_TOKEN:
+                arrivals[i].append((time.perf_counter(), len(ev.data.get("token_ids") or ()) or 1))
 
-        await asyncio.gather(*(one(i) for i in range(rows)))
+    await asyncio.gather(*(one(i) for i in range(rows)))
     start = max(a[0][0] for a in arrivals)  # every row decoding from here
     end = min(a[-1][0] for a in arrivals)  # until the first row ends
     n = sum(k for a in arrivals for t, k in a if start < t <= end)
     return n / max(end - start, 1e-9)
 
 
-def worker_rate(gguf: str, rows: int, tokens: int, threads: int) -> float:
+def worker(gguf: str, rows: int, threads: int) -> DaemonProcess:
     tmp = tempfile.mkdtemp(prefix="qd-step-")
     flags = ["--model", gguf, "--backend", "llamacpp", "--slots", str(rows), "--threads", str(threads)]
-    flags += ["--policy", "rr", "--log-level", "WARNING", "--no-journal"]
+    flags += ["--policy", "rr", "--log-level", "WARNING", "--no-journal", "--cache-ram", "0"]
     d = DaemonProcess(*flags, endpoint=f"ipc://{tmp}/a.sock", env={"QUANTAD_RUNTIME_DIR": tmp}, log=f"{tmp}/log")
-    d.start()
+    return d.start()
+
+
+def rounds(gguf: str, rows: int, tokens: int, threads: int, n: int) -> tuple[list[float], list[float]]:
+    """``n`` rounds of bare then worker, one model and one daemon for all of them (alternating closely:
+    this machine's speed drifts by minutes)."""
+    from ipc.client import AsyncClient
+
+    bare, d = Bare(gguf, rows, threads), worker(gguf, rows, threads)
     try:
-        return asyncio.run(_worker_window(d.endpoint, rows, tokens))
+
+        async def go() -> tuple[list[float], list[float]]:
+            b, w = [], []
+            async with AsyncClient(d.endpoint) as c:
+                await c.chat("warm up", max_tokens=4)
+                for _ in range(n):
+                    b.append(bare.rate(tokens))
+                    w.append(await _worker_window(c, rows, tokens))
+            return b, w
+
+        return asyncio.run(go())
     finally:
         d.stop()
+        bare.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", default="1,4,16")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--model", default="")
     args = ap.parse_args(argv)
     from backends.model_store import default_gguf
@@ -101,10 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     gguf = args.model or str(default_gguf())
     out = []
     for rows in (int(r) for r in args.rows.split(",")):
-        bare, worker = [], []
-        for _ in range(args.rounds):
-            bare.append(bare_rate(gguf, rows, args.tokens, args.threads))
-            worker.append(worker_rate(gguf, rows, args.tokens, args.threads))
+        bare, worker = rounds(gguf, rows, args.tokens, args.threads, args.rounds)
         ratios = [w / b for w, b in zip(worker, bare, strict=True)]
         out.append([str(rows), f"{median(bare):.1f}", f"{median(worker):.1f}", f"{median(ratios):.3f}",
                     f"{min(ratios):.3f}-{max(ratios):.3f}"])  # fmt: skip

@@ -91,7 +91,7 @@ class QuantadTarget:
                 now = clock.now()
                 if rec.first_token_s is None:
                     rec.first_token_s = now
-                rec.arrivals.append((round(now, 4), len(ev.data.get("ids") or ()) or 1))
+                rec.arrivals.append((round(now, 4), len(ev.data.get("token_ids") or ()) or 1))
                 text.append(ev.text)
             elif ev.event == P.EV_PREEMPTED:
                 rec.preemptions += 1
