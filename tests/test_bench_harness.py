@@ -191,6 +191,30 @@ def test_bench_agents_workload_records_agents_and_sessions(tiny_model_dir, tmp_p
     assert (tmp_path / "ag" / "results.md").exists()
 
 
+def test_agents_chat_workload_resends_conversations_with_one_preamble():
+    cfg = BenchConfig(workload="agents-chat", requests=20, agents=4, seed=2, preamble_words=50)
+    w = make_workload(cfg)
+    assert w.closed and len(w.all_calls) == 20 and len(w.loops) == 4
+    assert [lp.kind for lp in w.loops] == ["greedy", "polite", "polite", "polite"]  # a quarter with long answers
+    assert len({c.system for c in w.all_calls}) == 1 and len(w.all_calls[0].system.split()) > 50
+    assert all(c.session == "" for c in w.all_calls)  # plain OpenAI clients: nothing names the program
+
+
+def test_bench_agents_chat_over_http_reports_prompt_tokens_computed(tiny_model_dir, tmp_path):
+    cfg = BenchConfig(workload="agents-chat", policies=["rr"], quanta=[50.0], requests=6, agents=2,
+                      short_tokens=(3, 5), long_tokens=(8, 10), long_threshold=8, prompt_words=8, tool_s=0.02,
+                      preamble_words=40, slots=2, peer=False, progress=False, model=str(tiny_model_dir),
+                      out=str(tmp_path / "chat"))  # fmt: skip
+    (p,) = run(cfg)["points"]
+    assert p["error"] is None
+    recs, agents = p["records"], p["metrics"]["agents"]
+    assert len(recs) == 6 and all(r["error"] is None for r in recs)
+    assert agents["prompt_tokens_computed"] < agents["prompt_tokens_sent"]  # later turns reuse earlier ones
+    later = [r for r in recs if r["turn"] > 0]
+    assert all(r["prompt_computed"] < r["prompt_tokens"] for r in later)
+    assert "## Agents" in (tmp_path / "chat" / "results.md").read_text()
+
+
 def test_bench_uniform_reports_a_rejected_policy(tiny_model_dir, tmp_path):
     out = tmp_path / "un"
     r = bench(tiny_model_dir, out, "--workload", "uniform", "--uniform-tokens", "3,8", "--quanta", "30,inf",
