@@ -40,8 +40,7 @@ class Outbox:
         p.text += text
         p.logprobs += logprobs
         if first:
-            self._send(M.Tokens(rid=rid, ids=p.ids, text=p.text, logprobs=p.logprobs))
-            del self.pending[rid]
+            self._send_tokens(rid, self.pending.pop(rid))
 
     def send(self, record: M.Message, frames: list | None = None) -> None:
         """Any other message: the tokens waiting go first."""
@@ -55,6 +54,9 @@ class Outbox:
 
     def flush(self) -> None:
         for rid, p in self.pending.items():
-            self._send(M.Tokens(rid=rid, ids=p.ids, text=p.text, logprobs=p.logprobs))
+            self._send_tokens(rid, p)
         self.pending.clear()
         self.last = time.monotonic()
+
+    def _send_tokens(self, rid: int, p: _Pending) -> None:
+        self._send(M.Tokens(rid=rid, ids=p.ids, text=p.text, logprobs=p.logprobs))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from scheduler.policy import Policy, Quantum, nice_weight
+from scheduler.policy import Policy, Quantum, join_backlog, leave_backlog, nice_weight, share_keys
 from scheduler.request import Request
 
 
@@ -33,38 +33,29 @@ class VirtualTokenCounter(Policy):
         self.live: dict[str, int] = {}  # key -> requests waiting or running (the backlogged keys)
         self.last_idle = {0: 0.0, 1: 0.0}  # per level, the counter of the key that last left the backlog
 
-    @staticmethod
-    def keys(req: Request) -> tuple[str, str]:
-        """Its identity's key (level 0) and its program's within that identity (level 1)."""
-        return f"owner:{req.owner}", f"program:{req.program_key}"
-
     def admit(self, req: Request) -> None:
-        for level, key in enumerate(self.keys(req)):
+        for level, key in enumerate(share_keys(req)):
             if not self.live.get(key):
                 peers = [self.counter.get(k, 0.0) for k, n in self.live.items() if n and k[:6] == key[:6]]
                 floor = min(peers) if peers else self.last_idle[level]
                 self.counter[key] = max(self.counter.get(key, 0.0), floor)
-            self.live[key] = self.live.get(key, 0) + 1
+            join_backlog(self.live, key)
 
     def release(self, req: Request) -> None:
-        for level, key in enumerate(self.keys(req)):
-            left = self.live.get(key, 0) - 1
-            if left > 0:
-                self.live[key] = left
-            else:
-                self.live.pop(key, None)
+        for level, key in enumerate(share_keys(req)):
+            if leave_backlog(self.live, key):
                 self.last_idle[level] = self.counter.get(key, 0.0)
 
     def account(self, req: Request, delta: float) -> None:
-        for key in self.keys(req):
+        for key in share_keys(req):
             self.counter[key] = self.counter.get(key, 0.0) + delta / nice_weight(req.nice)
 
     def priority(self, req: Request) -> tuple:
-        owner, agent = self.keys(req)
+        owner, agent = share_keys(req)
         return (self.counter.get(owner, 0.0), self.counter.get(agent, 0.0), req.nice)
 
     def info(self, req: Request) -> dict[str, Any]:
-        owner, agent = (round(self.counter.get(k, 0.0), 3) for k in self.keys(req))
+        owner, agent = (round(self.counter.get(k, 0.0), 3) for k in share_keys(req))
         return super().info(req) | {
             "priority": agent,
             "agent_counter": agent,  # the program's (named so before programs were derived)

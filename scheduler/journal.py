@@ -85,7 +85,6 @@ class Checkpointer(threading.Thread):
         super().__init__(name="journal-checkpoint", daemon=True)
         self.path = path
         self.stopping = threading.Event()
-        self.runs = 0
 
     def run(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -99,7 +98,6 @@ class Checkpointer(threading.Thread):
     def _checkpoint(self, db: sqlite3.Connection, mode: str) -> None:
         try:
             db.execute(f"PRAGMA wal_checkpoint({mode})")
-            self.runs += 1
         except sqlite3.Error as exc:  # busy or locked: the next turn tries again
             log.debug("event=journal_checkpoint_skipped error=%r", str(exc))
 

@@ -18,10 +18,6 @@ from scheduler.policy import Policy, Quantum, nice_weight
 from scheduler.request import Request
 
 
-def program_of(req: Request) -> str:
-    return req.program_key
-
-
 class Plas(Policy):
     """Options: ``levels`` (queues), ``base`` (service units of level 0: a program with attained service
     a < base is at level 0, else at 1 + floor(log2(a / base)), capped), ``decay_quanta`` (0 = never)."""
@@ -44,7 +40,7 @@ class Plas(Policy):
         return k
 
     def account(self, req: Request, delta: float) -> None:
-        prog = program_of(req)
+        prog = req.program_key
         self.attained[prog] = self.attained.get(prog, 0.0) + delta / nice_weight(req.nice)
 
     def quantum_used(self, req: Request) -> None:
@@ -53,10 +49,10 @@ class Plas(Policy):
             self.attained = {p: a / 2 for p, a in self.attained.items() if a >= 1.0}
 
     def priority(self, req: Request) -> tuple:
-        return (self.level_of(self.attained.get(program_of(req), 0.0)), req.nice)
+        return (self.level_of(self.attained.get(req.program_key, 0.0)), req.nice)
 
     def info(self, req: Request) -> dict[str, Any]:
-        attained = self.attained.get(program_of(req), 0.0)
+        attained = self.attained.get(req.program_key, 0.0)
         level = self.level_of(attained)
         return super().info(req) | {
             "priority": level,

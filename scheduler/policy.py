@@ -23,6 +23,26 @@ def nice_weight(nice: int) -> float:
     return 1.25 ** (-nice)
 
 
+def share_keys(req: Request) -> tuple[str, str]:
+    """What service is shared between: its identity (level 0), and its program within that identity (level 1)."""
+    return f"owner:{req.owner}", f"program:{req.program_key}"
+
+
+def join_backlog(live: dict[str, int], key: str) -> None:
+    """One more request of ``key`` waiting or running."""
+    live[key] = live.get(key, 0) + 1
+
+
+def leave_backlog(live: dict[str, int], key: str) -> bool:
+    """One request of ``key`` fewer; True when none is left (the key leaves the backlog and ``live``)."""
+    left = live.get(key, 0) - 1
+    if left > 0:
+        live[key] = left
+        return False
+    live.pop(key, None)
+    return True
+
+
 class Policy:
     """Round robin by default; ``priority`` orders waiting requests (lower runs first).
 
@@ -114,34 +134,26 @@ class RoundRobin(Policy):
         self.served: dict[str, int] = {}  # owner or program -> the turn it was last given a slot
         self.live: dict[str, int] = {}  # owner or program -> its requests waiting or running
 
-    @staticmethod
-    def keys(req: Request) -> tuple[str, str]:
-        return f"owner:{req.owner}", f"program:{req.program_key}"
-
     def admit(self, req: Request) -> None:
-        for key in self.keys(req):
-            self.live[key] = self.live.get(key, 0) + 1
+        for key in share_keys(req):
+            join_backlog(self.live, key)
 
     def release(self, req: Request) -> None:
         """A key with no request left is forgotten: its next request is served as a newcomer's."""
-        for key in self.keys(req):
-            left = self.live.get(key, 0) - 1
-            if left > 0:
-                self.live[key] = left
-            else:
-                self.live.pop(key, None)
+        for key in share_keys(req):
+            if leave_backlog(self.live, key):
                 self.served.pop(key, None)
 
     def pick(self, ready: deque[Request], worker: str) -> Request | None:
         req = super().pick(ready, worker)
         if req is not None:
             self.turns += 1
-            for key in self.keys(req):
+            for key in share_keys(req):
                 self.served[key] = self.turns
         return req
 
     def priority(self, req: Request) -> tuple:
-        owner, program = self.keys(req)
+        owner, program = share_keys(req)
         return (req.nice, self.served.get(owner, 0), self.served.get(program, 0))
 
     def info(self, req: Request) -> dict[str, Any]:

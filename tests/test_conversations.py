@@ -10,12 +10,12 @@ an identity reuses only its own entries.  A plain OpenAI conversation is a progr
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 from openai import OpenAI
 
 from tests.conftest import DaemonProc, messages
+from tests.test_llamacpp_engine import settled_stats
 
 pytest.importorskip("llama_cpp")
 
@@ -59,11 +59,7 @@ def converse(client: OpenAI, model: str, turns: list[str], max_tokens: int = 12,
 def cache_stats(d: DaemonProc) -> dict:
     """The worker's cache as ``quantad workers`` shows it, from a heartbeat sent after every earlier request."""
     with d.client() as c:
-        beat = c.ps()["workers"][0]["stats"]["beat"]  # the worker answers in order: earlier work is done
-        deadline = time.monotonic() + 60
-        while c.ps()["workers"][0]["stats"]["beat"] < beat + 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)  # polling with a deadline for the next heartbeat, not synchronising on a guess
+        settled_stats(c)
         return c.workers()["workers"][0]["cache"]
 
 

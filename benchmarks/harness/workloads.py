@@ -138,6 +138,18 @@ def _open_loop(cfg: BenchConfig, rng: random.Random) -> Workload:
     return Workload(cfg.workload, calls=tuple(calls), info=info)
 
 
+def _turn_prompt(cfg: BenchConfig, rng: random.Random, turn: int, opening: str) -> str:
+    """An agent loop's new user turn: its task on the first, a tool's output after."""
+    if turn == 0:
+        return opening + _text(rng, _prompt_words(cfg, rng))
+    return "Tool output: " + _text(rng, max(4, _prompt_words(cfg, rng) // 2)) + ". Continue the task."
+
+
+def _wait(rng: random.Random, mean_s: float) -> float:
+    """An exponential pause of mean ``mean_s`` (none when it is 0)."""
+    return rng.expovariate(1.0 / mean_s) if mean_s > 0 else 0.0
+
+
 def _agents(cfg: BenchConfig, rng: random.Random) -> Workload:
     """Greedy agents run several loops at once with long answers and no pauses; polite ones one loop of short calls."""
     k = max(cfg.agents, 1)
@@ -153,12 +165,9 @@ def _agents(cfg: BenchConfig, rng: random.Random) -> Workload:
         calls = []
         for turn in range(n_turns):
             n = _length(cfg, rng, long=kind == "greedy")
-            if turn == 0:
-                prompt = f"You are {agent}. Summarise and extend this text: " + _text(rng, _prompt_words(cfg, rng))
-            else:
-                prompt = "Tool output: " + _text(rng, max(4, _prompt_words(cfg, rng) // 2)) + ". Continue the task."
-            think = 0.0 if kind == "greedy" else rng.expovariate(1.0 / cfg.think_s) if cfg.think_s > 0 else 0.0
-            tool = rng.expovariate(1.0 / cfg.tool_s) if cfg.tool_s > 0 else 0.0
+            prompt = _turn_prompt(cfg, rng, turn, f"You are {agent}. Summarise and extend this text: ")
+            think = 0.0 if kind == "greedy" else _wait(rng, cfg.think_s)
+            tool = _wait(rng, cfg.tool_s)
             calls.append(Call(idx=idx, agent=agent, session=session, cls=_cls(cfg, n), prompt=prompt, max_tokens=n,
                               min_tokens=_min_tokens(cfg, n), think_s=round(think, 6), tool_s=round(tool, 6),
                               turn=turn))  # fmt: skip
@@ -189,11 +198,8 @@ def _agents_chat(cfg: BenchConfig, rng: random.Random) -> Workload:
         calls = []
         for turn in range(n_turns):
             n = _length(cfg, rng, long=kind == "greedy")
-            if turn == 0:
-                prompt = f"Task {a}: study this and report: " + _text(rng, _prompt_words(cfg, rng))
-            else:
-                prompt = "Tool output: " + _text(rng, max(4, _prompt_words(cfg, rng) // 2)) + ". Continue the task."
-            tool = rng.expovariate(1.0 / cfg.tool_s) if cfg.tool_s > 0 else 0.0
+            prompt = _turn_prompt(cfg, rng, turn, f"Task {a}: study this and report: ")
+            tool = _wait(rng, cfg.tool_s)
             calls.append(Call(idx=idx, agent=agent, session="", cls=_cls(cfg, n), prompt=prompt, max_tokens=n,
                               min_tokens=_min_tokens(cfg, n), tool_s=round(tool, 6), turn=turn,
                               system=preamble))  # fmt: skip
