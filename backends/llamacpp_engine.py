@@ -90,6 +90,7 @@ class LlamaCppEngine(LocalEngine):
             batch=max(2048, spec.prefill_chunk + spec.slots), device=spec.device,
         )  # fmt: skip
         self.device = torch.device("cpu")  # state bytes live in host memory, wherever llama.cpp computes
+        self.compute_device = spec.device
         self.tokenizer = load_tokenizer(gguf)
         self.eos_ids = self.model.eog_ids | ({self.tokenizer.eos_token_id} - {None})
         self.model_name = str(gguf)

@@ -62,6 +62,7 @@ class LocalEngine(Engine, ModelHooks):
     """A model in this process, stepped by the skeleton; subclasses implement the hooks below."""
 
     tokenizer_dir = ""  # where its tokenizer lies, for the daemon's prompt counts (``ready``)
+    compute_device = ""  # where it computes, when not where its state bytes live (``self.device``)
     shares_prefixes = False  # keeps recent prompts for new ones that start alike (``backends.prefixes``);
     # every local engine keeps ended requests' whole contexts there (the next turn of a conversation)
 
@@ -88,7 +89,7 @@ class LocalEngine(Engine, ModelHooks):
         return M.Ready(
             worker=self.spec.name,
             slots=self.spec.slots,
-            device=str(self.device),
+            device=self.compute_device or str(self.device),
             model=self.model_name,
             pid=os.getpid(),
             peer=self.migration.peers.endpoint,
@@ -345,7 +346,11 @@ class LocalEngine(Engine, ModelHooks):
             # A time quantum is not exact anyway, so the row decodes on while the daemon decides: one row's
             # quantum end never stalls the whole batch for a round trip (or for a descheduled daemon).
             seq.quantum.end()
-            self.send(M.QuantumEnd(rid=seq.rid, emitted=len(seq.generated), prompt_tokens=len(seq.prompt_ids)))
+            self.send(
+                M.QuantumEnd(
+                    rid=seq.rid, emitted=len(seq.generated), prompt_tokens=len(seq.prompt_ids), prompt_reused=seq.reused
+                )
+            )
 
     def _finish(self, seq: Sequence, reason: str, kept: bool = False) -> None:
         self.running.pop(seq.rid, None)

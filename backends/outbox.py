@@ -5,7 +5,9 @@ of every row in Python, and on a small machine their CPU is taken from the model
 2 cores a ``llama_decode`` waits for its slowest thread).  So a running row's tokens wait here
 up to ``interval_s`` and leave together; its first token leaves at once (time to first token),
 and any other message (a quantum end, a preemption, the end) first sends every token waiting,
-so the daemon sees each row's messages in the order the engine made them.
+so the daemon sees each row's messages in the order the engine made them.  The rows' tokens
+flushed together travel in one message (``step_tokens``): one send, one receive and one
+daemon loop turn per step rather than per row.
 """
 
 from __future__ import annotations
@@ -53,10 +55,19 @@ class Outbox:
             self.flush()
 
     def flush(self) -> None:
-        for rid, p in self.pending.items():
+        """Every row's waiting tokens, in one message (one row: a plain ``tokens``)."""
+        if len(self.pending) == 1:
+            ((rid, p),) = self.pending.items()
             self._send_tokens(rid, p)
+        elif self.pending:
+            rows = [_tokens(rid, p).encode() for rid, p in self.pending.items()]
+            self._send(M.StepTokens(rows=rows))
         self.pending.clear()
         self.last = time.monotonic()
 
     def _send_tokens(self, rid: int, p: _Pending) -> None:
-        self._send(M.Tokens(rid=rid, ids=p.ids, text=p.text, logprobs=p.logprobs))
+        self._send(_tokens(rid, p))
+
+
+def _tokens(rid: int, p: _Pending) -> M.Tokens:
+    return M.Tokens(rid=rid, ids=p.ids, text=p.text, logprobs=p.logprobs)

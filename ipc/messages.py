@@ -186,6 +186,21 @@ class Tokens(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class StepTokens(Message):
+    """Several rows' ``tokens`` records in one message: a batched worker's output of a step."""
+
+    OP: ClassVar[str] = P.W_STEP_TOKENS
+    rows: list = field(default_factory=list)  # maps, each as a ``tokens`` message
+
+    @staticmethod
+    def record(row: Any) -> Tokens:
+        """One row as a ``Tokens`` record, validated as a ``tokens`` message of its own."""
+        if not isinstance(row, Mapping):
+            raise P.ProtocolError(P.E_BAD_FIELD, "field 'rows' must hold maps")
+        return Tokens.decode(row)
+
+
+@dataclass(frozen=True, slots=True)
 class QuantumEnd(Message):
     """A running request used up its quantum: the worker asks whether it yields."""
 
@@ -194,6 +209,7 @@ class QuantumEnd(Message):
     emitted: int
     prompt_tokens: int | None = None  # exact, from the worker's tokenizer
     preemptible: bool | None = None
+    prompt_reused: int | None = None  # of those, the ones whose state was reused (not computed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +248,11 @@ class Finished(Message):
     def prompt_tokens(self) -> int | None:
         """The exact prompt length, when the worker reported one."""
         return _count(self.usage.get("prompt_tokens"))
+
+    @property
+    def prompt_reused(self) -> int | None:
+        """How many prompt tokens' state was reused, when the worker reported it."""
+        return _count(self.stats.get("prompt_tokens_reused"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,7 +374,7 @@ class Carried(Message):
         return out
 
 
-FROM_WORKER = _table(Ready, Heartbeat, Tokens, QuantumEnd, Preempted, Context, Finished, Failed, Exported)
+FROM_WORKER = _table(Ready, Heartbeat, Tokens, StepTokens, QuantumEnd, Preempted, Context, Finished, Failed, Exported)
 TO_WORKER = _table(Run, Continue, Preempt, Cancel, Export, Shutdown)
 PEER = _table(Pushed)
 

@@ -68,6 +68,7 @@ TERMINAL_EVENTS = (EV_DONE, EV_ERROR, EV_CANCELLED)
 W_READY = "ready"
 W_HEARTBEAT = "heartbeat"
 W_TOKENS = "tokens"
+W_STEP_TOKENS = "step_tokens"  # several rows' ``tokens`` in one message (one per decode step)
 W_QUANTUM_END = "quantum_end"
 W_PREEMPTED = "preempted"
 W_FINISHED = "finished"

@@ -98,7 +98,12 @@ class Scheduler:
         )
 
     def quantum_end(
-        self, req: Request, emitted: int, prompt_tokens: int | None = None, preemptible: bool | None = None
+        self,
+        req: Request,
+        emitted: int,
+        prompt_tokens: int | None = None,
+        preemptible: bool | None = None,
+        prompt_reused: int | None = None,
     ) -> bool:
         """Checkpoint a finished quantum; True when the request must yield its slot.
 
@@ -110,8 +115,7 @@ class Scheduler:
         """
         if preemptible is not None:
             req.preemptible = preemptible
-        if prompt_tokens is not None:
-            req.prompt_tokens = max(0, prompt_tokens)
+        self._exact_prompt(req, prompt_tokens, prompt_reused)
         req.quanta += 1
         self.policy.charge(req)
         self.policy.quantum_used(req)
@@ -139,11 +143,18 @@ class Scheduler:
         req.move(State.READY)
         self.policy.enqueue(self.ready, req)
 
-    def last_quantum(self, req: Request, prompt_tokens: int | None = None) -> None:
+    def last_quantum(self, req: Request, prompt_tokens: int | None = None, prompt_reused: int | None = None) -> None:
         """Its worker finished it: the last quantum counts, and the prompt length it reports is exact."""
         req.quanta += 1
+        self._exact_prompt(req, prompt_tokens, prompt_reused)
+
+    @staticmethod
+    def _exact_prompt(req: Request, prompt_tokens: int | None, prompt_reused: int | None) -> None:
+        """The worker's own counts: the prompt's length, and how much of it its cache held."""
         if prompt_tokens is not None:
             req.prompt_tokens = max(0, prompt_tokens)
+        if prompt_reused is not None:
+            req.prompt_reused = min(max(0, prompt_reused), req.prompt_tokens)
 
     def finish(self, req: Request, state: State) -> dict:
         """Leave the run queue and the policy; returns the policy's last view of the request (for its stats)."""

@@ -8,6 +8,9 @@ conversation it continues (``scheduler.programs``: plain OpenAI clients name non
 attained service is discretised into levels (least attained first, round robin inside a
 level), and halved every ``decay_quanta`` quantum ends, as 4.3BSD decays CPU usage, so a
 heavy program that waits rises again instead of starving.
+
+A prompt counts as service for what the worker computed of it: a conversation resent with
+its state cached costs only its new turn.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ class Plas(Policy):
             bound *= 2
         return k
 
+    def service(self, req: Request) -> float:
+        """Generated tokens, and the prompt once its worker said how much of it was computed (a quantum's end)."""
+        computed = req.prompt_tokens - req.prompt_reused if req.quanta else 0
+        return self.input_weight * computed + self.output_weight * req.generated
+
+    def level(self, req: Request) -> int:
+        return self.level_of(self.attained.get(req.program_key, 0.0))
+
     def account(self, req: Request, delta: float) -> None:
         prog = req.program_key
         self.attained[prog] = self.attained.get(prog, 0.0) + delta / nice_weight(req.nice)
@@ -49,11 +60,11 @@ class Plas(Policy):
             self.attained = {p: a / 2 for p, a in self.attained.items() if a >= 1.0}
 
     def priority(self, req: Request) -> tuple:
-        return (self.level_of(self.attained.get(req.program_key, 0.0)), req.nice)
+        return (self.level(req), req.nice)
 
     def info(self, req: Request) -> dict[str, Any]:
         attained = self.attained.get(req.program_key, 0.0)
-        level = self.level_of(attained)
+        level = self.level(req)
         return super().info(req) | {
             "priority": level,
             "level": level,

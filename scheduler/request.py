@@ -82,6 +82,7 @@ class Request:
     first_token_s: float | None = None
     nice: int = 0  # -20..19, lower runs first (changed live by the ``nice`` op)
     prompt_tokens: int = 0  # estimated from the text at accept; exact once a worker reports it
+    prompt_reused: int = 0  # of those, the ones a worker's cache held (reported with the exact count)
     started: bool = False  # dispatched at least once: its prompt counts as service received
     charged: float = 0.0  # service already accounted to the policy (weighted tokens)
     queue_s: float | None = None  # accept to first dispatch to a worker

@@ -58,6 +58,7 @@ class WorkerOps:
             M.Heartbeat: self.heartbeat,
             M.Exported: self.exported,
             M.Tokens: self.tokens,
+            M.StepTokens: self.step_tokens,
             M.QuantumEnd: self.quantum_end,
             M.Preempted: self.preempted,
             M.Finished: self.finished,
@@ -173,11 +174,21 @@ class WorkerOps:
         if rec.text or rec.ids:
             self.d.emit(req, P.EV_TOKEN)  # each follower gets what it has not had (``Request.unsent``)
 
+    def step_tokens(self, w: Worker, rec: M.StepTokens, frames: list) -> None:
+        """Several rows' tokens: each as its own ``tokens`` (a malformed row is refused, the others count)."""
+        for row in rec.rows:
+            try:
+                one = M.StepTokens.record(row)
+            except P.ProtocolError as exc:
+                log.error("event=bad_worker_message code=%s message=%.200r", exc.code, exc.message)
+                continue
+            self.tokens(w, one, frames)
+
     @running
     def quantum_end(self, req: Request, rec: M.QuantumEnd) -> None:
         if self.d.journal is not None:  # its output so far, committed with this loop turn's others
             self.d.journal.checkpoint(req)
-        if self.d.sched.quantum_end(req, rec.emitted, rec.prompt_tokens, rec.preemptible):
+        if self.d.sched.quantum_end(req, rec.emitted, rec.prompt_tokens, rec.preemptible, rec.prompt_reused):
             self.d.to_worker(req.worker, M.Preempt(req.pid))
         else:
             self.next_quantum(req)
@@ -196,7 +207,7 @@ class WorkerOps:
 
     @running
     def finished(self, req: Request, rec: M.Finished) -> None:
-        self.d.sched.last_quantum(req, rec.prompt_tokens)
+        self.d.sched.last_quantum(req, rec.prompt_tokens, rec.prompt_reused)
         if rec.session_kept:
             self.d.sched.keep_session(req)
         log.info(

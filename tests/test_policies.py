@@ -199,6 +199,21 @@ def test_plas_session_is_its_own_program_and_decay():
     assert pol.attained["|session:s1"] < pol.input_weight * a.prompt_tokens + 2 * 12  # halved at least once
 
 
+def test_plas_charges_only_the_prompt_its_worker_computed():
+    """A resent conversation whose state was cached costs its new part only, once the worker said so."""
+    pol = make_policy("plas", Quantum(tokens=2))
+    req = Request(1, b"", None, {"messages": messages("hi")})
+    req.prompt_tokens, req.generated = 1000, 10
+    assert pol.service(req) == 2 * 10  # before its first quantum's end the reused part is not known
+    sched = Scheduler(pol)
+    sched.workers["w0"] = Worker("w0", 1, alive=True)
+    sched.add(req)
+    sched.schedule()
+    sched.quantum_end(req, 10, prompt_tokens=1000, prompt_reused=900)
+    assert pol.service(req) == pol.input_weight * 100 + 2 * 10
+    assert pol.info(req)["attained"] == pytest.approx(pol.service(req))
+
+
 def test_mlfq_with_two_slots_frees_only_what_waiters_need():
     sim = Sim("mlfq", quantum_tokens=2, slots=2)
     a, b = sim.submit(20), sim.submit(20)
