@@ -90,8 +90,11 @@ def test_chat_validation(chat):
     decodes_or_protocol_error([msgpack.packb(chat, use_bin_type=True)])
 
 
+token_rows = st.fixed_dictionaries({}, optional={"rid": values, "ids": values, "text": values, "n": values})
+
+
 @SETTINGS
-@given(st.lists(st.fixed_dictionaries({}, optional={"rid": values, "ids": values, "text": values, "n": values}) | values))
+@given(st.lists(token_rows | values))
 def test_step_tokens_rows(rows):
     """A batched worker's step: each row decodes as a ``tokens`` message of its own, or is refused."""
     rec = M.read([msgpack.packb({"v": 1, "op": P.W_STEP_TOKENS, "rows": rows}, use_bin_type=True)], M.FROM_WORKER)[0]
