@@ -48,6 +48,7 @@ class Plas(Policy):
         return self.input_weight * computed + self.output_weight * req.generated
 
     def level(self, req: Request) -> int:
+        """Its program's level now."""
         return self.level_of(self.attained.get(req.program_key, 0.0))
 
     def account(self, req: Request, delta: float) -> None:
@@ -64,7 +65,7 @@ class Plas(Policy):
 
     def info(self, req: Request) -> dict[str, Any]:
         attained = self.attained.get(req.program_key, 0.0)
-        level = self.level(req)
+        level = self.level_of(attained)
         return super().info(req) | {
             "priority": level,
             "level": level,

@@ -41,11 +41,9 @@ def running(handler: Callable[[WorkerOps, Request, Any], None]) -> Handler:
     return on
 
 
-def with_cached(usage: dict, stats: dict) -> dict:
+def with_cached(usage: dict, reused: int | None) -> dict:
     """OpenAI's usage with ``prompt_tokens_details.cached_tokens``: the prompt tokens whose state was reused."""
-    reused = stats.get("prompt_tokens_reused")
-    cached = reused if type(reused) is int and reused >= 0 else 0
-    return {**usage, "prompt_tokens_details": {"cached_tokens": cached}}
+    return {**usage, "prompt_tokens_details": {"cached_tokens": reused or 0}}
 
 
 class WorkerOps:
@@ -222,7 +220,7 @@ class WorkerOps:
             finish_reason=rec.finish_reason,
             content=rec.content,
             tool_calls=rec.tool_calls,
-            usage=with_cached(rec.usage, rec.stats),
+            usage=with_cached(rec.usage, rec.prompt_reused),
             stats=rec.stats,
             **({"logprobs": req.logprobs} if req.params.get("logprobs") else {}),
             **({"content_tail": tail} if tool_events.splits(req) and (tail := tool_events.tail(req)) else {}),
