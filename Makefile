@@ -34,7 +34,7 @@ serve: install
 # builds took 13 minutes on 2 cores), and the peer runs the very llama.cpp our engine runs.  The
 # bindings are installed with LLAMA_BUILD=OFF (Python only, after torch so its pin holds), then
 # the libraries and the server are copied beside them (RPATH $ORIGIN: they find each other there).
-# The sdist comes through PyPI's JSON API, its sha256 checked.  A portable build (AVX2, no
+# The sdist comes through pip (pip download), its sha256 checked.  A portable build (AVX2, no
 # -march=native): the native one segfaulted in batched decode on a CPU with AMX and AVX-512
 # (measured here), and CI may run on another CPU.  No libcurl: it loads local GGUFs only.
 LLAMA_CPP_PYTHON := $(shell sed -n 's/^llama-cpp-python==//p' constraints.txt)
@@ -48,24 +48,18 @@ LLAMACPP_CMAKE := -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON -DG
 # so on an H200 (CUDA 13.0, 16 cores: 5 minutes) for the burst run in benchmarks/README.md.
 LLAMACPP_CUDA ?=
 LLAMACPP_CMAKE += $(if $(LLAMACPP_CUDA),-DGGML_CUDA=ON -DGGML_CUDA_NCCL=OFF -DCMAKE_CUDA_ARCHITECTURES=$(LLAMACPP_CUDA))
-define SDIST_FETCH
-import hashlib, json, sys, urllib.parse, urllib.request
-name, version, dest = sys.argv[1:]
-index = f"https://pypi.org/pypi/{name}/json"
-files = json.load(urllib.request.urlopen(index, timeout=120))["releases"][version]
-sdist = next(f for f in files if f["packagetype"] == "sdist")
-data = urllib.request.urlopen(urllib.parse.urljoin(index, sdist["url"]), timeout=900).read()
-if hashlib.sha256(data).hexdigest() != sdist["digests"]["sha256"]:
-    sys.exit(f"{name} {version}: sha256 mismatch")
-open(dest, "wb").write(data)
-endef
-export SDIST_FETCH
+# pip fetches the sdist by name, so its own index settings (a mirror, a proxy, an offline wheelhouse)
+# apply; --require-hashes checks it against this sha256 (a new pin in constraints.txt needs a new one).
+LLAMA_CPP_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+SDIST_FETCH = printf 'llama-cpp-python==%s --hash=sha256:%s\n' $(LLAMA_CPP_PYTHON) $(LLAMA_CPP_SHA256) > "$$tmp/sdist.txt" \
+	&& $(1) -m pip download -q --no-deps --no-binary :all: --require-hashes -r "$$tmp/sdist.txt" -d "$$tmp/dl" \
+	&& mv "$$tmp/dl/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz" $(2)
 LLAMA_CPP_LIB_DIR = $$($(PY) -c "import importlib.util as u, pathlib as p; print(p.Path(u.find_spec('llama_cpp').origin).parent / 'lib')")
 
 $(LLAMACPP): $(STAMP) constraints.txt
 	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	echo "llama.cpp: fetching the llama-cpp-python $(LLAMA_CPP_PYTHON) sdist (its Python bindings and llama.cpp's tree)"; \
-	$(PY) -c "$$SDIST_FETCH" llama-cpp-python $(LLAMA_CPP_PYTHON) "$$tmp/sdist.tar.gz"; \
+	$(call SDIST_FETCH,$(PY),"$$tmp/sdist.tar.gz"); \
 	tar -xzf "$$tmp/sdist.tar.gz" -C "$$tmp"; src="$$tmp/llama_cpp_python-$(LLAMA_CPP_PYTHON)"; \
 	CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(PIP) install -q --no-cache-dir -c constraints.txt "$$src"; \
 	cmake=$$(command -v cmake || command -v $(VENV)/bin/cmake || true); \
@@ -87,7 +81,7 @@ llama-server: $(LLAMACPP)
 
 # For a build elsewhere (benchmarks/gpu/prepare.sh: a GPU machine without a registry): the sdist, and the flags.
 llama-cpp-sdist:
-	$(PYTHON) -c "$$SDIST_FETCH" llama-cpp-python $(LLAMA_CPP_PYTHON) "$(DEST)"
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; $(call SDIST_FETCH,$(PYTHON),"$(DEST)")
 
 print-llamacpp-cmake:
 	@echo $(LLAMACPP_CMAKE)

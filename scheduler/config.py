@@ -21,6 +21,7 @@ from typing import Any
 DEFAULT_FILE = Path("/etc/quantad/quantad.toml")
 ENV_PREFIX = "QUANTAD_"
 NOT_KEYS = {"help", "config"}  # flags that are not settings
+DEFAULT_QUANTUM_MS = 100.0  # a quantum when neither --quantum-ms nor --quantum-tokens is set
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
@@ -210,7 +211,6 @@ def derived_defaults(values: dict[str, Any]) -> dict[str, Any]:
     """The values options left unset take at start (what ``launch`` derives), for ``config show``."""
     from ipc.endpoints import agent_endpoint, state_dir, worker_endpoint
     from scheduler.limits import Limits
-    from scheduler.options import DEFAULT_QUANTUM_MS
 
     lim = Limits()
     endpoint = values.get("endpoint") or agent_endpoint(None, client=False)

@@ -15,11 +15,10 @@ from ipc.logfmt import FORMATS
 from ipc.worker_spec import BACKENDS, DTYPES, RESUME_METHODS, SNAPSHOT_TIERS, WorkerSpec
 from scheduler import config as C
 from scheduler import netaddr
-from scheduler.policy import POLICY_NAMES
+from scheduler.policies import POLICY_NAMES
 
 W = WorkerSpec()  # every worker option's default, written once (ipc.worker_spec)
 
-DEFAULT_QUANTUM_MS = 100.0
 PROG = "quantad"
 SERVE_HELP = "run the scheduler daemon in the foreground"
 SERVE_DESCRIPTION = (
@@ -191,7 +190,7 @@ def _scheduling_flags(s: argparse.ArgumentParser) -> None:
         "--quantum-ms",
         type=positive(float),
         help=f"time quantum in ms: the request's share of its worker's compute (a batched step "
-        f"charges each row 1/B of it; default {DEFAULT_QUANTUM_MS:g})",
+        f"charges each row 1/B of it; default {C.DEFAULT_QUANTUM_MS:g})",
     )
     s.add_argument("--quantum-tokens", type=positive(int), help="quantum in tokens (deterministic preemption points)")
     s.add_argument(
@@ -386,9 +385,9 @@ def effective_options(sp: argparse.ArgumentParser, given: argparse.Namespace, co
 
 def policy_from(ns: argparse.Namespace):
     """The policy named by the options; a time quantum of 100 ms unless a quantum is given."""
-    from scheduler.policy import Quantum, make_policy
+    from scheduler.policies import Quantum, make_policy
 
-    ms = ns.quantum_ms if ns.quantum_ms or ns.quantum_tokens else DEFAULT_QUANTUM_MS
+    ms = ns.quantum_ms if ns.quantum_ms or ns.quantum_tokens else C.DEFAULT_QUANTUM_MS
     if ms is not None and math.isinf(ms):  # --quantum-ms inf: no time limit (rr then runs as FIFO)
         ms = None
     return make_policy(ns.policy, Quantum(tokens=ns.quantum_tokens, ms=ms), policy_opts(ns.policy_opt))

@@ -9,7 +9,8 @@ import pytest
 
 from ipc.client import ClientError
 from scheduler.core import Scheduler
-from scheduler.policy import Quantum, make_policy, nice_weight
+from scheduler.policies import make_policy
+from scheduler.policy import Quantum, nice_weight
 from scheduler.request import Request, State
 from scheduler.workers import Worker
 from tests.conftest import messages

@@ -115,7 +115,7 @@ def test_worker_spec_round_trips_through_the_one_worker_command_line():
 def test_scheduler_owns_request_changes_sessions_and_restarts():
     from ipc import messages as M
     from scheduler.core import Scheduler
-    from scheduler.policy import Quantum, make_policy
+    from scheduler.policies import Quantum, make_policy
     from scheduler.request import Request, State
     from scheduler.workers import Worker
 
