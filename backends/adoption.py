@@ -17,17 +17,17 @@ from contexts import disk
 from ipc import messages as M
 
 if TYPE_CHECKING:
-    from backends.local import LocalEngine
+    from backends.kv_engine import KvEngine
 
 log = logging.getLogger("quantad.worker")
 
 
-def ident(engine: LocalEngine, seq: Sequence) -> str:
+def ident(engine: KvEngine, seq: Sequence) -> str:
     """What ``seq``'s context is computed from: this model, and its prompt and generated ids."""
     return disk.ids_digest(seq.context_ids, f"{engine.model_name}|{engine.device}")
 
 
-def adopt(engine: LocalEngine, run: M.Run) -> Sequence:
+def adopt(engine: KvEngine, run: M.Run) -> Sequence:
     """A request whose context a dead worker left on disk: rebuilt from the record, its KV read back.
 
     The file is used only when it was computed from exactly this request's prompt and

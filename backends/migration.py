@@ -21,14 +21,14 @@ from ipc import messages as M
 from ipc import protocol as P
 
 if TYPE_CHECKING:
-    from backends.local import LocalEngine
+    from backends.kv_engine import KvEngine
 
 log = logging.getLogger("quantad.worker")
 PEER_WAIT_S = 10.0  # how long a migrated request's ``run`` waits for its context's frames (then: recompute)
 
 
 class Migration:
-    def __init__(self, engine: LocalEngine):
+    def __init__(self, engine: KvEngine):
         self.engine = engine
         spec = engine.spec
         inbox = inbox_endpoint(spec.endpoint, spec.name) if spec.peer_endpoint == "auto" else spec.peer_endpoint

@@ -19,18 +19,18 @@ from backends.prefixes import PrefixCache
 from backends.sequence import Sequence
 
 if TYPE_CHECKING:
-    from backends.local import LocalEngine
+    from backends.kv_engine import KvEngine
 
 log = logging.getLogger("quantad.worker")
 KEPT_FORKS = 2  # fork groups whose prompt state is kept for rows that come after their leader's prefill
 
 
 class PrefillLine:
-    def __init__(self, engine: LocalEngine, chunk: int, prefix_budget: int = 0, offer_prompts: bool = True):
+    def __init__(self, engine: KvEngine, chunk: int, prefix_budget: int = 0, offer_prompts: bool = True):
         self.engine = engine
         self.chunk = chunk
         self.prefixes = PrefixCache(prefix_budget)
-        self.offer_prompts = offer_prompts  # else only ended requests' contexts are kept (``LocalEngine``)
+        self.offer_prompts = offer_prompts  # else only ended requests' contexts are kept (``backends.local``)
         self.seqs: list[Sequence] = []
         self.forks: dict[int, list[Sequence]] = {}  # a leader's rid -> rows waiting for a copy of its prompt
         self.kept: OrderedDict[str, tuple[list[int], Any, Any]] = OrderedDict()  # fork group -> its prompt, copied

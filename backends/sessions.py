@@ -17,7 +17,7 @@ from contexts.snapshot import Snapshot
 from ipc import messages as M
 
 if TYPE_CHECKING:
-    from backends.local import LocalEngine
+    from backends.kv_engine import KvEngine
 
 
 def session_key(session: str) -> int:
@@ -26,7 +26,7 @@ def session_key(session: str) -> int:
 
 
 class Sessions:
-    def __init__(self, engine: LocalEngine):
+    def __init__(self, engine: KvEngine):
         self.engine = engine
 
     def reuse(self, seq: Sequence) -> None:

@@ -12,15 +12,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ipc import messages as M
 from ipc import protocol as P
+from scheduler.lifecycle import Lifecycle
+from scheduler.outbox import Outbox
+from scheduler.phase import Phase
+from scheduler.prompt_size import PromptSizer
 from scheduler.request import Request
-from scheduler.stats import ps_view, stats_view, workers_view
-
-if TYPE_CHECKING:
-    from scheduler.daemon import Daemon
+from scheduler.stats import Views
 
 log = logging.getLogger("quantad")
 
@@ -43,8 +44,17 @@ def session_key(identity: str | None, session: str) -> str:
 
 
 class AgentOps:
-    def __init__(self, daemon: Daemon):
-        self.d = daemon
+    def __init__(
+        self,
+        life: Lifecycle,
+        outbox: Outbox,
+        sizer: PromptSizer,
+        phase: Phase,
+        views: Views,
+        background: Callable[[Any], None],
+    ):
+        self.life, self.sched, self.outbox, self.sizer = life, life.sched, outbox, sizer
+        self.phase, self.views, self.background = phase, views, background
 
     def handlers(self) -> dict[type[M.Message], Callable[[Caller, Any, Any], None]]:
         return {
@@ -62,12 +72,12 @@ class AgentOps:
         }
 
     def chat(self, who: Caller, cid: Any, rec: M.Chat) -> None:
-        d, addr = self.d, who.addr
+        addr = who.addr
         if cid is None:
             raise P.ProtocolError(P.E_BAD_FIELD, "a chat needs an 'id' (string or integer) chosen by the agent")
-        if (addr, cid) in d.by_client:
+        if (addr, cid) in self.life.by_client:
             raise P.ProtocolError(P.E_DUPLICATE_ID, f"request id {cid!r} is already in flight")
-        if d.stopping.is_set():
+        if self.phase.stopping.is_set():
             raise P.ProtocolError(P.E_SHUTTING_DOWN, "the daemon is shutting down")
         params = rec.params
         if "on_behalf_of" in params:  # the HTTP front speaks for its bearer token's identity
@@ -79,70 +89,62 @@ class AgentOps:
             params = params | {"session": session_key(who.identity, params["session"])}
         if params.get("fork"):  # a group is its owner's own too
             params = params | {"fork": session_key(who.identity, params["fork"])}
-        exact = d.sizer.check(params["messages"], params.get("tools"), params.get("max_tokens"), params.get("prompt"))
-        req = Request(pid=next(d.pids), agent_addr=addr, client_id=cid, params=params, owner=who.identity or "",
-                      prompt_tokens=exact or 0)  # fmt: skip
-        d.admission.admit(req.owner, req.cost, who.admin)  # quota_exceeded: nothing of it is kept
-        if d.journal is not None:
-            d.journal.accept(req)  # committed before it is acknowledged: a restart finds it
-        d.by_client[(addr, cid)] = req
-        d.sched.add(req)
-        d.counters.accepted += 1
-        log.info("event=accepted pid=%s id=%r agent=%r max_tokens=%s", req.pid, cid, req.agent, req.max_tokens)
-        d.emit(req, P.EV_ACCEPTED, pid=req.pid)
-        d.schedule()
+        exact = self.sizer.check(
+            params["messages"], params.get("tools"), params.get("max_tokens"), params.get("prompt")
+        )
+        self.life.accept(addr, cid, params, who.identity or "", who.admin, exact or 0)
 
     def ps(self, who: Caller, cid: Any, rec: M.Ps) -> None:
-        self.d.reply(who.addr, cid, ps_view(self.d, who.owns))
+        self.outbox.reply(who.addr, cid, self.views.ps(who.owns))
 
     def stats(self, who: Caller, cid: Any, rec: M.Stats) -> None:
-        self.d.reply(who.addr, cid, stats_view(self.d))
+        self.outbox.reply(who.addr, cid, self.views.stats())
 
     def workers(self, who: Caller, cid: Any, rec: M.Workers) -> None:
-        c = self.d.cfg
-        view = {"workers": workers_view(self.d), "heartbeat_s": c.spec.heartbeat_s, "liveness_s": c.liveness_s}
-        self.d.reply(who.addr, cid, view)
+        c = self.views.cfg
+        view = {"workers": self.views.workers(), "heartbeat_s": c.spec.heartbeat_s, "liveness_s": c.liveness_s}
+        self.outbox.reply(who.addr, cid, view)
 
     def tokenize(self, who: Caller, cid: Any, rec: M.Tokenize) -> None:
-        sizer = self.d.sizer
+        sizer = self.sizer
         if rec.messages is not None:
             ids = sizer.encode_chat(rec.messages, rec.add_generation_prompt)
         else:
             ids = sizer.encode(rec.prompt or "", rec.add_special_tokens)
-        self.d.reply(who.addr, cid, {"count": len(ids), "tokens": ids, "max_model_len": sizer.limit})
+        self.outbox.reply(who.addr, cid, {"count": len(ids), "tokens": ids, "max_model_len": sizer.limit})
 
     def detokenize(self, who: Caller, cid: Any, rec: M.Detokenize) -> None:
-        self.d.reply(who.addr, cid, {"prompt": self.d.sizer.decode(rec.tokens)})
+        self.outbox.reply(who.addr, cid, {"prompt": self.sizer.decode(rec.tokens)})
 
     def _live(self, who: Caller, pid: int) -> Request:
         """The caller's live request ``pid``; another identity's is as absent as a finished one."""
-        req = self.d.sched.table.get(pid)
+        req = self.sched.table.get(pid)
         if req is None or req.finished or not who.owns(req):
             raise P.ProtocolError(P.E_NOT_FOUND, f"no live request of yours with pid {pid}")
         return req
 
     def kill(self, who: Caller, cid: Any, rec: M.Kill) -> None:
-        self.d.cancel(self._live(who, rec.pid), "killed")
-        self.d.reply(who.addr, cid, {"killed": rec.pid})
+        self.life.cancel(self._live(who, rec.pid), "killed")
+        self.outbox.reply(who.addr, cid, {"killed": rec.pid})
 
     def nice(self, who: Caller, cid: Any, rec: M.Nice) -> None:
         req = self._live(who, rec.pid)
         old = req.nice
-        self.d.sched.renice(req, rec.nice)
+        self.sched.renice(req, rec.nice)
         log.info("event=renice pid=%s old=%s nice=%s", rec.pid, old, rec.nice)
-        self.d.reply(who.addr, cid, {"pid": rec.pid, "nice": rec.nice, "old": old})
+        self.outbox.reply(who.addr, cid, {"pid": rec.pid, "nice": rec.nice, "old": old})
 
     def cancel(self, who: Caller, cid: Any, rec: M.CancelOwn) -> None:
         if cid is None:
             raise P.ProtocolError(P.E_BAD_FIELD, "a cancel needs the 'id' of the chat to cancel")
-        req = self.d.by_client.get((who.addr, cid))
+        req = self.life.by_client.get((who.addr, cid))
         if req is None:
             raise P.ProtocolError(P.E_NOT_FOUND, f"no request with id {cid!r} in flight")
-        self.d.cancel(req, "cancelled by agent")
+        self.life.cancel(req, "cancelled by agent")
 
     def attach(self, who: Caller, cid: Any, rec: M.Attach) -> None:
         """Follow a request from an offset: a client back after a restart, or ``quantad run --attach PID``."""
-        d = self.d
+        out = self.outbox
         if cid is None:
             raise P.ProtocolError(P.E_BAD_FIELD, "an attach needs an 'id': the request's events come under it")
         if rec.on_behalf_of is not None:
@@ -150,28 +152,28 @@ class AgentOps:
                 raise P.ProtocolError(P.E_BAD_FIELD, "only an admin may attach 'on_behalf_of' another identity")
             who = Caller(who.addr, rec.on_behalf_of, admin=False)
         if rec.pid is not None:
-            req = d.sched.table.get(rec.pid)
+            req = self.sched.table.get(rec.pid)
         else:  # the caller's own chat of this id, on this connection or (after a restart) in the journal
-            req = d.by_client.get((who.addr, cid))
+            req = self.life.by_client.get((who.addr, cid))
             if req is None or req.owner != (who.identity or ""):  # another connection's: search by owner
-                mine = (r for r in d.sched.table.values() if r.client_id == cid and r.owner == (who.identity or ""))
+                mine = (r for r in self.sched.table.values() if r.client_id == cid and r.owner == (who.identity or ""))
                 req = next(mine, None)
         if req is not None and not req.finished and who.owns(req):
             req.watch(who.addr, cid, rec.offset, rec.chars, rec.stream)
             seen = {"pid": req.pid, "state": req.state.value, "tokens": req.generated, "recovered": req.recovered}
-            d.send_agent(who.addr, {"event": P.EV_ATTACHED, "id": cid, **seen})
-            d.emit(req, P.EV_TOKEN)  # what it has missed, if any (everyone else has it)
+            out.send_agent(who.addr, {"event": P.EV_ATTACHED, "id": cid, **seen})
+            out.emit(req, P.EV_TOKEN)  # what it has missed, if any (everyone else has it)
             return
-        ended = d.journal.ended(who.identity, rec.pid, cid) if d.journal is not None else None
+        ended = self.life.journal.ended(who.identity, rec.pid, cid)
         if ended is None or not (who.admin or ended.owner == (who.identity or "")):
             raise P.ProtocolError(P.E_NOT_FOUND, f"no request of yours with {self._named(rec, cid)}")
         final = ended.final
-        d.send_agent(who.addr, {"event": P.EV_ATTACHED, "id": cid, "pid": ended.pid, "state": "ENDED"})
+        out.send_agent(who.addr, {"event": P.EV_ATTACHED, "id": cid, "pid": ended.pid, "state": "ENDED"})
         text = final.get("text") or ""
         if rec.stream and len(text) > rec.chars:
             rest = {"text": text[rec.chars :], "token_ids": [], "index": None}
-            d.send_agent(who.addr, {"event": P.EV_TOKEN, "id": cid, "pid": ended.pid, **rest})
-        d.send_agent(who.addr, final | {"id": cid})
+            out.send_agent(who.addr, {"event": P.EV_TOKEN, "id": cid, "pid": ended.pid, **rest})
+        out.send_agent(who.addr, final | {"id": cid})
 
     @staticmethod
     def _named(rec: M.Attach, cid: Any) -> str:
@@ -180,15 +182,17 @@ class AgentOps:
     def ping(self, who: Caller, cid: Any, rec: M.Ping) -> None:
         """``wait: true`` holds the answer until every worker is up (clients wait on an event, not a timer)."""
         addr = who.addr
-        if rec.wait and not self.d.ready.is_set():
-            self.d.background(self._pong_when_ready(addr, cid))
+        if rec.wait and not self.phase.ready.is_set():
+            self.background(self._pong_when_ready(addr, cid))
             return
         self._pong(addr, cid)
 
     async def _pong_when_ready(self, addr: bytes, cid: Any) -> None:
-        await self.d.ready.wait()
+        await self.phase.ready.wait()
         self._pong(addr, cid)
 
     def _pong(self, addr: bytes, cid: Any) -> None:
-        workers = self.d.sched.workers.values()
-        self.d.reply(addr, cid, {"pong": True, "workers": len(workers), "workers_ready": sum(w.alive for w in workers)})
+        workers = self.sched.workers.values()
+        self.outbox.reply(
+            addr, cid, {"pong": True, "workers": len(workers), "workers_ready": sum(w.alive for w in workers)}
+        )

@@ -11,19 +11,13 @@ state changes go through it, liveness is the ``supervisor``'s, the drain is ``dr
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import functools
-import itertools
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -31,20 +25,20 @@ import zmq.asyncio
 from ipc import messages as M
 from ipc import protocol as P
 from ipc.logfmt import under_journald
-from ipc.worker_spec import WorkerSpec
-from scheduler import fronts, handover, reload, sd_notify, tool_events
+from scheduler import reload, sd_notify
 from scheduler.agent_ops import AgentOps, Caller
-from scheduler.config import Effective
 from scheduler.core import Scheduler
-from scheduler.counters import Counters
+from scheduler.daemon_config import DaemonConfig
 from scheduler.drain import Drain
-from scheduler.gate import AGENTS, WORKERS, Gate, Keys, uses_curve
-from scheduler.journal import Journal
-from scheduler.limits import Admission, Limits
-from scheduler.policy import Policy
+from scheduler.fronts import Fronts
+from scheduler.gate import AGENTS, WORKERS, Gate, uses_curve
+from scheduler.journal import Journal, NullJournal
+from scheduler.lifecycle import Lifecycle
+from scheduler.limits import Admission
+from scheduler.outbox import Outbox
+from scheduler.phase import Phase
 from scheduler.prompt_size import PromptSizer
-from scheduler.request import Request, State
-from scheduler.stats import status_line
+from scheduler.stats import Views
 from scheduler.supervisor import Supervisor
 from scheduler.worker_ops import WorkerOps
 from scheduler.workers import Worker, WorkerProcess
@@ -57,33 +51,9 @@ STATUS_PERIOD_S = 1.0
 AGENT_RCVHWM = 1000
 
 
-@dataclass
-class DaemonConfig:
-    endpoint: str
-    worker_endpoint: str
-    policy: Policy
-    spec: WorkerSpec  # every worker's options (its command line); endpoint and name are filled in per worker
-    workers: int = 1
-    liveness_s: float = 30.0
-    max_restarts: int = 5
-    grace_s: float = 30.0  # SIGTERM: how long running requests may go on before they are cut
-    log_format: str = "kv"  # passed on to the workers
-    options: Effective | None = None  # the resolved serve options (for SIGHUP's diff)
-    reload_options: Callable[[], Effective] | None = None  # re-reads the config file on SIGHUP
-    build_policy: Callable[[argparse.Namespace], Policy] | None = None
-    model_name: str = ""  # what /v1/models calls the model (a directory's name, or the remote name)
-    model_aliases: tuple[str, ...] = ()  # other names an HTTP request may give (--model as given, the path)
-    http: tuple[str, int] | None = None  # OpenAI-compatible HTTP front (host, port); None: off
-    http_token: dict[str, str] | None = None  # bearer tokens the HTTP front accepts -> whose (``http:NAME``)
-    metrics_port: int | None = None  # Prometheus /metrics on 127.0.0.1; None: off
-    keys: Keys | None = None  # CURVE: the daemon's key pair and the allowed keys (``--curve-dir``)
-    limits: Limits = field(default_factory=Limits)  # quotas per identity, rates per connection
-    journal: Path | None = None  # the SQLite journal of accepted requests (``scheduler.journal``); None: off
-    journal_keep_s: float = 300.0  # how long an ended request stays there, for ``attach``
-    on_stop: str = "drain"  # SIGTERM: drain (finish within grace), or handover (leave all to the next daemon)
-
-
 class Daemon:
+    """The sockets, the loops and the wiring: each collaborator gets the few others it uses."""
+
     def __init__(self, cfg: DaemonConfig):
         self.cfg = cfg
         self.sched = Scheduler(cfg.policy)
@@ -94,33 +64,25 @@ class Daemon:
         self.workers_sock.setsockopt(zmq.ROUTER_HANDOVER, 0)  # a second connection claiming a live worker is refused
         self.agents.setsockopt(zmq.SNDHWM, cfg.limits.max_unread)  # past it: EAGAIN, and its requests are cancelled
         self.agents.setsockopt(zmq.RCVHWM, AGENT_RCVHWM)  # a flood waits in its sender, not in our memory
-        self.admission = Admission(cfg.limits)
         self.gate.max_connections = cfg.limits.max_connections
-        self.sizer = PromptSizer()  # exact prompt lengths, once a worker names its tokenizer
         for opt in (zmq.SNDBUF, zmq.RCVBUF):  # migrations relay whole contexts through it
             self.workers_sock.setsockopt(opt, P.BULK_SOCKET_BUFFER)
-        # Synchronous shadows: sends are non-blocking and fail here, where we can handle them.
-        self._agents_tx = zmq.Socket.shadow(self.agents.underlying)
-        self._workers_tx = zmq.Socket.shadow(self.workers_sock.underlying)
-        self.by_client: dict[tuple[bytes, Any], Request] = {}
-        self.journal = None if cfg.journal is None else Journal(cfg.journal, cfg.journal_keep_s)
-        self.pids = itertools.count(1 + (self.journal.max_pid() if self.journal else 0))
-        self.seq = itertools.count(1)
-        self.stopping = asyncio.Event()
-        self.drained = asyncio.Event()  # draining: no request left, or a second signal
-        self.ready = asyncio.Event()
-        self.fatal: str | None = None
-        self._tasks: set[asyncio.Task] = set()
-        self.counters = Counters()
-        self.finish_hooks: list[Callable[[Request], None]] = []  # called once per request, at its end
-        self.urls: dict[str, str | None] = {"http": None, "metrics": None}
-        self.listeners: list[Any] = []  # the HTTP front and the metrics server, when on
-        self.drain = Drain(self)
-        self.supervisor = Supervisor(self)
-        self.agent_ops = AgentOps(self)
-        self.worker_ops = WorkerOps(self)
-        self.on_agent = self.agent_ops.handlers()
+        self.phase = Phase()
+        self.sizer = PromptSizer()  # exact prompt lengths, once a worker names its tokenizer
+        self.outbox = Outbox(self.agents, self.workers_sock)
+        journal = NullJournal() if cfg.journal is None else Journal(cfg.journal, cfg.journal_keep_s)
+        self.life = Lifecycle(self.sched, self.outbox, journal, Admission(cfg.limits), self.settle)
+        self.outbox.on_agent_gone = self.life.agent_gone
+        urls: dict[str, str | None] = {"http": None, "metrics": None}  # filled in as the fronts listen
+        self.views = Views(self.sched, self.life, cfg, self.sizer, self.gate, urls, self.phase)
+        self.fronts = Fronts(cfg, self.views, self.life.finish_hooks)
+        self.drain = Drain(self.life, cfg, self.phase, self.views)
+        self.worker_ops = WorkerOps(self.life, self.outbox, self.sizer, self.phase, self.announce_ready)
+        self.supervisor = Supervisor(self.sched, cfg, self.phase, self.worker_ops)
+        agent_ops = AgentOps(self.life, self.outbox, self.sizer, self.phase, self.views, self.background)
+        self.on_agent = agent_ops.handlers()
         self.on_worker = self.worker_ops.handlers()
+        self._tasks: set[asyncio.Task] = set()
 
     def _socket(self, max_size: int, domain: bytes, curve: bool) -> zmq.asyncio.Socket:
         s = self.ctx.socket(zmq.ROUTER)
@@ -147,17 +109,17 @@ class Daemon:
         finally:
             os.umask(old)
         try:
-            await fronts.start(self)
+            await self.fronts.start()
         except OSError as exc:  # port taken, address not here: fail before any worker starts
             log.error("event=fatal reason=%r", f"cannot listen: {exc}")
-            await fronts.stop(self)
+            await self.fronts.stop()
             self._close()
             return 1
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.drain.on_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, reload.reload, self)
-        handover.recover(self)
+        loop.add_signal_handler(signal.SIGHUP, reload.reload, self.cfg, self.views, self.worker_ops)
+        self.life.recover()
         self._start_workers()
         loops = [self._agent_loop(), self._worker_loop(), self.supervisor.run(), self._status_loop()]
         loops.append(self.gate.count(self.agents))  # open agent connections, for --max-connections
@@ -166,10 +128,10 @@ class Daemon:
             loops.append(self._watchdog(period))
         tasks = [asyncio.create_task(c) for c in loops]
         log.info("event=listening endpoint=%s workers=%s", self.cfg.endpoint, self.cfg.workers)
-        sd_notify.notify(status_line(self))
-        await self.stopping.wait()
+        sd_notify.notify(self.views.status_line())
+        await self.phase.stopping.wait()
         rc = await self.drain.run()
-        await fronts.stop(self)  # after the drain: HTTP streams have had their terminal events
+        await self.fronts.stop()  # after the drain: HTTP streams have had their terminal events
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -177,8 +139,7 @@ class Daemon:
         return rc
 
     def _close(self) -> None:
-        if self.journal is not None:
-            self.journal.close()
+        self.life.journal.close()
         self.gate.stop()
         self.agents.close(0)
         self.workers_sock.close(0)
@@ -197,10 +158,10 @@ class Daemon:
 
     def announce_ready(self) -> None:
         """Every worker is up for the first time: serving."""
-        self.ready.set()
+        self.phase.ready.set()
         spec = self.cfg.spec
         log.info("event=ready endpoint=%s backend=%s model=%s", self.cfg.endpoint, spec.backend, spec.model)
-        sd_notify.notify("READY=1", status_line(self))
+        sd_notify.notify("READY=1", self.views.status_line())
         if not under_journald():  # for a person (and scripts) watching a terminal
             engine = f"{spec.backend} engine, {spec.slots} slot(s), model {spec.model}"
             print(f"quantad: ready on {self.cfg.endpoint} ({engine})", file=sys.stderr, flush=True)
@@ -208,11 +169,10 @@ class Daemon:
     async def _status_loop(self) -> None:
         last = None
         while True:
-            self.counters.sample()
-            self.admission.prune()
-            if self.journal is not None:
-                self.journal.expire()
-            status = status_line(self)
+            self.life.counters.sample()
+            self.life.admission.prune()
+            self.life.journal.expire()
+            status = self.views.status_line()
             if status != last:
                 sd_notify.notify(status)
                 last = status
@@ -241,126 +201,28 @@ class Daemon:
             except Exception:  # a bug must not stop the loop; the agent still gets an answer
                 log.exception("event=internal_error side=agent")
                 if len(frames) >= 2:
-                    error = {"event": P.EV_ERROR, "id": None, "code": P.E_INTERNAL, "message": "internal error"}
-                    self.send_agent(frames[0], error)
+                    self.outbox.error(frames[0], None, P.E_INTERNAL, "internal error")
 
     def _from_agent(self, frames: list[bytes], identity: str) -> None:
         addr, cid = frames[0], None
         try:
             cid, rec = M.read_agent(frames[1:])
-            self.admission.message(addr)
+            self.life.admission.message(addr)
             self.on_agent[type(rec)](Caller(addr, identity, self.gate.is_admin(identity)), cid, rec)
         except P.ProtocolError as exc:
             cid = exc.cid if isinstance(exc, M.AgentError) else cid
             log.info("event=bad_input id=%.80r code=%s message=%.200r", cid, exc.code, exc.message)
-            self.send_agent(addr, {"event": P.EV_ERROR, "id": cid, "code": exc.code, "message": exc.message})
-
-    def reply(self, addr: bytes, cid: Any, data: dict) -> None:
-        self.send_agent(addr, {"event": P.EV_REPLY, "id": cid, "data": data})
-
-    def send_agent(self, addr: bytes, msg: dict) -> bool:
-        msg["seq"] = next(self.seq)
-        try:
-            self._agents_tx.send_multipart([addr, P.pack(msg)], flags=zmq.NOBLOCK)
-            return True
-        except zmq.ZMQError as exc:  # EHOSTUNREACH: agent gone; EAGAIN: agent not reading
-            log.info("event=agent_gone errno=%s", exc.errno)
-            # its requests lose a follower; those it leaves with none are cancelled (nobody would read them)
-            gone = [r for r in self.sched.table.values() if not r.finished and r.unwatch(addr)]
-            for req in gone:  # one pass, one schedule: thousands of them must not hold the loop
-                self.cancel(req, "agent disconnected", notify=False, reschedule=False)
-            if gone:
-                self.schedule()
-            return False
-        finally:
-            self.agents.get(zmq.EVENTS)  # re-arm the pending receive: see to_worker
-
-    def emit(self, req: Request, event: str, **fields: Any) -> None:
-        """An event of ``req`` to everyone following it; a token event carries what each has not had yet."""
-        for (addr, cid), w in list(req.watchers.items()):
-            if not w.stream and event in (P.EV_TOKEN, P.EV_PREEMPTED, P.EV_RESUMED):
-                continue
-            msg, calls = {"event": event, "id": cid, "pid": req.pid, **fields}, []
-            if event == P.EV_TOKEN:
-                start, had, out = w.tokens, w.chars, req.unsent(w)
-                if out is None:  # recomputed after a restart: it has these already
-                    continue
-                msg["text"], msg["token_ids"] = out
-                msg["index"], msg["chars"] = req.generated, len(req.text)
-                if tool_events.splits(req):  # no call markup in a token's text: the calls follow as deltas
-                    msg["text"], calls = tool_events.view(req, had)
-                if req.params.get("logprobs"):
-                    msg["logprobs"] = req.logprobs[start : req.generated]
-            self.send_agent(addr, msg)
-            for call in calls:
-                self.send_agent(addr, {"id": cid, "pid": req.pid, **call})
-
-    # ---- a request's end ----------------------------------------------------------------
-    def terminal(self, req: Request, state: State, event: str, **fields: Any) -> None:
-        """The one terminal reply of a request: leave the tables, then tell the agent."""
-        policy_view = self.retire(req, state)
-        fields["stats"] = req.stats() | policy_view | fields.get("stats", {})
-        self.emit(req, event, **fields)
-        if self.journal is not None:
-            self.journal.end(req, {"event": event, "pid": req.pid, **fields})
-        self.schedule()
-        self.drain.check()
-
-    def cancel(self, req: Request, why: str, notify: bool = True, reschedule: bool = True) -> None:
-        if req.finished:
-            return
-        if req.worker is not None:
-            self.to_worker(req.worker, M.Cancel(req.pid))
-        log.info("event=cancelled pid=%s why=%r", req.pid, why)
-        if notify:
-            self.terminal(req, State.CANCELLED, P.EV_CANCELLED, message=why, text=req.text)
-        else:
-            self.retire(req, State.CANCELLED)
-            if self.journal is not None:
-                self.journal.end(req, {"event": P.EV_CANCELLED, "pid": req.pid, "message": why, "text": req.text})
-            if reschedule:
-                self.schedule()
-
-    def fail(self, req: Request, code: str, message: str) -> None:
-        if req.worker is not None:
-            self.to_worker(req.worker, M.Cancel(req.pid))
-        self.terminal(req, State.FAILED, P.EV_ERROR, code=code, message=message, text=req.text)
-
-    def retire(self, req: Request, state: State) -> dict:
-        """Leave the scheduler and the tables; count it and tell the hooks (metrics).  The policy's last view."""
-        if not req.finished:
-            self.admission.release(req.owner, req.cost)
-        policy_view = self.sched.finish(req, state)
-        self.counters.finish(req.state.value)
-        for hook in self.finish_hooks:
-            try:
-                hook(req)
-            except Exception:
-                log.exception("event=internal_error side=finish_hook pid=%s", req.pid)
-        self.by_client.pop((req.agent_addr, req.client_id), None)
-        self.sched.forget(req)
-        return policy_view
+            self.outbox.error(addr, cid, exc.code, exc.message)
 
     # ---- worker side --------------------------------------------------------------------
-    def schedule(self) -> None:
-        if self.stopping.is_set():
+    def settle(self) -> None:
+        """After any change: place what can run (draining: answer the queue), and end a drain with nothing left."""
+        if self.phase.stopping.is_set():
             self.drain.flush_queue()
-            return
-        for req in self.sched.schedule():
-            self.worker_ops.start(req)
-
-    def to_worker(self, name: str, msg: M.Message, frames: list | None = None) -> None:
-        try:
-            head = P.pack(msg.encode())
-            self._workers_tx.send_multipart([name.encode(), head, *(frames or [])], flags=zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as exc:
-            log.warning("event=worker_unreachable worker=%s op=%s errno=%s", name, msg.OP, exc.errno)
-        finally:
-            # A send on the synchronous shadow may consume the edge of the socket's (edge-triggered) FD
-            # that announced an incoming message; reading EVENTS through the asyncio socket makes its
-            # pending receive look again, or that message would wait for the next edge (seen: a chat
-            # left unread until the agent timed out).
-            self.workers_sock.get(zmq.EVENTS)
+        else:
+            for req in self.sched.schedule():
+                self.worker_ops.start(req)
+        self.drain.check()
 
     async def _worker_loop(self) -> None:
         while True:

@@ -16,16 +16,15 @@ import asyncio
 import logging
 import signal
 import time
-from typing import TYPE_CHECKING
 
 from ipc import messages as M
 from ipc import protocol as P
-from scheduler import handover, sd_notify
+from scheduler import sd_notify
+from scheduler.daemon_config import DaemonConfig
+from scheduler.lifecycle import Lifecycle
+from scheduler.phase import Phase
 from scheduler.request import State
-from scheduler.stats import status_line
-
-if TYPE_CHECKING:
-    from scheduler.daemon import Daemon
+from scheduler.stats import Views
 
 log = logging.getLogger("quantad")
 
@@ -34,59 +33,57 @@ HANDED_OVER = "the daemon is stopping; the request stays in its journal and the 
 
 
 class Drain:
-    def __init__(self, daemon: Daemon):
-        self.d = daemon
+    def __init__(self, life: Lifecycle, cfg: DaemonConfig, phase: Phase, views: Views):
+        self.life, self.sched, self.cfg, self.phase, self.views = life, life.sched, cfg, phase, views
         self._flushing = False
 
     def on_signal(self, sig: signal.Signals) -> None:
         """The first SIGTERM/SIGINT drains; a second one cuts the drain short."""
-        if self.d.stopping.is_set():
+        if self.phase.stopping.is_set():
             log.info("event=drain_cut signal=%s", sig.name)
-            self.d.drained.set()
+            self.phase.drained.set()
             return
         log.info("event=signal signal=%s", sig.name)
-        self.d.stopping.set()
+        self.phase.stopping.set()
 
     async def run(self) -> int:
         """Drain, then stop the workers; the daemon's exit status (1 after a fatal error)."""
-        d, t0 = self.d, time.monotonic()
-        grace = d.cfg.grace_s
-        sd_notify.notify("STOPPING=1", status_line(d, "stopping"))
-        live = [r for r in d.sched.table.values() if not r.finished]
+        life, t0 = self.life, time.monotonic()
+        grace, durable = self.cfg.grace_s, life.journal.durable
+        sd_notify.notify("STOPPING=1", self.views.status_line("stopping"))
+        live = life.live()
         running = sum(r.state is State.RUNNING for r in live)
-        log.info("event=draining grace_s=%s running=%s queued=%s", grace, running, len(d.sched.ready))
-        leaving = d.cfg.on_stop == "handover" and d.journal is not None
+        log.info("event=draining grace_s=%s running=%s queued=%s", grace, running, len(self.sched.ready))
+        leaving = self.cfg.on_stop == "handover" and durable
         if leaving:
             self._hand_over_all()
         self.flush_queue()
-        if d.fatal is None and not leaving:
+        if self.phase.fatal is None and not leaving:
             self.check()
             reserve = min(2.0, grace / 4)
             try:
-                await asyncio.wait_for(d.drained.wait(), max(0.0, grace - reserve - (time.monotonic() - t0)))
+                await asyncio.wait_for(self.phase.drained.wait(), max(0.0, grace - reserve - (time.monotonic() - t0)))
             except TimeoutError:
                 pass
-        for req in list(d.sched.table.values()):
-            if not req.finished:
-                log.info("event=drain_cut_request pid=%s tokens=%s", req.pid, req.generated)
-                if d.journal is not None:
-                    handover.hand_over(d, req, HANDED_OVER)
-                else:
-                    d.fail(req, P.E_SHUTTING_DOWN, SHUTTING_DOWN)
-        workers = list(d.sched.workers.values())
+        for req in life.live():
+            log.info("event=drain_cut_request pid=%s tokens=%s", req.pid, req.generated)
+            if durable:
+                life.hand_over(req, HANDED_OVER)
+            else:
+                life.fail(req, P.E_SHUTTING_DOWN, SHUTTING_DOWN)
+        workers = list(self.sched.workers.values())
         for w in workers:
-            d.to_worker(w.name, M.Shutdown())
+            life.outbox.to_worker(w.name, M.Shutdown())
         left = max(0.05, grace - 0.1 - (time.monotonic() - t0))  # then SIGKILL: exit within the grace period
         await asyncio.gather(*(w.proc.stop(left) for w in workers if w.proc is not None))
-        rc = 0 if d.fatal is None else 1
+        rc = 0 if self.phase.fatal is None else 1
         log.info("event=stopped after_s=%.3f rc=%s", time.monotonic() - t0, rc)
         return rc
 
     def _hand_over_all(self) -> None:
-        for req in sorted(self.d.sched.table.values(), key=lambda r: r.pid):
-            if not req.finished:
-                log.info("event=handover pid=%s tokens=%s", req.pid, req.generated)
-                handover.hand_over(self.d, req, HANDED_OVER)
+        for req in sorted(self.life.live(), key=lambda r: r.pid):
+            log.info("event=handover pid=%s tokens=%s", req.pid, req.generated)
+            self.life.hand_over(req, HANDED_OVER)
 
     def flush_queue(self) -> None:
         """While draining, nothing new starts: every queued request gets its terminal reply now."""
@@ -94,15 +91,15 @@ class Drain:
             return
         self._flushing = True
         try:
-            for req in list(self.d.sched.ready):
+            for req in list(self.sched.ready):
                 if not req.finished:
                     log.info("event=drain_queued pid=%s tokens=%s", req.pid, req.generated)
-                    self.d.fail(req, P.E_SHUTTING_DOWN, SHUTTING_DOWN)
+                    self.life.fail(req, P.E_SHUTTING_DOWN, SHUTTING_DOWN)
         finally:
             self._flushing = False
         self.check()
 
     def check(self) -> None:
         """Draining and no request left: the drain is over."""
-        if self.d.stopping.is_set() and not any(not r.finished for r in self.d.sched.table.values()):
-            self.d.drained.set()
+        if self.phase.stopping.is_set() and not self.life.live():
+            self.phase.drained.set()

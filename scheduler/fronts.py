@@ -8,36 +8,42 @@ terminal events by then).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
-if TYPE_CHECKING:
-    from scheduler.daemon import Daemon
+from scheduler.daemon_config import DaemonConfig
+from scheduler.request import Request
+from scheduler.stats import Views
 
 log = logging.getLogger("quantad")
 
 
-async def start(d: Daemon) -> None:
-    c = d.cfg
-    if c.metrics_port is not None:
-        from scheduler.metrics import MetricsServer
+class Fronts:
+    def __init__(self, cfg: DaemonConfig, views: Views, finish_hooks: list[Callable[[Request], None]]):
+        self.cfg, self.views, self.finish_hooks = cfg, views, finish_hooks
+        self.listeners: list[Any] = []  # the HTTP front and the metrics server, when on
 
-        d.listeners.append(MetricsServer(d, c.metrics_port))
-        d.urls["metrics"] = await d.listeners[-1].start()
-        log.info("event=metrics_listening url=%s", d.urls["metrics"])
-    if c.http is not None:
-        from scheduler.http_front import HttpFront
+    async def start(self) -> None:
+        c, urls = self.cfg, self.views.urls
+        if c.metrics_port is not None:
+            from scheduler.metrics import MetricsServer
 
-        names = (c.model_name, *c.model_aliases)
-        d.listeners.append(HttpFront(c.endpoint, c.http[0], c.http[1], names, c.http_token))
-        d.urls["http"] = await d.listeners[-1].start()
-        auth = "bearer" if c.http_token else "none"
-        log.info("event=http_listening url=%s auth=%s", d.urls["http"], auth)
+            self.listeners.append(MetricsServer(self.views, self.finish_hooks, c.metrics_port))
+            urls["metrics"] = await self.listeners[-1].start()
+            log.info("event=metrics_listening url=%s", urls["metrics"])
+        if c.http is not None:
+            from http_front.server import HttpFront
 
+            names = (c.model_name, *c.model_aliases)
+            self.listeners.append(HttpFront(c.endpoint, c.http[0], c.http[1], names, c.http_token))
+            urls["http"] = await self.listeners[-1].start()
+            auth = "bearer" if c.http_token else "none"
+            log.info("event=http_listening url=%s auth=%s", urls["http"], auth)
 
-async def stop(d: Daemon) -> None:
-    for front in reversed(d.listeners):
-        try:
-            await front.stop()
-        except Exception:
-            log.exception("event=internal_error side=front_stop")
-    d.listeners.clear()
+    async def stop(self) -> None:
+        for front in reversed(self.listeners):
+            try:
+                await front.stop()
+            except Exception:
+                log.exception("event=internal_error side=front_stop")
+        self.listeners.clear()

@@ -117,6 +117,8 @@ class Ended:
 
 
 class Journal:
+    durable = True  # what it accepted outlives the daemon
+
     def __init__(self, path: Path, keep_s: float = 300.0):
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path, self.keep_s = path, keep_s
@@ -257,3 +259,35 @@ class Journal:
         self.flush()
         self.checkpointer.stop()
         self.db.close()
+
+
+class NullJournal:
+    """The journal when ``--no-journal``: keeps nothing, so callers never ask whether there is one."""
+
+    durable = False  # a stopping daemon cannot leave requests to the next one
+    recovery_s = 0.0
+
+    def accept(self, req: Request) -> None: ...
+
+    def checkpoint(self, req: Request) -> None: ...
+
+    def end(self, req: Request, final: dict[str, Any]) -> None: ...
+
+    def expire(self) -> int:
+        return 0
+
+    def keep_unfinished(self, reqs: list[Request]) -> None: ...
+
+    def unfinished(self) -> list[Request]:
+        return []
+
+    def ended(self, owner: str | None, pid: int | None, client_id: Any) -> Ended | None:
+        return None
+
+    def view(self) -> None:
+        return None
+
+    def max_pid(self) -> int:
+        return 0
+
+    def close(self) -> None: ...

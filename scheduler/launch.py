@@ -155,7 +155,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def daemon_config(args: argparse.Namespace, endpoint: str, wep: str, policy, http, token):
     """The ``DaemonConfig`` of these options (the model is located first, for the hf backend)."""
-    from scheduler.daemon import DaemonConfig
+    from scheduler.daemon_config import DaemonConfig
 
     spec = worker_spec(args, wep)
     if args.backend == "openai":

@@ -11,7 +11,8 @@ Loopback only: there is no authentication on this port.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, ProcessCollector, generate_latest
@@ -19,10 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from scheduler.request import Request, State
-from scheduler.stats import stats_view, workers_view
-
-if TYPE_CHECKING:
-    from scheduler.daemon import Daemon
+from scheduler.stats import Views
 
 HOST = "127.0.0.1"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -33,12 +31,12 @@ JCT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 60
 class DaemonCollector(Collector):
     """Live values, read from the daemon's views at each scrape."""
 
-    def __init__(self, daemon: Daemon):
-        self.daemon = daemon
+    def __init__(self, views: Views):
+        self.views = views
 
     def collect(self):
-        st = stats_view(self.daemon)
-        workers = workers_view(self.daemon)
+        st = self.views.stats()
+        workers = self.views.workers()
         yield _labelled(
             GaugeMetricFamily(
                 "quantad_requests", "Live requests by state (READY: queued, RUNNING: on a worker)", labels=["state"]
@@ -85,10 +83,10 @@ def _labelled(family: Any, values: dict[str, int]) -> Any:
 
 
 class MetricsServer:
-    def __init__(self, daemon: Daemon, port: int):
+    def __init__(self, views: Views, finish_hooks: list[Callable[[Request], None]], port: int):
         self.port = port
         self.registry = CollectorRegistry()
-        self.registry.register(DaemonCollector(daemon))
+        self.registry.register(DaemonCollector(views))
         ProcessCollector(registry=self.registry)  # the daemon's own CPU, memory, open files
         self.ttft = Histogram(
             "quantad_time_to_first_token_seconds",
@@ -108,7 +106,7 @@ class MetricsServer:
             buckets=JCT_BUCKETS,
             registry=self.registry,
         )
-        daemon.finish_hooks.append(self.observe)
+        finish_hooks.append(self.observe)
         self.runner: web.AppRunner | None = None
 
     def observe(self, req: Request) -> None:

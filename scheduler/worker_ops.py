@@ -12,17 +12,18 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ipc import messages as M
 from ipc import protocol as P
 from ipc.tensor_frames import check, spec_bytes
 from scheduler import tool_events
+from scheduler.lifecycle import Lifecycle
+from scheduler.outbox import Outbox
+from scheduler.phase import Phase
+from scheduler.prompt_size import PromptSizer
 from scheduler.request import Request, State
 from scheduler.workers import Worker
-
-if TYPE_CHECKING:
-    from scheduler.daemon import Daemon
 
 log = logging.getLogger("quantad")
 
@@ -34,7 +35,7 @@ def running(handler: Callable[[WorkerOps, Request, Any], None]) -> Handler:
 
     @functools.wraps(handler)
     def on(self: WorkerOps, w: Worker, rec: Any, frames: list) -> None:
-        req = self.d.sched.running_on(w.name, rec.rid)
+        req = self.sched.running_on(w.name, rec.rid)
         if req is not None:
             handler(self, req, rec)
 
@@ -47,8 +48,11 @@ def with_cached(usage: dict, reused: int | None) -> dict:
 
 
 class WorkerOps:
-    def __init__(self, daemon: Daemon):
-        self.d = daemon
+    def __init__(
+        self, life: Lifecycle, outbox: Outbox, sizer: PromptSizer, phase: Phase, all_ready: Callable[[], None]
+    ):
+        self.life, self.sched, self.outbox, self.sizer, self.phase = life, life.sched, outbox, sizer, phase
+        self.all_ready = all_ready  # every worker is up for the first time: the daemon serves
 
     def handlers(self) -> dict[type[M.Message], Handler]:
         return {
@@ -69,17 +73,17 @@ class WorkerOps:
         """A request the scheduler just placed: run it there, or first fetch its context from where it lies."""
         if req.migrate_from is not None:  # its context comes from another worker first
             log.info("event=migrate pid=%s from=%s to=%s", req.pid, req.migrate_from, req.worker)
-            peer = self.d.sched.workers[req.worker].peer  # the importer's inbox: one hop, not two
-            self.d.to_worker(req.migrate_from, M.Export(req.pid, peer))
+            peer = self.sched.workers[req.worker].peer  # the importer's inbox: one hop, not two
+            self.outbox.to_worker(req.migrate_from, M.Export(req.pid, peer))
             return
         self.run(req)  # carries all a worker without the context needs to rebuild it
         if req.quanta > 0:  # after ``run``: if the agent is gone, the cancel follows the run
-            self.d.emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier, tokens=req.generated)
+            self.outbox.emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier, tokens=req.generated)
 
     def run(
         self, req: Request, frames: list | None = None, migrate: dict | None = None, tensors: list | None = None
     ) -> None:
-        quantum = self.d.sched.policy.quantum_for(req)
+        quantum = self.sched.policy.quantum_for(req)
         run = M.Run(
             req.pid,
             req.params,
@@ -92,35 +96,35 @@ class WorkerOps:
             tensors=tensors or [],
             owner=req.owner,
         )
-        self.d.to_worker(req.worker, run, frames)
+        self.outbox.to_worker(req.worker, run, frames)
 
     def restart_on(self, req: Request) -> None:
         """Run a request on its assigned worker from its streamed tokens (context lost)."""
-        self.d.sched.restart_on(req)
+        self.sched.restart_on(req)
         self.run(req)
 
     def next_quantum(self, req: Request) -> None:
-        self.d.to_worker(req.worker, M.Continue(req.pid, self.d.sched.policy.quantum_for(req)))
+        self.outbox.to_worker(req.worker, M.Continue(req.pid, self.sched.policy.quantum_for(req)))
 
     # ---- the worker itself ----------------------------------------------------------------
     def remote(self, name: str, rec: Any) -> Worker:
         """A worker the daemon did not start (``quantad worker --connect``), let in by its key, joins."""
         if not isinstance(rec, M.Ready):
             raise P.ProtocolError(P.E_BAD_FRAME, f"remote worker {name!r} spoke before its ready")
-        w = self.d.sched.workers[name] = Worker(name, rec.slots)
+        w = self.sched.workers[name] = Worker(name, rec.slots)
         log.info("event=remote_worker worker=%s", name)
         return w
 
     def ready(self, w: Worker, rec: M.Ready, frames: list) -> None:
-        if w.alive or any(r.worker == w.name for r in self.d.sched.table.values()):
-            self.d.supervisor.lose(w)  # it restarted: whatever it held is gone
+        if w.alive or any(r.worker == w.name for r in self.sched.table.values()):
+            self.lose(w)  # it restarted: whatever it held is gone
         w.up(rec)
-        self.d.sizer.learn(rec.max_context, rec.tokenizer)
+        self.sizer.learn(rec.max_context, rec.tokenizer)
         log.info("event=worker_ready worker=%s device=%s slots=%s", w.name, rec.device, w.slots)
         self.adopt(w, rec.orphans)
-        if all(x.alive for x in self.d.sched.workers.values()) and not self.d.ready.is_set():
-            self.d.announce_ready()
-        self.d.schedule()
+        if all(x.alive for x in self.sched.workers.values()) and not self.phase.ready.is_set():
+            self.all_ready()
+        self.life.settle()
 
     def adopt(self, w: Worker, pids: list[int]) -> None:
         """Context files a dead worker left: a queued request whose context is nowhere else resumes from its file.
@@ -128,11 +132,19 @@ class WorkerOps:
         Any other file (a request that ended, or whose context lives on elsewhere) is deleted.
         """
         for pid in pids:
-            req = self.d.sched.table.get(pid)
-            if req is not None and self.d.sched.adopt(req, w.name):
+            req = self.sched.table.get(pid)
+            if req is not None and self.sched.adopt(req, w.name):
                 log.info("event=adopt pid=%s worker=%s", pid, w.name)
             else:
-                self.d.to_worker(w.name, M.Cancel(pid))
+                self.outbox.to_worker(w.name, M.Cancel(pid))
+
+    def lose(self, w: Worker) -> None:
+        """Everything the worker held is gone: contexts it was exporting, and the requests it ran or kept."""
+        for req in self.sched.exporting_from(w.name):  # its context died with the exporter
+            self.restart_on(req)
+        for req in self.sched.worker_lost(w.name):
+            log.info("event=requeue pid=%s tokens=%s", req.pid, len(req.tokens))
+        self.life.settle()
 
     def heartbeat(self, w: Worker, rec: M.Heartbeat, frames: list) -> None:
         w.beat = rec
@@ -140,7 +152,7 @@ class WorkerOps:
     # ---- the migration relay --------------------------------------------------------------
     def exported(self, w: Worker, rec: M.Exported, frames: list) -> None:
         """Relay a migrating context, frames untouched (zero copy), to the worker that runs it."""
-        req = self.d.sched.table.get(rec.rid)
+        req = self.sched.table.get(rec.rid)
         if req is None or req.finished or req.migrate_from != w.name:
             return
         try:
@@ -156,21 +168,21 @@ class WorkerOps:
             log.warning("event=migrate_fallback pid=%s why=%r", req.pid, exc.message)
             self.restart_on(req)
             return
-        self.d.sched.migrated(req, nbytes)  # moved between workers
+        self.sched.migrated(req, nbytes)  # moved between workers
         if rec.direct:
             self.run(req, migrate=rec.migrate)
         else:
             self.run(req, frames, migrate=rec.migrate, tensors=specs)
         moved = {"migrated": True, "direct": rec.direct}
-        self.d.emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier, tokens=req.generated, **moved)
+        self.outbox.emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier, tokens=req.generated, **moved)
 
     # ---- a running request ----------------------------------------------------------------
     @running
     def tokens(self, req: Request, rec: M.Tokens) -> None:
         req.note_output(rec.ids, rec.text, rec.count, rec.logprobs)
-        self.d.counters.tokens += rec.count
+        self.life.counters.tokens += rec.count
         if rec.text or rec.ids:
-            self.d.emit(req, P.EV_TOKEN)  # each follower gets what it has not had (``Request.unsent``)
+            self.outbox.emit(req, P.EV_TOKEN)  # each follower gets what it has not had (``Request.unsent``)
 
     def step_tokens(self, w: Worker, rec: M.StepTokens, frames: list) -> None:
         """Several rows' tokens: each as its own ``tokens`` (a malformed row is refused, the others count)."""
@@ -184,20 +196,19 @@ class WorkerOps:
 
     @running
     def quantum_end(self, req: Request, rec: M.QuantumEnd) -> None:
-        if self.d.journal is not None:  # its output so far, committed with this loop turn's others
-            self.d.journal.checkpoint(req)
-        if self.d.sched.quantum_end(req, rec.emitted, rec.prompt_tokens, rec.preemptible, rec.prompt_reused):
-            self.d.to_worker(req.worker, M.Preempt(req.pid))
+        self.life.journal.checkpoint(req)  # its output so far, committed with this loop turn's others
+        if self.sched.quantum_end(req, rec.emitted, rec.prompt_tokens, rec.preemptible, rec.prompt_reused):
+            self.outbox.to_worker(req.worker, M.Preempt(req.pid))
         else:
             self.next_quantum(req)
 
     @running
     def preempted(self, req: Request, rec: M.Preempted) -> None:
-        self.d.sched.preempt(req, rec.tier, rec.bytes, rec.switch_s)
-        self.d.counters.preemptions += 1
+        self.sched.preempt(req, rec.tier, rec.bytes, rec.switch_s)
+        self.life.counters.preemptions += 1
         log.info("event=preempted pid=%s tier=%s bytes=%s", req.pid, req.tier, req.context_bytes)
-        self.d.emit(req, P.EV_PREEMPTED, quantum=req.quanta, tokens=req.generated, context=req.tier)
-        self.d.schedule()
+        self.outbox.emit(req, P.EV_PREEMPTED, quantum=req.quanta, tokens=req.generated, context=req.tier)
+        self.life.settle()
 
     @running
     def context(self, req: Request, rec: M.Context) -> None:
@@ -205,13 +216,13 @@ class WorkerOps:
 
     @running
     def finished(self, req: Request, rec: M.Finished) -> None:
-        self.d.sched.last_quantum(req, rec.prompt_tokens, rec.prompt_reused)
+        self.sched.last_quantum(req, rec.prompt_tokens, rec.prompt_reused)
         if rec.session_kept:
-            self.d.sched.keep_session(req)
+            self.sched.keep_session(req)
         log.info(
             "event=done pid=%s tokens=%s quanta=%s preemptions=%s", req.pid, req.generated, req.quanta, req.preemptions
         )
-        self.d.terminal(
+        self.life.terminal(
             req,
             State.DONE,
             P.EV_DONE,
@@ -228,4 +239,4 @@ class WorkerOps:
 
     @running
     def failed(self, req: Request, rec: M.Failed) -> None:
-        self.d.fail(req, rec.agent_code, rec.message)
+        self.life.fail(req, rec.agent_code, rec.message)

@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-RUNTIME = ("ipc", "contexts", "backends", "scheduler", "console")
+RUNTIME = ("ipc", "contexts", "backends", "http_front", "scheduler", "console")
 PACKAGES = (*RUNTIME, "benchmarks")
 # Which of our packages each package may import: a layered DAG, so no circle is possible.
 MAY_IMPORT = {
     "ipc": set(),
     "contexts": {"ipc"},
     "backends": {"ipc", "contexts"},
-    "scheduler": {"ipc"},
+    "http_front": {"ipc"},  # a client of the agent socket, like any agent
+    "scheduler": {"ipc", "http_front"},  # ``serve --http`` starts the front in the daemon's loop
     "benchmarks": {"ipc", "contexts", "backends", "scheduler"},
     "console": {"ipc", "scheduler", "benchmarks"},
 }
@@ -58,6 +59,72 @@ def test_layers_import_downwards_only():
             if target not in MAY_IMPORT[pkg]:
                 bad.append(f"{rel} imports {target}")
     assert bad == []
+
+
+def module_imports(rel: str, tree: ast.Module, known: set[str]) -> set[str]:
+    """The modules of ours a file imports anywhere in it (TYPE_CHECKING and function bodies too)."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in out if m in known} - {module_name(rel)}
+
+
+def module_name(rel: str) -> str:
+    return rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+
+
+def test_no_file_imports_its_importer():
+    """No circle of files, even through type hints: a size cap is never met by moving code into a
+    file that imports its owner (what a class split by its methods does)."""
+    files = {module_name(rel): (rel, tree) for rel, tree, _ in sources(RUNTIME)}
+    graph = {m: module_imports(rel, tree, set(files)) for m, (rel, tree) in files.items()}
+    circles = [sorted(c) for c in strongly_connected(graph) if len(c) > 1]
+    assert circles == []
+
+
+def strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Tarjan's algorithm, iterative."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[set[str]] = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, edges = work[-1]
+            nxt = next(edges, None)
+            if nxt is not None:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = len(index)
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, iter(sorted(graph[nxt]))))
+                elif nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                comp = set()
+                while True:
+                    m = stack.pop()
+                    on_stack.discard(m)
+                    comp.add(m)
+                    if m == node:
+                        break
+                out.append(comp)
+    return out
 
 
 @pytest.mark.parametrize("limit_kind", ["function", "class"])

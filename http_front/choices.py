@@ -15,17 +15,15 @@ import asyncio
 import json
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
+from http_front.chat_reply import completion
+from http_front.errors import HttpError, error_of
+from http_front.request import done_data, last_event, rejection, sse_id, stream_position
 from ipc import protocol as P
-from ipc.client import ClientError
-from scheduler.http_errors import HttpError, error_of
-from scheduler.http_request import done_data, last_event, rejection, sse_id, stream_position
-
-if TYPE_CHECKING:
-    from scheduler.http_front import HttpFront
+from ipc.client import AsyncClient, ClientError
 
 MAX_N = 8
 
@@ -49,8 +47,10 @@ def choices_of(body: dict[str, Any]) -> int:
 
 
 class Choices:
-    def __init__(self, front: HttpFront, request: web.Request, messages: list, params: dict[str, Any], n: int):
-        self.front, self.request, self.n = front, request, n
+    def __init__(
+        self, client: AsyncClient, model: str, request: web.Request, messages: list, params: dict[str, Any], n: int
+    ):
+        self.client, self.model, self.request, self.n = client, model, request, n
         group = uuid.uuid4().hex
         seed = params.get("seed")
         self.params = [params | {"fork": group, **({"seed": seed + i} if seed is not None else {})} for i in range(n)]
@@ -58,7 +58,7 @@ class Choices:
         self.cids: list[Any] = []
 
     async def respond(self, stream: bool, usage: bool) -> web.StreamResponse:
-        client = self.front.client
+        client = self.client
         try:
             for p in self.params:
                 self.cids.append(await client.submit(self.messages, stream=stream, **p))
@@ -74,7 +74,7 @@ class Choices:
             head = {
                 "id": f"chatcmpl-{firsts[0].data['pid']}-{uuid.uuid4().hex[:12]}",
                 "created": int(time.time()),
-                "model": self.front.models[0],
+                "model": self.model,
             }
             pids = ",".join(str(ev.data["pid"]) for ev in firsts)
             if stream:
@@ -88,7 +88,7 @@ class Choices:
 
     async def _cancel(self) -> None:
         for cid in self.cids:  # those already ended ignore it
-            await self.front.client.cancel(cid)
+            await self.client.cancel(cid)
 
     @staticmethod
     def _usage(dones: list[dict[str, Any]]) -> dict[str, int]:
@@ -104,7 +104,7 @@ class Choices:
         }
 
     def _whole(self, head: dict[str, Any], dones: list[dict[str, Any]]) -> dict[str, Any]:
-        one = [self.front.completion(head, d)["choices"][0] for d in dones]
+        one = [completion(head, d)["choices"][0] for d in dones]
         return {
             **head,
             "object": "chat.completion",

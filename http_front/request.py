@@ -13,9 +13,9 @@ from typing import Any
 
 from aiohttp import web
 
+from http_front.errors import HttpError, error_of
 from ipc import protocol as P
 from ipc.client import Event
-from scheduler.http_errors import HttpError, error_of
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:

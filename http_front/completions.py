@@ -12,17 +12,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
+from http_front.errors import HttpError
+from http_front.request import done_data, json_body, last_event, rejection, served, wants_usage
 from ipc import protocol as P
-from ipc.client import ClientError
-from scheduler.http_errors import HttpError
-from scheduler.http_request import done_data, json_body, last_event, rejection, served, wants_usage
-
-if TYPE_CHECKING:
-    from scheduler.http_front import HttpFront
+from ipc.client import AsyncClient, ClientError
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 PASSED = frozenset(
@@ -72,15 +69,15 @@ def legacy_logprobs(entries: list, offset: int) -> dict[str, Any]:
 
 
 class Completions:
-    def __init__(self, front: HttpFront):
-        self.front = front
+    def __init__(self, client: AsyncClient, models: list[str]):
+        self.client, self.models = client, models
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await json_body(request)
-        prompt, params, echo = completion_fields(body, self.front.models)
+        prompt, params, echo = completion_fields(body, self.models)
         if "identity" in request:
             params["on_behalf_of"] = request["identity"]
-        client, stream = self.front.client, body.get("stream") is True
+        client, stream = self.client, body.get("stream") is True
         try:
             cid = await client.submit(None, stream=stream, prompt=prompt, **params)
             shown = (prompt if isinstance(prompt, str) else await client.detokenize(prompt)) if echo else ""
@@ -97,7 +94,7 @@ class Completions:
                 "id": f"cmpl-{pid}-{uuid.uuid4().hex[:12]}",
                 "object": "text_completion",
                 "created": int(time.time()),
-                "model": self.front.models[0],
+                "model": self.models[0],
             }
             if stream:
                 resp = await self._stream(request, events, head, shown, wants_usage(body))

@@ -7,45 +7,42 @@ beside (``max_model_len``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from ipc.client import ClientError
-from scheduler.http_errors import HttpError
-from scheduler.http_request import json_body, served
-
-if TYPE_CHECKING:
-    from scheduler.http_front import HttpFront
+from http_front.errors import HttpError
+from http_front.request import json_body, served
+from ipc.client import AsyncClient, ClientError
 
 PATHS = ("/tokenize", "/detokenize")
 
 
-async def _body(request: web.Request, front: HttpFront) -> dict[str, Any]:
+async def _body(request: web.Request, models: list[str]) -> dict[str, Any]:
     """A JSON object, naming a model served here if it names one (vLLM's routes take none too)."""
     body = await json_body(request)
     if "model" in body:
-        served(body["model"], front.models)
+        served(body["model"], models)
     return body
 
 
-def add_routes(app: web.Application, front: HttpFront) -> None:
+def add_routes(app: web.Application, client: AsyncClient, models: list[str]) -> None:
     async def tokenize(request: web.Request) -> web.Response:
-        body = await _body(request, front)
+        body = await _body(request, models)
         keys = ("prompt", "messages", "add_special_tokens", "add_generation_prompt")
         fields = {k: body[k] for k in keys if k in body}
         if "messages" in fields and "add_special_tokens" not in fields:
             fields["add_special_tokens"] = False  # vLLM's default for chats: the template holds them
         try:
-            out = await front.client.call("tokenize", **fields)
+            out = await client.call("tokenize", **fields)
         except ClientError as exc:
             raise HttpError.of(exc.code, exc.message) from None
         return web.json_response({**out, "token_strs": None})
 
     async def detokenize(request: web.Request) -> web.Response:
-        body = await _body(request, front)
+        body = await _body(request, models)
         try:
-            text = await front.client.detokenize(body.get("tokens"))
+            text = await client.detokenize(body.get("tokens"))
         except ClientError as exc:
             raise HttpError.of(exc.code, exc.message) from None
         except TypeError:

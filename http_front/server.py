@@ -21,13 +21,12 @@ from typing import Any
 
 from aiohttp import web
 
-from ipc import protocol as P
-from ipc.client import AsyncClient, ClientError, Event
-from scheduler import http_tokens
-from scheduler.http_choices import Choices, choice_index, choices_of
-from scheduler.http_completions import Completions
-from scheduler.http_errors import HttpError, error_of
-from scheduler.http_request import (
+from http_front import tokens as http_tokens
+from http_front.chat_reply import CUT_GRAMMAR, chat_fields, completion, tool_calls
+from http_front.choices import Choices, choice_index, choices_of
+from http_front.completions import Completions
+from http_front.errors import HttpError, error_of
+from http_front.request import (
     done_data,
     json_body,
     last_event,
@@ -37,85 +36,13 @@ from scheduler.http_request import (
     stream_position,
     wants_usage,
 )
+from ipc import protocol as P
+from ipc.client import AsyncClient, ClientError, Event
 
 log = logging.getLogger("quantad")
 
 DEFAULT_AGENT = "http"
 SHUTDOWN_S = 2.0  # after the drain, how long in-flight responses may take to flush
-
-# OpenAI's chat fields (and vLLM's extra ones) the protocol's ``chat`` takes as they are; any other
-# field is refused by name (``unsupported_parameter``), never dropped
-CHAT_FIELDS = frozenset(
-    "temperature top_p seed stop tools tool_choice response_format nice session min_tokens n logprobs top_logprobs"
-    " frequency_penalty presence_penalty logit_bias top_k min_p repetition_penalty parallel_tool_calls".split()
-)
-HTTP_ONLY = frozenset("model messages max_tokens max_completion_tokens stream stream_options user".split())
-CUT_GRAMMAR = "max_tokens cut the output before its grammar was complete: it is not valid JSON"
-
-
-# ---- request translation --------------------------------------------------------------------
-def chat_fields(body: dict[str, Any], models: Iterable[str]) -> tuple[list, dict[str, Any]]:
-    """An OpenAI chat-completions body (a JSON object) -> (messages, chat params).  The daemon checks the values."""
-    model = body.get("model")
-    if not isinstance(model, str):
-        raise HttpError(400, "'model' is required", param="model")
-    served(model, models)
-    unknown = sorted(set(body) - CHAT_FIELDS - HTTP_ONLY)
-    if unknown:
-        raise HttpError(400, f"'{unknown[0]}' is not supported here", code=P.E_UNSUPPORTED, param=unknown[0])
-    if body.get("stream") is not None and not isinstance(body.get("stream"), bool):
-        raise HttpError(400, "'stream' must be a boolean", param="stream")
-    user = body.get("user")
-    params = {
-        "max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
-        "agent": user if user is not None else "",  # none: the program is the conversation (scheduler.programs)
-        **{k: body[k] for k in CHAT_FIELDS if k in body},
-    }
-    return _messages(body.get("messages")), params
-
-
-def _messages(raw: Any) -> list[dict[str, Any]]:
-    """OpenAI message shapes the protocol has no word for: ``developer`` is ``system``; text parts are joined."""
-    if not isinstance(raw, list):
-        raise HttpError(400, "'messages' must be a list of messages", param="messages")
-    out = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict):
-            raise HttpError(400, f"messages[{i}] must be an object", param="messages")
-        m = dict(m)
-        if m.get("role") == "developer":
-            m["role"] = "system"
-        if isinstance(m.get("content"), list):
-            parts = m["content"]
-            if not all(
-                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts
-            ):
-                raise HttpError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-            m["content"] = "\n".join(p["text"] for p in parts)
-        out.append(m)
-    return out
-
-
-def tool_calls(done: dict[str, Any]) -> list[dict[str, Any]]:
-    calls = []
-    for c in done.get("tool_calls") or []:
-        fn = c.get("function") or {}
-        args = fn.get("arguments", "")
-        calls.append(
-            {
-                "id": c.get("id") or f"call_{uuid.uuid4().hex[:24]}",
-                "type": "function",
-                "function": {
-                    "name": fn.get("name", ""),
-                    "arguments": args if isinstance(args, str) else json.dumps(args),
-                },
-            }
-        )
-    return calls
-
-
-def content_of(done: dict[str, Any]) -> str | None:
-    return done.get("content") if done.get("tool_calls") else done.get("text", "")
 
 
 # ---- the server -----------------------------------------------------------------------------
@@ -137,8 +64,8 @@ class HttpFront:
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/quantad/requests/{pid}/stream", self.resume)
-        http_tokens.add_routes(app, self)
-        app.router.add_post("/v1/completions", Completions(self).handle)
+        http_tokens.add_routes(app, self.client, self.models)
+        app.router.add_post("/v1/completions", Completions(self.client, self.models).handle)
         self.runner = web.AppRunner(
             app, handle_signals=False, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_S
         )
@@ -227,7 +154,9 @@ class HttpFront:
         if n > 1:  # n requests of one fork group: the prompt is prefilled once
             if "identity" in request:
                 params["on_behalf_of"] = request["identity"]
-            return await Choices(self, request, messages, params, n).respond(stream, wants_usage(body))
+            return await Choices(self.client, self.models[0], request, messages, params, n).respond(
+                stream, wants_usage(body)
+            )
         try:
             if "identity" in request:  # the daemon takes it from its admin (the front) only
                 params["on_behalf_of"] = request["identity"]
@@ -256,7 +185,7 @@ class HttpFront:
             headers = {"x-quantad-pid": str(pid)}
             if done.get("stats", {}).get("grammar_complete") is False:
                 headers["x-quantad-warning"] = CUT_GRAMMAR
-            return web.json_response(self.completion(meta, done), headers=headers)
+            return web.json_response(completion(meta, done), headers=headers)
         finally:
             if not ended:  # the HTTP client hung up (or we failed): the request must not run on for nobody
                 await self.client.cancel(cid)
@@ -289,31 +218,6 @@ class HttpFront:
             return resp
         finally:
             await events.aclose()
-
-    def completion(self, meta: dict[str, Any], done: dict[str, Any]) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": content_of(done)}
-        calls = tool_calls(done)
-        if calls:
-            message["tool_calls"] = calls
-        return {
-            **meta,
-            "object": "chat.completion",
-            "system_fingerprint": None,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": message,
-                    "finish_reason": done.get("finish_reason"),
-                    "logprobs": None if "logprobs" not in done else {"content": done["logprobs"], "refusal": None},
-                }
-            ],
-            "usage": done.get("usage") or {},
-            "quantad": {
-                "pid": done.get("pid"),
-                "stats": done.get("stats", {}),
-                **({"warning": CUT_GRAMMAR} if done.get("stats", {}).get("grammar_complete") is False else {}),
-            },
-        }
 
     async def _stream(
         self,
