@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 LLAMACPP := $(VENV)/.llamacpp
 
-.PHONY: install demo serve test lint bench clean systemd-analyze llama-server llama-cpp-sdist print-llamacpp-cmake
+.PHONY: install demo serve test check lint bench clean systemd-analyze llama-server llama-cpp-sdist print-llamacpp-cmake
 
 install: $(STAMP)
 
@@ -45,7 +45,7 @@ LLAMACPP_CMAKE := -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON -DG
 # On a machine with CUDA's compiler, `make llama-server LLAMACPP_CUDA=90` (the GPU's compute capability
 # without the dot; remove $(VENV)/.llamacpp first to rebuild) builds llama.cpp's CUDA backend too: the
 # engine offloads with `quantad serve --backend llamacpp --device cuda`, llama-server by itself.  Built
-# so on an H200 (CUDA 13.0, 16 cores: 5 minutes) for the burst run in benchmarks/README.md.
+# so on an H200 (CUDA 13.0, 16 cores: 5 minutes) for the burst run in benchmarks/LOG.md.
 LLAMACPP_CUDA ?=
 LLAMACPP_CMAKE += $(if $(LLAMACPP_CUDA),-DGGML_CUDA=ON -DGGML_CUDA_NCCL=OFF -DCMAKE_CUDA_ARCHITECTURES=$(LLAMACPP_CUDA))
 # pip fetches the sdist by name, so its own index settings (a mirror, a proxy, an offline wheelhouse)
@@ -85,6 +85,14 @@ llama-cpp-sdist:
 
 print-llamacpp-cmake:
 	@echo $(LLAMACPP_CMAKE)
+
+# The edit-test loop (about 2 minutes on 2 cores): ruff, the tests that need no model or build
+# (units, structure, protocol, policies, configuration), and one end-to-end chat on the tiny model.
+CHECK_TESTS := tests/test_structure.py tests/test_units.py tests/test_protocol.py tests/test_policies.py \
+	tests/test_round_robin.py::test_round_robin_alternates_and_short_job_finishes_first
+check: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q $(CHECK_TESTS)
 
 test: install $(LLAMACPP) systemd-analyze
 	$(VENV)/bin/ruff check .

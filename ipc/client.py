@@ -181,7 +181,44 @@ class _Ids:
         return f"{self.prefix}{next(self._n)}"
 
 
-class Client:
+class Ops:
+    """The ops both clients send, built once: each returns ``self.call(...)``, a reply's data from
+    ``Client`` and an awaitable of it from ``AsyncClient`` (``await client.ps()``)."""
+
+    def call(self, op: str, timeout: float | None = 5.0, **fields: Any) -> Any:
+        raise NotImplementedError
+
+    def ping(self, timeout: float | None = 5.0) -> Any:
+        return self.call(P.OP_PING, timeout)
+
+    def wait_ready(self, timeout: float | None = 300.0) -> Any:
+        """Until every worker is up (the daemon answers only then)."""
+        return self.call(P.OP_PING, timeout, wait=True)
+
+    def ps(self) -> Any:
+        return self.call(P.OP_PS)
+
+    def kill(self, pid: int) -> Any:
+        return self.call(P.OP_KILL, pid=pid)
+
+    def nice(self, pid: int, nice: int) -> Any:
+        """Change a live request's nice value (-20..19, lower runs first); the reply is ``{pid, nice, old}``."""
+        return self.call(P.OP_NICE, pid=pid, nice=nice)
+
+    def stats(self) -> Any:
+        """Daemon-wide counters, queue length, tokens/s and listening endpoints (protocol 3.7)."""
+        return self.call(P.OP_STATS)
+
+    def workers(self) -> Any:
+        """Per worker: liveness, heartbeat age, slots, device, model, memory per tier, restarts (3.8)."""
+        return self.call(P.OP_WORKERS)
+
+    def tokenize(self, prompt: str | None = None, messages: Messages | None = None, **fields: Any) -> Any:
+        """``{count, tokens, max_model_len}`` of a text or of a chat as the model's template renders it (3.10)."""
+        return self.call(P.OP_TOKENIZE, **_tokenize_fields(prompt, messages, fields))
+
+
+class Client(Ops):
     """Blocking client.  ``timeout`` (seconds) bounds each wait for the daemon.
 
     With no timeout a wait may last as long as the request does, but never forever: after a
@@ -264,35 +301,6 @@ class Client:
         cid = self.send({"op": op, **fields})
         return reply_data(self.recv(cid, timeout))
 
-    def ping(self, timeout: float | None = 5.0) -> dict[str, Any]:
-        return self.call(P.OP_PING, timeout)
-
-    def wait_ready(self, timeout: float | None = 300.0) -> dict[str, Any]:
-        """Block until every worker is up (the daemon answers only then)."""
-        return self.call(P.OP_PING, timeout, wait=True)
-
-    def ps(self) -> dict[str, Any]:
-        return self.call(P.OP_PS)
-
-    def kill(self, pid: int) -> dict[str, Any]:
-        return self.call(P.OP_KILL, pid=pid)
-
-    def nice(self, pid: int, nice: int) -> dict[str, Any]:
-        """Change a live request's nice value (-20..19, lower runs first); returns ``{pid, nice, old}``."""
-        return self.call(P.OP_NICE, pid=pid, nice=nice)
-
-    def stats(self) -> dict[str, Any]:
-        """Daemon-wide counters, queue length, tokens/s and listening endpoints (protocol 3.7)."""
-        return self.call(P.OP_STATS)
-
-    def workers(self) -> dict[str, Any]:
-        """Per worker: liveness, heartbeat age, slots, device, model, memory per tier, restarts (3.8)."""
-        return self.call(P.OP_WORKERS)
-
-    def tokenize(self, prompt: str | None = None, messages: Messages | None = None, **fields: Any) -> dict[str, Any]:
-        """``{count, tokens, max_model_len}`` of a text or of a chat as the model's template renders it (3.10)."""
-        return self.call(P.OP_TOKENIZE, **_tokenize_fields(prompt, messages, fields))
-
     def detokenize(self, tokens: list[int]) -> str:
         return self.call(P.OP_DETOKENIZE, tokens=list(tokens))["prompt"]
 
@@ -330,7 +338,7 @@ class Client:
         return self.chat(None, prompt=prompt, **params)
 
 
-class AsyncClient:
+class AsyncClient(Ops):
     """asyncio client: one long-lived receive task routes replies to per-request queues.
 
     Waits without a timeout end in ``DaemonGone`` as ``Client``'s do (``dead_after_s``), and open
@@ -433,33 +441,6 @@ class AsyncClient:
             return reply_data(await self._get(q, timeout))
         finally:
             self._queues.pop(msg["id"], None)
-
-    async def ping(self, timeout: float | None = 5.0) -> dict[str, Any]:
-        return await self.call(P.OP_PING, timeout)
-
-    async def wait_ready(self, timeout: float | None = 300.0) -> dict[str, Any]:
-        return await self.call(P.OP_PING, timeout, wait=True)
-
-    async def ps(self) -> dict[str, Any]:
-        return await self.call(P.OP_PS)
-
-    async def kill(self, pid: int) -> dict[str, Any]:
-        return await self.call(P.OP_KILL, pid=pid)
-
-    async def nice(self, pid: int, nice: int) -> dict[str, Any]:
-        """Change a live request's nice value (-20..19, lower runs first); returns ``{pid, nice, old}``."""
-        return await self.call(P.OP_NICE, pid=pid, nice=nice)
-
-    async def stats(self) -> dict[str, Any]:
-        return await self.call(P.OP_STATS)
-
-    async def workers(self) -> dict[str, Any]:
-        return await self.call(P.OP_WORKERS)
-
-    async def tokenize(
-        self, prompt: str | None = None, messages: Messages | None = None, **fields: Any
-    ) -> dict[str, Any]:
-        return await self.call(P.OP_TOKENIZE, **_tokenize_fields(prompt, messages, fields))
 
     async def detokenize(self, tokens: list[int]) -> str:
         return (await self.call(P.OP_DETOKENIZE, tokens=list(tokens)))["prompt"]
