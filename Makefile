@@ -51,9 +51,10 @@ LLAMACPP_CMAKE += $(if $(LLAMACPP_CUDA),-DGGML_CUDA=ON -DGGML_CUDA_NCCL=OFF -DCM
 # pip fetches the sdist by name, so its own index settings (a mirror, a proxy, an offline wheelhouse)
 # apply; --require-hashes checks it against this sha256 (a new pin in constraints.txt needs a new one).
 LLAMA_CPP_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
-SDIST_FETCH = printf 'llama-cpp-python==%s --hash=sha256:%s\n' $(LLAMA_CPP_PYTHON) $(LLAMA_CPP_SHA256) > "$$tmp/sdist.txt" \
-	&& $(1) -m pip download -q --no-deps --no-binary :all: --require-hashes -r "$$tmp/sdist.txt" -d "$$tmp/dl" \
-	&& mv "$$tmp/dl/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz" $(2)
+# (in a recipe under set -e: each step stops it on failure)
+SDIST_FETCH = printf 'llama-cpp-python==%s --hash=sha256:%s\n' $(LLAMA_CPP_PYTHON) $(LLAMA_CPP_SHA256) > "$$tmp/sdist.txt"; \
+	$(1) -m pip download -q --no-deps --no-binary :all: --require-hashes -r "$$tmp/sdist.txt" -d "$$tmp/dl"; \
+	mv "$$tmp/dl/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz" $(2)
 LLAMA_CPP_LIB_DIR = $$($(PY) -c "import importlib.util as u, pathlib as p; print(p.Path(u.find_spec('llama_cpp').origin).parent / 'lib')")
 
 $(LLAMACPP): $(STAMP) constraints.txt
