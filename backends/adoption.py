@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
+from backends.kv_engine import KvEngine, Restored
 from backends.sequence import Sequence
 from contexts import disk
 from ipc import messages as M
-
-if TYPE_CHECKING:
-    from backends.kv_engine import KvEngine
 
 log = logging.getLogger("quantad.worker")
 
@@ -27,25 +24,23 @@ def ident(engine: KvEngine, seq: Sequence) -> str:
     return disk.ids_digest(seq.context_ids, f"{engine.model_name}|{engine.device}")
 
 
-def adopt(engine: KvEngine, run: M.Run) -> Sequence:
+def adopt(engine: KvEngine, run: M.Run) -> tuple[Sequence, Restored | None]:
     """A request whose context a dead worker left on disk: rebuilt from the record, its KV read back.
 
     The file is used only when it was computed from exactly this request's prompt and
-    streamed tokens (and passes ``disk.read``'s checks); otherwise the request recomputes.
+    streamed tokens (and passes ``disk.read``'s checks); otherwise (``None``) the request recomputes.
     """
     t0 = time.perf_counter()
     want = engine.contexts.orphans[run.rid]
     snap = engine.contexts.restore(run.rid)
     seq = engine.build(run)
     fits = want == ident(engine, seq) and snap.tokens == len(seq.context_ids)
+    kv = None
     if snap.layers is None or snap.logits is None or not fits:
         log.info("request %s: the context file left on disk does not match it: recomputing", run.rid)
-        engine.line.add(seq)
     else:
-        seq.logits = snap.logits
-        engine.join(seq, snap.layers)
-        engine.adopted += 1
+        kv = Restored(snap.layers, snap.logits)
         log.info("request %s: adopted its context file (%d tokens)", run.rid, snap.tokens)
     seq.restores += 1
     seq.switch_s += time.perf_counter() - t0
-    return seq
+    return seq, kv

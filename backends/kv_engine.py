@@ -6,7 +6,7 @@ no file imports the file that imports it, and what a helper may touch is written
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import zmq
@@ -17,6 +17,14 @@ from backends.sequence import Sequence
 from contexts.manager import ContextManager
 from ipc import messages as M
 from ipc.worker_spec import WorkerSpec
+
+
+class Restored(NamedTuple):
+    """A row's KV and last logits, found somewhere (a snapshot, an adopted file, a migration): it joins the
+    batch as it is.  A source that found none answers ``None``: the row goes to the prefill line."""
+
+    layers: State
+    logits: torch.Tensor
 
 
 class Line(Protocol):
@@ -37,11 +45,8 @@ class KvEngine(Protocol):
     line: Line
     model_name: str
     device: Any
-    adopted: int
 
     def build(self, run: M.Run) -> Sequence: ...
-
-    def admit(self, run: M.Run, reuse: bool = True) -> Sequence: ...
 
     def fail(self, seq: Sequence, exc: Exception) -> None: ...
 
@@ -64,4 +69,4 @@ class KvEngine(Protocol):
 
     def kv_length(self, state: State) -> int: ...
 
-    def join(self, seq: Sequence, state: State) -> None: ...
+    def join(self, seq: Sequence, state: State) -> None: ...  # (not called by the helpers: ``LocalEngine.place``)

@@ -42,6 +42,8 @@ from backends.decode import greedy_rows, next_token, quantum_ends, token_logprob
 from backends.detok import TextStream
 from backends.engine import Engine, Send
 from backends.hooks import ModelHooks, State
+from backends.kv_engine import Restored
+from backends.kv_sources import KvSources
 from backends.migration import Migration
 from backends.outbox import Outbox
 from backends.prefill import PrefillLine
@@ -77,9 +79,9 @@ class LocalEngine(Engine, ModelHooks):
         )
         self.migration = Migration(self)
         self.sessions = Sessions(self)
+        self.sources = KvSources(self, self.migration, self.sessions)
         self.prefill_tokens = 0  # every token through the model: tests prove a resume recomputed nothing
         self.decode_tokens = 0
-        self.adopted = 0  # requests resumed from a context file a dead worker left
         self.beats = 0  # heartbeats sent: a test waits for one sent after a moment it knows
         self._structurer: Structurer | None = None
         self._step_logits: torch.Tensor | None = None  # the last decode step's [B, vocab] output
@@ -104,14 +106,8 @@ class LocalEngine(Engine, ModelHooks):
             log.error("run for request %s, which is already running: ignored", rid)
             return
         try:
-            if rid in self.contexts.orphans:
-                seq = adoption.adopt(self, run)
-            elif rid in self.contexts:
-                seq = self._resume(rid)
-            elif run.migrate is not None:
-                seq = self.migration.bring_in(run, frames)
-            else:
-                seq = self.admit(run)
+            seq, kv = self.sources.find(run, frames)
+            self.place(seq, kv)
         except P.ProtocolError as exc:  # the request itself is wrong (a prompt too long for the context)
             self.contexts.discard(rid)
             self.send(M.Failed(rid=rid, code=exc.code, message=exc.message))
@@ -178,7 +174,7 @@ class LocalEngine(Engine, ModelHooks):
             "prefill_tokens": self.prefill_tokens,
             "prefill_steps": self.line.steps,
             "decode_tokens": self.decode_tokens,
-            "adopted_contexts": self.adopted,
+            "adopted_contexts": self.sources.adopted,
             **self.line.prefixes.stats(),
             "rss_bytes": psutil.Process().memory_info().rss,
             "host_available_bytes": psutil.virtual_memory().available,
@@ -220,13 +216,15 @@ class LocalEngine(Engine, ModelHooks):
             self._structurer = Structurer(self.tokenizer)
         return self._structurer
 
-    def admit(self, run: M.Run, reuse: bool = True) -> Sequence:
-        """A request built from the daemon's record, queued to prefill its prompt and replay what was streamed."""
-        seq = self.build(run)
-        if seq.session and reuse and not run.resume_ids:
-            self.sessions.reuse(seq)
-        self.line.add(seq)
-        return seq
+    def place(self, seq: Sequence, kv: Restored | None) -> None:
+        """A row with its KV joins the batch; one without goes to the prefill line (which may share a prefix)."""
+        if kv is None:
+            self.line.add(seq)
+            return
+        t0 = time.perf_counter()
+        seq.logits = kv.logits
+        self.join(seq, kv.layers)  # part of the switch: a kept state goes back into the engine's cache
+        seq.switch_s += time.perf_counter() - t0
 
     def build(self, run: M.Run) -> Sequence:
         """A request built from the daemon's record: its prompt, and the tokens already streamed replayed."""
@@ -265,20 +263,6 @@ class LocalEngine(Engine, ModelHooks):
 
     def _piece(self, token: int) -> str:
         return self.tokenizer.decode([token])
-
-    def _resume(self, rid: int) -> Sequence:
-        t0 = time.perf_counter()
-        snap = self.contexts.restore(rid)
-        seq: Sequence = snap.meta
-        if snap.layers is None:  # recompute tier: feed prompt + generated again
-            seq.partial, seq.logits, seq.prefilled = None, None, 0
-            self.line.add(seq)
-        else:
-            seq.logits = snap.logits
-            self.join(seq, snap.layers)
-        seq.restores += 1
-        seq.switch_s += time.perf_counter() - t0
-        return seq
 
     def _release(self, seq: Sequence, keep: bool = True) -> State | None:
         """Take a slot's sequence out of the batch or the prefill line; return its state if asked."""

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
+from backends.kv_engine import KvEngine, Restored
 from backends.peer import PeerLink, inbox_endpoint
 from backends.sequence import Sequence
 from contexts.wire import from_frames, to_frames
 from ipc import messages as M
 from ipc import protocol as P
-
-if TYPE_CHECKING:
-    from backends.kv_engine import KvEngine
 
 log = logging.getLogger("quantad.worker")
 PEER_WAIT_S = 10.0  # how long a migrated request's ``run`` waits for its context's frames (then: recompute)
@@ -62,23 +59,18 @@ class Migration:
         )
         engine.send(M.Exported(rid=rid, migrate=carried.encode(), tensors=specs), frames)
 
-    def bring_in(self, run: M.Run, frames: list) -> Sequence:
+    def bring_in(self, run: M.Run, frames: list) -> tuple[Sequence, Restored | None]:
         """Continue a context that another worker exported: no recomputation when its KV came along."""
-        engine, carried = self.engine, M.Carried.of(run.migrate)
-        seq = engine.admit(run, reuse=False)  # renders the prompt, replays the detokenizer
+        carried = M.Carried.of(run.migrate)
+        seq = self.engine.build(run)  # renders the prompt, replays the detokenizer
         seq.prefill_computed, seq.decode_computed = carried.prefill_computed, carried.decode_computed
         seq.restores, seq.reused, seq.switch_s = carried.restores, carried.reused, carried.switch_s
-        try:
-            self._load(seq, carried, run.tensors, frames)
-        except Exception:
-            if seq in engine.line:  # not left behind in the prefill line of a request that failed
-                engine.line.remove(seq)
-            raise
+        kv = self._load(seq, carried, run.tensors, frames)
         seq.restores += 1
-        return seq
+        return seq, kv
 
-    def _load(self, seq: Sequence, carried: M.Carried, specs: list, frames: list) -> None:
-        """The context's KV and logits from the frames (relayed, or pushed to the inbox): the row joins the batch."""
+    def _load(self, seq: Sequence, carried: M.Carried, specs: list, frames: list) -> Restored | None:
+        """The context's KV and logits from the frames (relayed, or pushed to the inbox); None: rebuild it."""
         engine, rid, n = self.engine, seq.rid, carried.layers
         t0 = time.perf_counter()
         if n and carried.direct:
@@ -93,7 +85,6 @@ class Migration:
             layers = [(tensors[2 * i], tensors[2 * i + 1]) for i in range(n)] if len(tensors) == 2 * n + 1 else []
             if not layers or engine.kv_length(layers) != len(seq.context_ids):
                 raise P.ProtocolError(P.E_BAD_FIELD, "migrated context does not match the request's tokens")
-            engine.line.remove(seq)
-            seq.logits = tensors[-1]
-            engine.join(seq, layers)
             seq.switch_s += time.perf_counter() - t0
+            return Restored(layers, tensors[-1])
+        return None
