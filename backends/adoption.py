@@ -41,6 +41,5 @@ def adopt(engine: KvEngine, run: M.Run) -> tuple[Sequence, Restored | None]:
     else:
         kv = Restored(snap.layers, snap.logits)
         log.info("request %s: adopted its context file (%d tokens)", run.rid, snap.tokens)
-    seq.restores += 1
-    seq.switch_s += time.perf_counter() - t0
+    seq.switched(time.perf_counter() - t0, restored=True)
     return seq, kv

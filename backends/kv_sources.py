@@ -45,9 +45,8 @@ class KvSources:
         seq: Sequence = snap.meta
         kv = None
         if snap.layers is None:  # recompute tier: feed prompt + generated again
-            seq.partial, seq.logits, seq.prefilled = None, None, 0
+            seq.from_scratch()
         else:
             kv = Restored(snap.layers, snap.logits)
-        seq.restores += 1
-        seq.switch_s += time.perf_counter() - t0
+        seq.switched(time.perf_counter() - t0, restored=True)
         return seq, kv

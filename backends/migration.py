@@ -47,7 +47,7 @@ class Migration:
         direct = bool(frames) and exp.peer is not None and self.peers.push(exp.peer, rid, specs, frames)
         if direct:
             frames = []  # the frames went straight to the importer's inbox
-        seq.switch_s += time.perf_counter() - t0
+        seq.switched(time.perf_counter() - t0)
         carried = M.Carried(
             prefill_computed=seq.prefill_computed,
             decode_computed=seq.decode_computed,
@@ -63,10 +63,9 @@ class Migration:
         """Continue a context that another worker exported: no recomputation when its KV came along."""
         carried = M.Carried.of(run.migrate)
         seq = self.engine.build(run)  # renders the prompt, replays the detokenizer
-        seq.prefill_computed, seq.decode_computed = carried.prefill_computed, carried.decode_computed
-        seq.restores, seq.reused, seq.switch_s = carried.restores, carried.reused, carried.switch_s
+        seq.carried_over(carried)
         kv = self._load(seq, carried, run.tensors, frames)
-        seq.restores += 1
+        seq.switched(0.0, restored=True)
         return seq, kv
 
     def _load(self, seq: Sequence, carried: M.Carried, specs: list, frames: list) -> Restored | None:
@@ -85,6 +84,6 @@ class Migration:
             layers = [(tensors[2 * i], tensors[2 * i + 1]) for i in range(n)] if len(tensors) == 2 * n + 1 else []
             if not layers or engine.kv_length(layers) != len(seq.context_ids):
                 raise P.ProtocolError(P.E_BAD_FIELD, "migrated context does not match the request's tokens")
-            seq.switch_s += time.perf_counter() - t0
+            seq.switched(time.perf_counter() - t0)
             return Restored(layers, tensors[-1])
         return None

@@ -67,8 +67,8 @@ class PrefillLine:
             self._join_copy(seq, entry.state, entry.logits)
             return True
         common = min(common, len(ids) - 1)  # at least one token is fed, for fresh logits
-        seq.partial = engine.crop(engine.fork(entry.state), common)
-        seq.prefilled = seq.reused = common  # (a row preempted mid-prefill comes back fresh: counted once)
+        seq.head_start(engine.crop(engine.fork(entry.state), common), common)  # (a row preempted mid-prefill
+        # comes back fresh: counted once)
         prefixes.tokens_reused += common
         return False
 

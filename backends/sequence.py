@@ -64,6 +64,25 @@ class Sequence:
     def under_min(self) -> bool:
         return len(self.generated) < self.min_tokens
 
+    # ---- what the engine's helpers may change (the engine and its prefill line write fields) ----
+    def switched(self, seconds: float, restored: bool = False) -> None:
+        """Time spent taking its context out or putting it back; ``restored``: one more comeback."""
+        self.switch_s += seconds
+        self.restores += restored
+
+    def head_start(self, partial: Any, tokens: int) -> None:
+        """Prefill from a kept state that already holds the first ``tokens`` of its context."""
+        self.partial, self.prefilled, self.reused = partial, tokens, tokens
+
+    def from_scratch(self) -> None:
+        """Its KV is gone (the recompute tier): prompt and generated tokens are fed again."""
+        self.partial, self.logits, self.prefilled = None, None, 0
+
+    def carried_over(self, carried: M.Carried) -> None:
+        """The counts it had on the worker it migrated from."""
+        self.prefill_computed, self.decode_computed = carried.prefill_computed, carried.decode_computed
+        self.restores, self.reused, self.switch_s = carried.restores, carried.reused, carried.switch_s
+
     def advance(self, token: int, eos_ids: set[int]) -> tuple[str, str | None]:
         """Take the chosen token: the text now safe to stream, and why the request ends here (None: it goes on)."""
         self.generated.append(token)

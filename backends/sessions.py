@@ -42,8 +42,7 @@ class Sessions:
             if snap.resident:  # llama.cpp's cells are not garbage collected
                 snap.layers.free()
             return
-        seq.partial = self.engine.crop(snap.layers, common)
-        seq.prefilled = seq.reused = common
+        seq.head_start(self.engine.crop(snap.layers, common), common)
 
     def keep(self, seq: Sequence, state: Any) -> bool:
         """Keep a finished request's KV under its session, within the tier budgets (LRU)."""

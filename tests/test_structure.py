@@ -167,6 +167,42 @@ def test_requests_change_only_through_the_scheduler():
     assert writes == []
 
 
+SEQUENCE_NAMES = {"seq", "row", "s", "leader"}  # what the engines call a Sequence
+SEQUENCE_OWNERS = {  # the engines that run rows, and the prefill line that feeds them
+    "backends/sequence.py",
+    "backends/local.py",
+    "backends/prefill.py",
+    "backends/hf_engine.py",
+    "backends/llamacpp_engine.py",
+}
+
+
+def test_sequences_change_only_in_the_engine():
+    """As for requests: a row's fields are written by the engine and its prefill line; helpers (adoption,
+    migration, sessions, the KV sources) go through ``Sequence``'s methods."""
+    fields = sequence_fields()
+    writes = []
+    for rel, tree, _ in sources(("backends",)):
+        if rel in SEQUENCE_OWNERS:
+            continue
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            if isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+                targets = [node.target]
+            for t in targets:
+                for el in t.elts if isinstance(t, ast.Tuple) else [t]:
+                    if isinstance(el, ast.Attribute) and isinstance(el.value, ast.Name) and el.attr in fields:
+                        if el.value.id in SEQUENCE_NAMES:
+                            writes.append(f"{rel}:{el.lineno} {el.value.id}.{el.attr}")
+    assert writes == []
+
+
+def sequence_fields() -> set[str]:
+    tree = ast.parse((REPO / "backends/sequence.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Sequence")
+    return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+
+
 def test_wire_fields_are_read_in_ipc_only():
     """Messages are decoded into typed records once, in ``ipc``; handlers elsewhere read records."""
     lookups = [
