@@ -224,7 +224,7 @@ class LocalEngine(Engine, ModelHooks):
         t0 = time.perf_counter()
         seq.logits = kv.logits
         self.join(seq, kv.layers)  # part of the switch: a kept state goes back into the engine's cache
-        seq.switch_s += time.perf_counter() - t0
+        seq.switched(time.perf_counter() - t0)
 
     def build(self, run: M.Run) -> Sequence:
         """A request built from the daemon's record: its prompt, and the tokens already streamed replayed."""

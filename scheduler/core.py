@@ -241,10 +241,14 @@ class Scheduler:
             w.sessions.discard(req.session)
         self.workers[req.worker].sessions.add(req.session)
 
+    def live(self) -> list[Request]:
+        """The requests not ended yet, queued or running."""
+        return [r for r in self.table.values() if not r.finished]
+
     def set_policy(self, policy: Policy) -> list[Request]:
         """Switch policies live; returns the running requests, which take the new policy's quantum now."""
         self.policy = policy
-        live = [r for r in self.table.values() if not r.finished]
+        live = self.live()
         for req in live:  # the new policy starts from what is live now
             policy.admit(req)
         return [r for r in live if r.state is State.RUNNING and r.worker is not None and r.migrate_from is None]

@@ -216,13 +216,13 @@ class Daemon:
 
     # ---- worker side --------------------------------------------------------------------
     def settle(self) -> None:
-        """After any change: place what can run (draining: answer the queue), and end a drain with nothing left."""
+        """After any change: place what can run; draining, answer the queue instead (``flush_queue`` then
+        ends the drain when nothing is left)."""
         if self.phase.stopping.is_set():
             self.drain.flush_queue()
-        else:
-            for req in self.sched.schedule():
-                self.worker_ops.start(req)
-        self.drain.check()
+            return
+        for req in self.sched.schedule():
+            self.worker_ops.start(req)
 
     async def _worker_loop(self) -> None:
         while True:

@@ -51,7 +51,7 @@ class Drain:
         life, t0 = self.life, time.monotonic()
         grace, durable = self.cfg.grace_s, life.journal.durable
         sd_notify.notify("STOPPING=1", self.views.status_line("stopping"))
-        live = life.live()
+        live = self.sched.live()
         running = sum(r.state is State.RUNNING for r in live)
         log.info("event=draining grace_s=%s running=%s queued=%s", grace, running, len(self.sched.ready))
         leaving = self.cfg.on_stop == "handover" and durable
@@ -65,7 +65,7 @@ class Drain:
                 await asyncio.wait_for(self.phase.drained.wait(), max(0.0, grace - reserve - (time.monotonic() - t0)))
             except TimeoutError:
                 pass
-        for req in life.live():
+        for req in self.sched.live():
             log.info("event=drain_cut_request pid=%s tokens=%s", req.pid, req.generated)
             if durable:
                 life.hand_over(req, HANDED_OVER)
@@ -81,7 +81,7 @@ class Drain:
         return rc
 
     def _hand_over_all(self) -> None:
-        for req in sorted(self.life.live(), key=lambda r: r.pid):
+        for req in sorted(self.sched.live(), key=lambda r: r.pid):
             log.info("event=handover pid=%s tokens=%s", req.pid, req.generated)
             self.life.hand_over(req, HANDED_OVER)
 
@@ -101,5 +101,5 @@ class Drain:
 
     def check(self) -> None:
         """Draining and no request left: the drain is over."""
-        if self.phase.stopping.is_set() and not self.life.live():
+        if self.phase.stopping.is_set() and not self.sched.live():
             self.phase.drained.set()

@@ -128,7 +128,3 @@ class Lifecycle:
     def _stop_on_worker(self, req: Request) -> None:
         if req.worker is not None:
             self.outbox.to_worker(req.worker, M.Cancel(req.pid))
-
-    # ---- lookups ----------------------------------------------------------------------------
-    def live(self) -> list[Request]:
-        return [r for r in self.sched.table.values() if not r.finished]

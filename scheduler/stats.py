@@ -41,7 +41,7 @@ class Views:
 
     def status_line(self, phase_name: str | None = None) -> str:
         """systemd's ``STATUS=`` line: what runs, what waits, how many workers are up."""
-        live = [r for r in self.sched.table.values() if not r.finished]
+        live = self.sched.live()
         running = sum(r.state is State.RUNNING for r in live)
         alive = sum(w.alive for w in self.sched.workers.values())
         return (
@@ -56,7 +56,7 @@ class Views:
     def ps(self, visible: Callable[[Request], bool] = lambda r: True) -> dict[str, Any]:
         """The ``ps`` reply: every live request the caller may see, with the policy's view of it, and the workers."""
         policy = self.sched.policy
-        rows = [r.row() | policy.info(r) for r in self.sched.table.values() if not r.finished and visible(r)]
+        rows = [r.row() | policy.info(r) for r in self.sched.live() if visible(r)]
         workers = [
             {"name": w.name, "alive": w.alive, "slots": w.slots, "running": sorted(w.running), **w.info()}
             for w in self.sched.workers.values()
@@ -65,7 +65,7 @@ class Views:
 
     def stats(self) -> dict[str, Any]:
         """The ``stats`` reply: daemon-wide counts (also what the metrics and ``quantad top`` read)."""
-        live = [r for r in self.sched.table.values() if not r.finished]
+        live = self.sched.live()
         by_state = {State.READY.value: 0, State.RUNNING.value: 0}
         for r in live:
             by_state[r.state.value] = by_state.get(r.state.value, 0) + 1

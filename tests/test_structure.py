@@ -144,26 +144,33 @@ def test_daemon_only_dispatches():
     assert len((REPO / "scheduler/daemon.py").read_text().splitlines()) < MAX_DAEMON_LINES
 
 
+def attribute_writes(tree: ast.Module, names: set[str], attrs: set[str] | None = None) -> list[tuple[int, str]]:
+    """``NAME.attr = ...`` (plain, augmented, annotated, in a tuple) and ``setattr(NAME, ...)`` in a file:
+    (line, what) for each, where NAME is one of ``names`` (and attr one of ``attrs``, when given)."""
+    out = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        for t in targets:
+            for el in t.elts if isinstance(t, ast.Tuple) else [t]:
+                if isinstance(el, ast.Attribute) and isinstance(el.value, ast.Name) and el.value.id in names:
+                    if attrs is None or el.attr in attrs:
+                        out.append((el.lineno, f"{el.value.id}.{el.attr}"))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr" and node.args:
+            if getattr(node.args[0], "id", None) in names:
+                out.append((node.lineno, "setattr"))
+    return out
+
+
 def test_requests_change_only_through_the_scheduler():
     """As in nano-vllm: every change of a request's state goes through the scheduler core or the request."""
-    writes = []
-    for rel, tree, _ in sources(RUNTIME):
-        if rel in REQUEST_OWNERS:
-            continue
-        for node in ast.walk(tree):
-            targets = []
-            if isinstance(node, ast.Assign):
-                targets = node.targets
-            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
-                targets = [node.target]
-            for t in targets:
-                for el in t.elts if isinstance(t, ast.Tuple) else [t]:
-                    if isinstance(el, ast.Attribute) and isinstance(el.value, ast.Name):
-                        if el.value.id in REQUEST_NAMES:
-                            writes.append(f"{rel}:{el.lineno} {el.value.id}.{el.attr}")
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr" and node.args:
-                if getattr(node.args[0], "id", None) in REQUEST_NAMES:
-                    writes.append(f"{rel}:{node.lineno} setattr")
+    writes = [
+        f"{rel}:{line} {what}"
+        for rel, tree, _ in sources(RUNTIME)
+        if rel not in REQUEST_OWNERS
+        for line, what in attribute_writes(tree, REQUEST_NAMES)
+    ]
     assert writes == []
 
 
@@ -181,19 +188,12 @@ def test_sequences_change_only_in_the_engine():
     """As for requests: a row's fields are written by the engine and its prefill line; helpers (adoption,
     migration, sessions, the KV sources) go through ``Sequence``'s methods."""
     fields = sequence_fields()
-    writes = []
-    for rel, tree, _ in sources(("backends",)):
-        if rel in SEQUENCE_OWNERS:
-            continue
-        for node in ast.walk(tree):
-            targets = node.targets if isinstance(node, ast.Assign) else []
-            if isinstance(node, (ast.AugAssign, ast.AnnAssign)):
-                targets = [node.target]
-            for t in targets:
-                for el in t.elts if isinstance(t, ast.Tuple) else [t]:
-                    if isinstance(el, ast.Attribute) and isinstance(el.value, ast.Name) and el.attr in fields:
-                        if el.value.id in SEQUENCE_NAMES:
-                            writes.append(f"{rel}:{el.lineno} {el.value.id}.{el.attr}")
+    writes = [
+        f"{rel}:{line} {what}"
+        for rel, tree, _ in sources(("backends",))
+        if rel not in SEQUENCE_OWNERS
+        for line, what in attribute_writes(tree, SEQUENCE_NAMES, fields)
+    ]
     assert writes == []
 
 
