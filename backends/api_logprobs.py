@@ -10,14 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from ipc.chat_params import ChatParams
+
 TOP_LOGPROBS_MAX = 20
 
 
-def request_fields(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+def request_fields(kind: str, params: ChatParams | dict[str, Any]) -> dict[str, Any]:
     """The client arguments that ask ``kind``'s endpoint for logprobs (none when not asked for)."""
-    if not params.get("logprobs"):
+    params = ChatParams.of(params)
+    if not params.logprobs:
         return {}
-    k = min(int(params.get("top_logprobs") or 0), TOP_LOGPROBS_MAX)
+    k = min(params.top_logprobs, TOP_LOGPROBS_MAX)
     if kind == "completions":
         return {"logprobs": max(k, 1)}  # the legacy field is the top-k size; 0 is not accepted everywhere
     return {"logprobs": True, "top_logprobs": k}

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.api_logprobs import request_fields
+from ipc.chat_params import ChatParams
 
 PREFIX = "prefix"
 COMPLETIONS = "completions"
@@ -46,7 +47,7 @@ class TextContext:
     """A request's text snapshot: enough to continue it on any worker of the same endpoint."""
 
     rid: int
-    params: dict[str, Any]
+    params: ChatParams  # a map is read into the record
     text: str = ""  # everything generated and read so far (released + held back)
     released: int = 0  # characters of ``text`` already sent to the daemon
     generated: int = 0  # completion tokens counted so far, over all attempts
@@ -58,9 +59,12 @@ class TextContext:
     resume_wait_s: float = 0.0  # time to the first new text of resumed attempts
     replay: str = ""  # text to regenerate and check before anything new is shown (method none)
 
+    def __post_init__(self) -> None:
+        self.params = ChatParams.of(self.params)
+
     @property
     def max_tokens(self) -> int:
-        return int(self.params.get("max_tokens") or 256)
+        return self.params.max_tokens
 
     @property
     def remaining(self) -> int:
@@ -69,7 +73,7 @@ class TextContext:
     @property
     def completion(self) -> bool:
         """A plain completion (``prompt``), not a chat: it goes on by appending its text to the prompt."""
-        return "prompt" in self.params
+        return self.params.prompt is not None
 
     @property
     def nbytes(self) -> int:
@@ -84,12 +88,12 @@ class TextContext:
         partial one.  ``completions`` cannot carry tools at all.
         """
         if self.completion:  # any /v1/completions endpoint continues prompt + text; token ids need no text yet
-            return isinstance(self.params["prompt"], str)
+            return isinstance(self.params.prompt, str)
         if method == NONE or self.tool_calls:
             return False
-        if (self.params.get("response_format") or {}).get("type") in JSON_FORMATS:
+        if (self.params.response_format or {}).get("type") in JSON_FORMATS:
             return False
-        return method == PREFIX or not (self.params.get("tools") or self.params.get("tool_choice"))
+        return method == PREFIX or not (self.params.tools or self.params.tool_choice)
 
     # ---- streamed text ------------------------------------------------------------------
     def add_text(self, delta: str) -> str:
@@ -206,27 +210,28 @@ def request_for(ctx: TextContext, model: str, method: str | None, template: Loca
     kw: dict[str, Any] = {
         "model": model,
         "max_tokens": ctx.remaining if method else ctx.max_tokens,
-        "temperature": p.get("temperature", 0.0),
-        "top_p": p.get("top_p", 1.0),
+        "temperature": p.temperature,
+        "top_p": p.top_p,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    if p.get("seed") is not None:
-        kw["seed"] = p["seed"]
-    if p.get("stop"):
-        kw["stop"] = list(p["stop"])
-    kw |= {k: p[k] for k in OPENAI_CONTROLS if p.get(k)}
-    extra = {k: p[k] for k in EXTRA_CONTROLS if k in p}
+    if p.seed is not None:
+        kw["seed"] = p.seed
+    if p.stop:
+        kw["stop"] = list(p.stop)
+    wire = p.wire()  # the controls by their OpenAI names, as the daemon kept them (neutral ones left out)
+    kw |= {k: wire[k] for k in OPENAI_CONTROLS if wire.get(k)}
+    extra = {k: wire[k] for k in EXTRA_CONTROLS if k in wire}
     if ctx.completion:
-        prompt = p["prompt"] + ctx.text if method and ctx.text else p["prompt"]
+        prompt = p.prompt + ctx.text if method and ctx.text else p.prompt
         return "completions", kw | {"prompt": prompt} | request_fields("completions", p) | _extra(extra)
     if method == COMPLETIONS:
         if template is None:
             raise ValueError("the completions method needs --tokenizer")
         legacy = request_fields("completions", p)
-        return "completions", kw | {"prompt": template.render(p["messages"]) + ctx.text} | legacy | _extra(extra)
-    messages = list(p["messages"])
-    kw |= {k: p[k] for k in CHAT_ONLY if p.get(k) is not None} | request_fields("chat", p)
+        return "completions", kw | {"prompt": template.render(p.messages) + ctx.text} | legacy | _extra(extra)
+    messages = list(p.messages)
+    kw |= {k: wire[k] for k in CHAT_ONLY if wire.get(k) is not None} | request_fields("chat", p)
     if method == PREFIX:
         messages.append({"role": "assistant", "content": ctx.text})
         extra |= {"continue_final_message": True, "add_generation_prompt": False}

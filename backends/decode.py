@@ -29,7 +29,7 @@ def greedy_rows(out: torch.Tensor | None, seqs: list[Sequence]) -> dict[int, int
     rows = {}
     for seq in seqs:
         lg = seq.logits
-        if seq.constraint is None and seq.params["temperature"] <= 0.0 and lg is not None and not shaped(seq.params):
+        if seq.constraint is None and seq.params.temperature <= 0.0 and lg is not None and not shaped(seq.params):
             if lg.untyped_storage().data_ptr() == base:
                 rows[seq.rid] = (lg.storage_offset() - out.storage_offset()) // out.stride(0)
     if not rows:
@@ -48,7 +48,7 @@ def next_token(
     p = seq.params
     if greedy is not None and not (seq.under_min and greedy in eos_ids):
         return greedy
-    if greedy is None and seq.constraint is None and p["temperature"] <= 0.0 and not shaped(p):
+    if greedy is None and seq.constraint is None and p.temperature <= 0.0 and not shaped(p):
         greedy = int(torch.argmax(seq.logits))  # a row whose logits came from elsewhere (prefill, restore)
         if not (seq.under_min and greedy in eos_ids):
             return greedy  # (under ``min_tokens``, EOS masked only when it is the choice: one copy spared a step)
@@ -56,8 +56,7 @@ def next_token(
     logits = logits if seq.constraint is None else seq.constraint.apply(logits)
     if seq.constraint is None and seq.under_min:
         logits = without_eos(logits)
-    top_k, min_p = int(p.get("top_k", 0)), float(p.get("min_p", 0.0))
-    return choose(logits, p["temperature"], p["top_p"], seq.seed, len(seq.generated), top_k, min_p)
+    return choose(logits, p.temperature, p.top_p, seq.seed, len(seq.generated), p.top_k, p.min_p)
 
 
 def quantum_ends(rows: list[Sequence]) -> list[Sequence]:

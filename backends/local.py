@@ -229,13 +229,13 @@ class LocalEngine(Engine, ModelHooks):
     def build(self, run: M.Run) -> Sequence:
         """A request built from the daemon's record: its prompt, and the tokens already streamed replayed."""
         params, resume = run.params, run.resume_ids
-        structured = params.get("tools") or params.get("response_format")
-        if "prompt" in params:  # a completion: the text as it is, no chat template
-            prompt_ids = encode_prompt(self.tokenizer, params["prompt"])
+        structured = params.structured
+        if params.prompt is not None:  # a completion: the text as it is, no chat template
+            prompt_ids = encode_prompt(self.tokenizer, params.prompt)
         elif structured:
             prompt_ids = self.render(*self.structurer.messages(params))
         else:
-            prompt_ids = self.render([as_text_message(m) for m in params["messages"]], None)
+            prompt_ids = self.render([as_text_message(m) for m in params.messages], None)
         if self.max_context is not None and len(prompt_ids) >= self.max_context:
             raise P.ProtocolError(
                 P.E_CONTEXT_LENGTH,
@@ -247,7 +247,7 @@ class LocalEngine(Engine, ModelHooks):
             owner=run.owner,
             prompt_ids=prompt_ids,
             limit=self.max_context or 0,
-            stream=TextStream(self.tokenizer, params.get("stop") or []),
+            stream=TextStream(self.tokenizer, params.stop),
             replay=list(resume),
             constraint=self.structurer.constraint(params, resume) if structured else None,
         )
@@ -259,7 +259,7 @@ class LocalEngine(Engine, ModelHooks):
 
     def logprobs(self, seq: Sequence, token: int) -> dict:
         """The chosen token's logprob entry (and its ``top_logprobs``), from the logits it was chosen from."""
-        return token_logprobs(seq.logits, token, int(seq.params.get("top_logprobs", 0)), self._piece)
+        return token_logprobs(seq.logits, token, seq.params.top_logprobs, self._piece)
 
     def _piece(self, token: int) -> str:
         return self.tokenizer.decode([token])
@@ -299,7 +299,7 @@ class LocalEngine(Engine, ModelHooks):
         for seq in list(self.rows()):
             token = next_token(seq, greedy.get(seq.rid), self.eos_ids, self.without_eos)
             delta, reason = seq.advance(token, self.eos_ids)
-            lp = [self.logprobs(seq, token)] if seq.params.get("logprobs") else []
+            lp = [self.logprobs(seq, token)] if seq.params.logprobs else []
             self.outbox.tokens(seq.rid, token, delta, lp, first=len(seq.generated) == 1)
             if reason is None:
                 going[seq.rid] = token

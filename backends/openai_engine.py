@@ -166,7 +166,7 @@ class ApiEngine(Engine):
         )
 
     def run(self, run: M.Run, frames: list) -> None:
-        if "prompt" in run.params and run.params.get("response_format"):  # /v1/completions has no such field
+        if run.params.prompt is not None and run.params.response_format:  # /v1/completions has no such field
             why = "'response_format' with 'prompt' is not supported by API workers (use messages)"
             self.send(M.Failed(run.rid, P.E_UNSUPPORTED, why))
             return
@@ -376,8 +376,8 @@ class Streams:
 
     async def _stream(self, slot: Slot, kind: str, kw: dict, attempt: Attempt, resumed: bool) -> None:
         ctx = slot.ctx
-        stops = list(ctx.params.get("stop") or [])
-        top_k = int(ctx.params.get("top_logprobs") or 0) if ctx.params.get("logprobs") else None
+        stops = list(ctx.params.stop)
+        top_k = ctx.params.top_logprobs if ctx.params.logprobs else None
         finish_reason, usage, t0 = None, None, time.perf_counter()
         async with await self.api.open(kind, kw) as stream:
             async for chunk in stream:
@@ -450,17 +450,17 @@ class Streams:
             self.post(M.Tokens(ctx.rid, ids=[], text=rest, n=0))
         base: int | None = None  # without a local count, the server's usage tells
         if ctx.completion:
-            prompt = ctx.params["prompt"]
+            prompt = ctx.params.prompt
             base = self._prompt_count(prompt) if isinstance(prompt, list) or self.template else None
         elif self.template:
-            base = self._count(self.template.render(ctx.params["messages"]))
+            base = self._count(self.template.render(ctx.params.messages))
         base, computed, extra = ctx.prompt_stats(base)
         self.prompt_tokens += computed
         if usage is not None and not ctx.resumes and not ctx.replay:
             completion = usage.completion_tokens  # the server's own count, when the stream was never cut
         else:
             completion = ctx.generated
-        problem = None if ctx.tool_calls else json_problem(ctx.text, ctx.params.get("response_format"))
+        problem = None if ctx.tool_calls else json_problem(ctx.text, ctx.params.response_format)
         if problem is not None:  # some endpoints accept response_format without enforcing it
             log.warning("event=invalid_output rid=%s problem=%r", ctx.rid, problem)
             self.post(M.Failed(ctx.rid, code=P.E_INVALID_OUTPUT, message=problem))

@@ -48,7 +48,7 @@ class PrefillLine:
         if leader is not None:
             self.forks.setdefault(leader.rid, []).append(seq)
             return
-        kept = self.kept.get(seq.params.get("fork") or "")
+        kept = self.kept.get(seq.params.fork)
         if kept is not None and self._fresh_row(seq) and kept[0] == seq.context_ids:  # it came after its leader's
             self._join_copy(seq, kept[1], kept[2])
             return
@@ -88,17 +88,17 @@ class PrefillLine:
         return not (seq.prefilled or seq.partial is not None or seq.generated)
 
     def _leader(self, seq: Sequence) -> Sequence | None:
-        group = seq.params.get("fork")
+        group = seq.params.fork
         if not group or not self._fresh_row(seq):
             return None
         return next(
-            (s for s in self.seqs if s.params.get("fork") == group and s.context_ids == seq.context_ids),
+            (s for s in self.seqs if s.params.fork == group and s.context_ids == seq.context_ids),
             None,
         )
 
     def _complete(self, seq: Sequence, state, logits) -> None:
         """A row's prompt is in: it joins the batch, and so does every row that waited for a copy of it."""
-        engine, group = self.engine, seq.params.get("fork")
+        engine, group = self.engine, seq.params.fork
         offer = self.prefixes and self.offer_prompts
         if (group or offer) and not seq.generated:  # its prompt alone (a restarted row holds more)
             kept = (list(seq.context_ids), engine.keep_copy(state), logits.clone())  # one copy serves both

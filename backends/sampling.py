@@ -16,9 +16,12 @@ probability), ``top_k`` and ``top_p``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from ipc.chat_params import ChatParams
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK = (1 << 63) - 1
@@ -28,29 +31,30 @@ def step_seed(seed: int, step: int) -> int:
     return (seed ^ ((step + 1) * _GOLDEN)) & _MASK
 
 
-def shaped(params: dict[str, Any]) -> bool:
+def shaped(params: ChatParams | Mapping[str, Any]) -> bool:
     """Whether the logits are changed before the choice (a greedy row then needs its own argmax)."""
+    params = ChatParams.of(params)
     return bool(
-        params.get("logit_bias")
-        or params.get("frequency_penalty")
-        or params.get("presence_penalty")
-        or params.get("repetition_penalty", 1.0) != 1.0
+        params.logit_bias or params.frequency_penalty or params.presence_penalty or params.repetition_penalty != 1.0
     )
 
 
-def shape(logits: torch.Tensor, params: dict[str, Any], prompt_ids: list[int], generated: list[int]) -> torch.Tensor:
+def shape(
+    logits: torch.Tensor, params: ChatParams | Mapping[str, Any], prompt_ids: list[int], generated: list[int]
+) -> torch.Tensor:
     """``logits`` with the request's bias and penalties applied (a new tensor; the input is kept)."""
+    params = ChatParams.of(params)
     row = logits.reshape(-1).float().clone()
     vocab = row.numel()
-    for token, bias in (params.get("logit_bias") or {}).items():
+    for token, bias in params.logit_bias.items():
         if 0 <= int(token) < vocab:
             row[int(token)] += float(bias)
-    rep = float(params.get("repetition_penalty", 1.0))
+    rep = params.repetition_penalty
     if rep != 1.0 and (prompt_ids or generated):
         seen = torch.unique(torch.tensor(prompt_ids + generated, dtype=torch.long).clamp_(0, vocab - 1))
         vals = row[seen]
         row[seen] = torch.where(vals > 0, vals / rep, vals * rep)
-    freq, pres = float(params.get("frequency_penalty", 0.0)), float(params.get("presence_penalty", 0.0))
+    freq, pres = params.frequency_penalty, params.presence_penalty
     if (freq or pres) and generated:
         counts = torch.bincount(torch.tensor(generated, dtype=torch.long).clamp_(0, vocab - 1), minlength=vocab)
         row -= freq * counts.float() + pres * (counts > 0).float()

@@ -16,12 +16,13 @@ from backends.detok import TextStream
 from backends.quantum import QuantumMeter
 from backends.structured import parse_tool_calls
 from ipc import messages as M
+from ipc.chat_params import ChatParams
 
 
 @dataclass(eq=False)
 class Sequence:
     rid: int
-    params: dict[str, Any]
+    params: ChatParams
     prompt_ids: list[int]
     stream: TextStream
     owner: str = ""  # the identity it runs for: what it leaves in the prefix cache is that identity's only
@@ -41,7 +42,7 @@ class Sequence:
 
     @property
     def seed(self) -> int:
-        return int(self.params.get("seed") or 0)
+        return self.params.seed or 0
 
     @property
     def context_ids(self) -> list[int]:
@@ -49,16 +50,16 @@ class Sequence:
 
     @property
     def session(self) -> str:
-        return str(self.params.get("session") or "")
+        return self.params.session
 
     @property
     def min_tokens(self) -> int:
         """Tokens to generate before EOS and stop strings may end the request (0: none)."""
-        return int(self.params.get("min_tokens") or 0)
+        return self.params.min_tokens
 
     @property
     def remaining(self) -> int:
-        return int(self.params["max_tokens"]) - len(self.generated)
+        return self.params.max_tokens - len(self.generated)
 
     @property
     def under_min(self) -> bool:
@@ -109,8 +110,8 @@ class Sequence:
     def finished(self, reason: str, kept: bool = False) -> M.Finished:
         if self.constraint is not None and self.constraint.closed_early:
             reason = "length"  # valid JSON, but the budget ended it (OpenAI's convention for a cut output)
-        content, calls = parse_tool_calls(self.stream.text, self.params.get("tools"), self.rid)
-        if self.params.get("parallel_tool_calls") is False:
+        content, calls = parse_tool_calls(self.stream.text, self.params.tools, self.rid)
+        if not self.params.parallel_tool_calls:
             calls = calls[:1]
         return M.Finished(
             rid=self.rid,

@@ -21,6 +21,7 @@ import torch
 
 from backends import token_mask
 from backends.json_close import Closers, JsonDepth, narrow
+from ipc.chat_params import ChatParams
 from ipc.tool_stream import TOOL_CLOSE, TOOL_OPEN, split
 
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
@@ -90,22 +91,22 @@ class Structurer:
             self._closers = Closers(self.tokenizer)
         return self._closers
 
-    def constraint(self, params: dict[str, Any], replay: list[int] = ()) -> Constraint | None:
+    def constraint(self, params: ChatParams, replay: list[int] = ()) -> Constraint | None:
         grammar = grammar_for(params)
         if grammar is None:
             return None
-        json_out = (params.get("response_format") or {}).get("type") in ("json_object", "json_schema")
+        json_out = (params.response_format or {}).get("type") in ("json_object", "json_schema")
         closers = self.closers if json_out and grammar_is_format(params) else None
-        c = Constraint(self.lltok, grammar, closers, int(params.get("max_tokens") or 0))
+        c = Constraint(self.lltok, grammar, closers, params.max_tokens)
         for t in replay:
             c.accept(t)
         return c
 
-    def messages(self, params: dict[str, Any]) -> tuple[list[dict], list[dict] | None]:
+    def messages(self, params: ChatParams) -> tuple[list[dict], list[dict] | None]:
         """Messages (assistant tool calls as text) and the tools argument for the template."""
-        msgs = [as_text_message(m) for m in params["messages"]]
-        tools = params.get("tools") or None
-        if not tools or params.get("tool_choice") == "none":
+        msgs = [as_text_message(m) for m in params.messages]
+        tools = params.tools or None
+        if not tools or params.tool_choice == "none":
             return msgs, None
         if self.template_knows_tools:
             return msgs, tools
@@ -214,15 +215,15 @@ def _compact(schema: dict) -> dict:
     return {**COMPACT, **schema}
 
 
-def grammar_for(params: dict[str, Any]) -> str | None:
+def grammar_for(params: ChatParams) -> str | None:
     """The grammar a request asks for, or None for free text."""
-    tools, choice = params.get("tools"), params.get("tool_choice")
+    tools, choice = params.tools, params.tool_choice
     if tools and (choice == "required" or isinstance(choice, dict)):
         only = choice["function"]["name"] if isinstance(choice, dict) else None
         schema = json.dumps(_compact(_call_schema(tools, only)))
         lark = f"start: {json.dumps(TOOL_OPEN)} call {json.dumps(TOOL_CLOSE)}\ncall: %json {schema}"
         return llguidance.LLMatcher.grammar_from_lark(lark)
-    fmt = params.get("response_format") or {}
+    fmt = params.response_format or {}
     if fmt.get("type") == "json_object":
         return llguidance.LLMatcher.grammar_from_json_schema(_compact({"type": "object"}))
     if fmt.get("type") == "json_schema":
@@ -230,9 +231,9 @@ def grammar_for(params: dict[str, Any]) -> str | None:
     return None
 
 
-def grammar_is_format(params: dict[str, Any]) -> bool:
+def grammar_is_format(params: ChatParams) -> bool:
     """Whether the grammar ``grammar_for`` gives is the response format's (not a forced tool call's)."""
-    tools, choice = params.get("tools"), params.get("tool_choice")
+    tools, choice = params.tools, params.tool_choice
     return not (tools and (choice == "required" or isinstance(choice, dict)))
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from benchmarks.common import Daemon, chat_messages, log, print_footer, print_header, table
+from ipc import events as E
 from ipc import protocol as P
 from ipc.client import Client
 
@@ -52,12 +53,13 @@ def _one(c: Client, i: int, tokens: int) -> tuple[str, str, int, int]:
     cid = c.submit(chat_messages(i % 8), stream=True, **_params(i, tokens))
     text, last, ids = "", 0, 0
     for ev in c.events(cid):
-        if ev.event == P.EV_TOKEN:
-            if ev.data["index"] <= last:
-                return "", f"token index {ev.data['index']} after {last}", 0, 0
-            last, text, ids = ev.data["index"], text + ev.text, ids + len(ev.data.get("token_ids") or [])
+        if isinstance(ev, E.Token):
+            index = ev.index or 0
+            if index <= last:
+                return "", f"token index {ev.index} after {last}", 0, 0
+            last, text, ids = index, text + ev.text, ids + len(ev.token_ids)
         elif ev.terminal:
-            return text, ev.data.get("text") if ev.event == P.EV_DONE else f"{ev.event}: {ev.data}", last, ids
+            return text, ev.text if isinstance(ev, E.Done) else f"{ev.event}: {ev.data}", last, ids
     return text, "no terminal event", last, ids
 
 

@@ -109,7 +109,7 @@ def greedy_texts(endpoint: str, n: int) -> list[str]:
             c.submit([{"role": "user", "content": f"Count to {i + 3}."}], max_tokens=12, temperature=0.0)
             for i in range(n)
         ]
-        return [[e for e in c.events(cid)][-1].data.get("text", "?") for cid in cids]
+        return [[e for e in c.events(cid)][-1].text or "?" for cid in cids]
 
 
 def malformed(endpoint: str, frames: int, reference: list[str]) -> tuple[int, bool]:

@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from benchmarks.common import median, table
+from ipc import events as E
 from ipc.launcher import DaemonProcess
 
 PROMPT = "Write a long story about a lighthouse keeper, row {i}."
@@ -66,15 +67,14 @@ class Bare:
 
 
 async def _worker_window(c, rows: int, tokens: int) -> float:
-    from ipc import protocol as P
 
     arrivals: list[list[tuple[float, int]]] = [[] for _ in range(rows)]
 
     async def one(i: int) -> None:
         stream = await c.chat(PROMPT.format(i=i), stream=True, max_tokens=tokens, min_tokens=tokens, temperature=0)
         async for ev in stream:
-            if ev.event == P.EV_TOKEN:
-                arrivals[i].append((time.perf_counter(), len(ev.data.get("token_ids") or ()) or 1))
+            if isinstance(ev, E.Token):
+                arrivals[i].append((time.perf_counter(), len(ev.token_ids) or 1))
 
     await asyncio.gather(*(one(i) for i in range(rows)))
     start = max(a[0][0] for a in arrivals)  # every row decoding from here

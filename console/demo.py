@@ -6,6 +6,7 @@ import asyncio
 import sys
 import time
 
+from ipc import events as E
 from ipc.launcher import DaemonError, DaemonProcess
 
 QUESTIONS = [
@@ -48,27 +49,27 @@ async def _demo(daemon: DaemonProcess, max_tokens: int) -> None:
             pid, segment = None, ""
             async for ev in stream:
                 stamp = f"[{time.monotonic() - t0:5.2f}s]"
-                if ev.event == "accepted":
-                    pid = ev.data["pid"]
+                if isinstance(ev, E.Accepted):
+                    pid = ev.pid
                     print(f"{stamp} pid {pid} accepted: {QUESTIONS[i]!r}")
-                elif ev.event == "token":
+                elif isinstance(ev, E.Token):
                     segment += ev.text
-                elif ev.event == "preempted":
+                elif isinstance(ev, E.Preempted):
                     print(
-                        f"{stamp} pid {pid} preempted after {ev.data['tokens']:3d} tokens "
-                        f"(context kept on {ev.data['context']}) ... {segment!r}"
+                        f"{stamp} pid {pid} preempted after {ev.tokens:3d} tokens "
+                        f"(context kept on {ev.context}) ... {segment!r}"
                     )
                     segment = ""
-                elif ev.event == "resumed":
-                    print(f"{stamp} pid {pid} resumed on {ev.data['worker']} from its {ev.data['context']} snapshot")
-                elif ev.terminal:
-                    s = ev.data.get("stats", {})
+                elif isinstance(ev, E.Resumed):
+                    print(f"{stamp} pid {pid} resumed on {ev.worker} from its {ev.context} snapshot")
+                elif isinstance(ev, (E.Done, E.Error, E.Cancelled)):
+                    s = ev.stats or {}
                     print(
                         f"{stamp} pid {pid} {ev.event} ... {segment!r}  "
                         f"[quanta={s.get('quanta')} preemptions={s.get('preemptions')} "
                         f"prefill computed={s.get('prompt_tokens_computed')}]"
                     )
-                    results[i] = ev.data.get("text", "") if ev.event == "done" else f"<{ev.event}>"
+                    results[i] = ev.text if isinstance(ev, E.Done) else f"<{ev.event}>"
 
         await asyncio.gather(*(follow(i, s) for i, s in enumerate(streams)))
         print("\nAnswers:")

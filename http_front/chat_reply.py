@@ -12,6 +12,7 @@ from typing import Any
 
 from http_front.errors import HttpError
 from http_front.request import served
+from ipc import events as E
 from ipc import protocol as P
 
 # OpenAI's chat fields (and vLLM's extra ones) the protocol's ``chat`` takes as they are; any other
@@ -66,9 +67,9 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
     return out
 
 
-def tool_calls(done: dict[str, Any]) -> list[dict[str, Any]]:
+def tool_calls(done: E.Done) -> list[dict[str, Any]]:
     calls = []
-    for c in done.get("tool_calls") or []:
+    for c in done.tool_calls or []:
         fn = c.get("function") or {}
         args = fn.get("arguments", "")
         calls.append(
@@ -84,11 +85,11 @@ def tool_calls(done: dict[str, Any]) -> list[dict[str, Any]]:
     return calls
 
 
-def content_of(done: dict[str, Any]) -> str | None:
-    return done.get("content") if done.get("tool_calls") else done.get("text", "")
+def content_of(done: E.Done) -> str | None:
+    return done.content if done.tool_calls else done.text
 
 
-def completion(meta: dict[str, Any], done: dict[str, Any]) -> dict[str, Any]:
+def completion(meta: dict[str, Any], done: E.Done) -> dict[str, Any]:
     """A finished chat as OpenAI's ``chat.completion`` object."""
     message: dict[str, Any] = {"role": "assistant", "content": content_of(done)}
     calls = tool_calls(done)
@@ -102,14 +103,14 @@ def completion(meta: dict[str, Any], done: dict[str, Any]) -> dict[str, Any]:
             {
                 "index": 0,
                 "message": message,
-                "finish_reason": done.get("finish_reason"),
-                "logprobs": None if "logprobs" not in done else {"content": done["logprobs"], "refusal": None},
+                "finish_reason": done.finish_reason,
+                "logprobs": None if done.logprobs is None else {"content": done.logprobs, "refusal": None},
             }
         ],
-        "usage": done.get("usage") or {},
+        "usage": done.usage or {},
         "quantad": {
-            "pid": done.get("pid"),
-            "stats": done.get("stats", {}),
-            **({"warning": CUT_GRAMMAR} if done.get("stats", {}).get("grammar_complete") is False else {}),
+            "pid": done.pid,
+            "stats": done.stats,
+            **({"warning": CUT_GRAMMAR} if done.stats.get("grammar_complete") is False else {}),
         },
     }

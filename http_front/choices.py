@@ -22,6 +22,7 @@ from aiohttp import web
 from http_front.chat_reply import completion
 from http_front.errors import HttpError, error_of
 from http_front.request import done_data, last_event, rejection, sse_id, stream_position
+from ipc import events as E
 from ipc import protocol as P
 from ipc.client import AsyncClient, ClientError
 
@@ -68,15 +69,15 @@ class Choices:
         streams = [client.events(cid) for cid in self.cids]
         try:
             firsts = [await anext(s) for s in streams]
-            bad = next((ev for ev in firsts if ev.event != P.EV_ACCEPTED), None)
+            bad = next((ev for ev in firsts if not isinstance(ev, E.Accepted)), None)
             if bad is not None:
                 raise rejection(bad)
             head = {
-                "id": f"chatcmpl-{firsts[0].data['pid']}-{uuid.uuid4().hex[:12]}",
+                "id": f"chatcmpl-{firsts[0].pid}-{uuid.uuid4().hex[:12]}",
                 "created": int(time.time()),
                 "model": self.model,
             }
-            pids = ",".join(str(ev.data["pid"]) for ev in firsts)
+            pids = ",".join(str(ev.pid) for ev in firsts)
             if stream:
                 return await self._stream(streams, head, usage, pids)
             dones = [done_data(await last_event(first, s)) for first, s in zip(firsts, streams, strict=True)]
@@ -91,11 +92,11 @@ class Choices:
             await self.client.cancel(cid)
 
     @staticmethod
-    def _usage(dones: list[dict[str, Any]]) -> dict[str, int]:
+    def _usage(dones: list[E.Done]) -> dict[str, int]:
         """The choices' usage together: the prompt once (it was computed once), every choice's completion."""
-        prompt = dones[0].get("usage", {}).get("prompt_tokens", 0)
-        out = sum(d.get("usage", {}).get("completion_tokens", 0) for d in dones)
-        details = dones[0].get("usage", {}).get("prompt_tokens_details") or {"cached_tokens": 0}
+        prompt = dones[0].usage.get("prompt_tokens", 0)
+        out = sum(d.usage.get("completion_tokens", 0) for d in dones)
+        details = dones[0].usage.get("prompt_tokens_details") or {"cached_tokens": 0}
         return {
             "prompt_tokens": prompt,
             "completion_tokens": out,
@@ -103,7 +104,7 @@ class Choices:
             "prompt_tokens_details": details,
         }
 
-    def _whole(self, head: dict[str, Any], dones: list[dict[str, Any]]) -> dict[str, Any]:
+    def _whole(self, head: dict[str, Any], dones: list[E.Done]) -> dict[str, Any]:
         one = [completion(head, d)["choices"][0] for d in dones]
         return {
             **head,
@@ -111,7 +112,7 @@ class Choices:
             "system_fingerprint": None,
             "choices": [c | {"index": i} for i, c in enumerate(one)],
             "usage": self._usage(dones),
-            "quantad": {"pids": [d.get("pid") for d in dones], "stats": [d.get("stats", {}) for d in dones]},
+            "quantad": {"pids": [d.pid for d in dones], "stats": [d.stats for d in dones]},
         }
 
     async def _stream(self, streams, head: dict[str, Any], usage: bool, pids: str) -> web.StreamResponse:
@@ -136,26 +137,26 @@ class Choices:
             await resp.write(sse_id(pid_of[i], seen[i]) + b"data: " + json.dumps(data).encode() + b"\n\n")
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-        done: list[dict] = []
+        done: list[E.Done] = []
         try:
             for i in range(self.n):
                 await chunk(i, {"role": "assistant", "content": ""})
             open_ = self.n
             while open_:
                 i, ev = await queue.get()
-                if ev is not None and ev.event == P.EV_TOKEN:
-                    seen[i] = stream_position(seen[i], ev)
                 if ev is None:
                     open_ -= 1
-                elif ev.event == P.EV_TOKEN and (ev.text or ev.data.get("logprobs")):
-                    await chunk(i, {"content": ev.text}, logprobs=ev.data.get("logprobs"))
-                elif ev.event == P.EV_TOOL_CALL:
-                    await chunk(i, {"tool_calls": [ev.data.get("tool_call") or {}]})
-                elif ev.event == P.EV_DONE:
-                    done.append(ev.data)
-                    if ev.data.get("content_tail"):
-                        await chunk(i, {"content": ev.data["content_tail"]})
-                    await chunk(i, {}, ev.data.get("finish_reason"))
+                elif isinstance(ev, E.Token):
+                    seen[i] = stream_position(seen[i], ev)
+                    if ev.text or ev.logprobs:
+                        await chunk(i, {"content": ev.text}, logprobs=ev.logprobs)
+                elif isinstance(ev, E.ToolCall):
+                    await chunk(i, {"tool_calls": [ev.tool_call]})
+                elif isinstance(ev, E.Done):
+                    done.append(ev)
+                    if ev.content_tail:
+                        await chunk(i, {"content": ev.content_tail})
+                    await chunk(i, {}, ev.finish_reason)
                 elif ev.terminal:
                     await resp.write(b"data: " + json.dumps(error_of(ev).body()).encode() + b"\n\n")
             if usage and done:

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from http_front.errors import HttpError
 from http_front.request import done_data, json_body, last_event, rejection, served, wants_usage
+from ipc import events as E
 from ipc import protocol as P
 from ipc.client import AsyncClient, ClientError
 
@@ -86,10 +87,10 @@ class Completions:
         events, ended = client.events(cid), False
         try:
             first = await anext(events)
-            if first.event != P.EV_ACCEPTED:
+            if not isinstance(first, E.Accepted):
                 ended = True
                 raise rejection(first)
-            pid = first.data["pid"]
+            pid = first.pid
             head = {
                 "id": f"cmpl-{pid}-{uuid.uuid4().hex[:12]}",
                 "object": "text_completion",
@@ -110,19 +111,19 @@ class Completions:
             await events.aclose()
 
     @staticmethod
-    def _whole(head: dict[str, Any], done: dict[str, Any], shown: str) -> dict[str, Any]:
-        lp = legacy_logprobs(done["logprobs"], len(shown)) if "logprobs" in done else None
+    def _whole(head: dict[str, Any], done: E.Done, shown: str) -> dict[str, Any]:
+        lp = legacy_logprobs(done.logprobs, len(shown)) if done.logprobs is not None else None
         choice = {
             "index": 0,
-            "text": shown + done.get("text", ""),
+            "text": shown + done.text,
             "logprobs": lp,
-            "finish_reason": done.get("finish_reason"),
+            "finish_reason": done.finish_reason,
         }
         return {
             **head,
             "choices": [choice],
-            "usage": done.get("usage") or {},
-            "quantad": {"pid": done.get("pid"), "stats": done.get("stats", {})},
+            "usage": done.usage or {},
+            "quantad": {"pid": done.pid, "stats": done.stats},
         }
 
     async def _stream(self, request, events, head: dict[str, Any], shown: str, usage: bool) -> web.StreamResponse:
@@ -141,15 +142,15 @@ class Completions:
             await chunk(shown)
             offset = len(shown)
         async for ev in events:
-            if ev.event == P.EV_TOKEN and (ev.text or ev.data.get("logprobs")):
-                await chunk(ev.text, logprobs=ev.data.get("logprobs"))
+            if isinstance(ev, E.Token) and (ev.text or ev.logprobs):
+                await chunk(ev.text, logprobs=ev.logprobs)
             elif ev.terminal:
-                if ev.event != P.EV_DONE:
+                if not isinstance(ev, E.Done):
                     await resp.write(b"data: " + json.dumps(rejection(ev).body()).encode() + b"\n\n")
                 else:
-                    await chunk("", ev.data.get("finish_reason"))
+                    await chunk("", ev.finish_reason)
                     if usage:
-                        tail = {**head, "choices": [], "usage": ev.data.get("usage") or {}}
+                        tail = {**head, "choices": [], "usage": ev.usage or {}}
                         await resp.write(b"data: " + json.dumps(tail).encode() + b"\n\n")
                     await resp.write(b"data: [DONE]\n\n")
                 break

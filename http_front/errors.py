@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ipc import events as E
 from ipc import protocol as P
 from ipc.client import Event
 
@@ -69,6 +70,8 @@ class HttpError(Exception):
 
 
 def error_of(ev: Event) -> HttpError:
-    if ev.event == P.EV_CANCELLED:
-        return HttpError.of(P.EV_CANCELLED, f"the request was cancelled: {ev.data.get('message', '')}", ev.text)
-    return HttpError.of(ev.data.get("code", P.E_INTERNAL), ev.data.get("message", ""), ev.text)
+    if isinstance(ev, E.Cancelled):
+        return HttpError.of(P.EV_CANCELLED, f"the request was cancelled: {ev.message}", ev.text)
+    if isinstance(ev, E.Error):
+        return HttpError.of(ev.code, ev.message, ev.text)
+    return HttpError.of(P.E_INTERNAL, f"unexpected {ev.event!r} event", ev.text)

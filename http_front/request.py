@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from http_front.errors import HttpError, error_of
+from ipc import events as E
 from ipc import protocol as P
 from ipc.client import Event
 
@@ -57,16 +58,18 @@ async def last_event(first: Event, events: AsyncIterator[Event]) -> Event:
     return last
 
 
-def done_data(last: Event) -> dict[str, Any]:
-    """A request's terminal event: the ``done`` event's data, or its error raised."""
-    if last.event != P.EV_DONE:
+def done_data(last: Event) -> E.Done:
+    """A request's terminal event: its ``done``, or its error raised."""
+    if not isinstance(last, E.Done):
         raise rejection(last)
-    return last.data
+    return last
 
 
 def stream_position(seen: list[int], ev: Event) -> list[int]:
     """Tokens and raw characters (tools: more than shown) a stream has had after token event ``ev``."""
-    return [ev.data.get("index") or seen[0], ev.data.get("chars", seen[1] + len(ev.text))]
+    if not isinstance(ev, E.Token):
+        return seen
+    return [ev.index or seen[0], ev.chars if ev.chars is not None else seen[1] + len(ev.text)]
 
 
 def sse_id(pid: Any, seen: list[int]) -> bytes:

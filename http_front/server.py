@@ -36,6 +36,7 @@ from http_front.request import (
     stream_position,
     wants_usage,
 )
+from ipc import events as E
 from ipc import protocol as P
 from ipc.client import AsyncClient, ClientError, Event
 
@@ -167,10 +168,10 @@ class HttpFront:
         ended = False
         try:
             first = await anext(events)
-            if first.event != P.EV_ACCEPTED:  # rejected: the only event there is
+            if not isinstance(first, E.Accepted):  # rejected: the only event there is
                 ended = True
                 raise rejection(first)
-            pid = first.data["pid"]
+            pid = first.pid
             meta = {
                 "id": f"chatcmpl-{pid}-{uuid.uuid4().hex[:12]}",
                 "created": int(time.time()),
@@ -183,7 +184,7 @@ class HttpFront:
             ended = True
             done = done_data(last)
             headers = {"x-quantad-pid": str(pid)}
-            if done.get("stats", {}).get("grammar_complete") is False:
+            if done.stats.get("grammar_complete") is False:
                 headers["x-quantad-warning"] = CUT_GRAMMAR
             return web.json_response(completion(meta, done), headers=headers)
         finally:
@@ -210,7 +211,7 @@ class HttpFront:
         events = self.client.events(cid)
         try:
             first = await anext(events)
-            if first.event != P.EV_ATTACHED:
+            if not isinstance(first, E.Attached):
                 raise rejection(first)
             meta = {"id": f"chatcmpl-{pid}-resumed", "created": int(time.time()), "model": self.models[0]}
             index = choice_index(request)
@@ -252,21 +253,17 @@ class HttpFront:
             if at is None:
                 await chunk({"role": "assistant", "content": ""})
             async for ev in events:
-                if ev.event == P.EV_TOKEN:
+                if isinstance(ev, E.Token):
                     seen = stream_position(seen, ev)
-                if ev.event == P.EV_TOKEN and (ev.text or ev.data.get("logprobs")):
-                    await chunk({"content": ev.text}, logprobs=ev.data.get("logprobs"))
-                elif ev.event == P.EV_TOOL_CALL:  # OpenAI's delta: id, type and name first, then argument text
-                    delta = ev.data.get("tool_call") or {}
-                    streamed.add(delta.get("id", ""))
-                    await chunk({"tool_calls": [delta]})
-                elif ev.event in (P.EV_PREEMPTED, P.EV_RESUMED):
+                    if ev.text or ev.logprobs:
+                        await chunk({"content": ev.text}, logprobs=ev.logprobs)
+                elif isinstance(ev, E.ToolCall):  # OpenAI's delta: id, type and name first, then argument text
+                    streamed.add(ev.tool_call.get("id", ""))
+                    await chunk({"tool_calls": [ev.tool_call]})
+                elif isinstance(ev, (E.Preempted, E.Resumed)):
                     # a comment line, part of the next event's block: a blank line after it would make an
                     # empty event of its own, which SDKs that keep the last id (openai's) fail to parse
-                    await resp.write(
-                        f": quantad {ev.event} tokens={ev.data.get('tokens', '')} "
-                        f"context={ev.data.get('context', '')}\n".encode()
-                    )
+                    await resp.write(f": quantad {ev.event} tokens={ev.tokens} context={ev.context}\n".encode())
                 elif ev.terminal:
                     await self._end(resp, chunk, head, ev, usage, streamed)
                     return resp, True
@@ -277,21 +274,21 @@ class HttpFront:
     async def _end(
         self, resp: web.StreamResponse, chunk, head: dict[str, Any], ev: Event, usage: bool, streamed: set[str]
     ) -> None:
-        if ev.event != P.EV_DONE:  # headers are gone: the error travels as a chunk (the OpenAI client raises it)
+        if not isinstance(ev, E.Done):  # headers are gone: the error travels as a chunk (the OpenAI client raises it)
             await resp.write(b"data: " + json.dumps(error_of(ev).body()).encode() + b"\n\n")
             await resp.write_eof()
             return
-        done = ev.data
-        if done.get("content_tail"):  # content held back because it looked like the start of a tool call
-            await chunk({"content": done["content_tail"]})
+        done = ev
+        if done.content_tail:  # content held back because it looked like the start of a tool call
+            await chunk({"content": done.content_tail})
         late = [{"index": i, **c} for i, c in enumerate(tool_calls(done)) if c["id"] not in streamed]
         if late:  # calls the stream did not show as it went (written in another key order)
             await chunk({"tool_calls": late})
-        if done.get("stats", {}).get("grammar_complete") is False:
+        if done.stats.get("grammar_complete") is False:
             await resp.write(f": quantad warning {CUT_GRAMMAR}\n".encode())
-        await chunk({}, done.get("finish_reason"))
+        await chunk({}, done.finish_reason)
         if usage:
-            data = {**head, "choices": [], "usage": done.get("usage") or {}}
+            data = {**head, "choices": [], "usage": done.usage or {}}
             await resp.write(b"data: " + json.dumps(data).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from ipc.protocol import (
     E_BAD_FIELD,
@@ -25,7 +28,87 @@ MAX_PROMPT_IDS = 1 << 17  # a prompt given as token ids
 DEFAULT_MAX_TOKENS = 256
 
 
-def parse_chat(msg: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class ChatParams(Mapping[str, Any]):
+    """A chat's generation parameters, checked once (``parse_chat``) and read as attributes after.
+
+    ``wire()`` is the map the daemon sends a worker and keeps in its journal: the fields a chat
+    always has, and the others only where they differ from their defaults (``from_wire`` reads
+    it back).  As a ``Mapping`` the record reads like that map (``params["max_tokens"]``).
+    """
+
+    messages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    prompt: str | list[int] | None = None  # a completion: the text (or ids) as it is, no chat template
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    min_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = dataclasses.field(default_factory=list)
+    agent: str = ""
+    session: str = ""
+    fork: str = ""
+    nice: int = 0
+    stream: bool = True
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    logit_bias: dict[str, float] = dataclasses.field(default_factory=dict)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    on_behalf_of: str | None = None  # the identity an admin (the HTTP front) submits for
+
+    ALWAYS: ClassVar[frozenset[str]] = frozenset(
+        ("messages", "max_tokens", "min_tokens", "temperature", "top_p", "seed", "stop", "agent", "session", "nice",
+         "stream")
+    )  # fmt: skip
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any]) -> ChatParams:
+        """The record of a map of parameters (already checked), or the record itself."""
+        return params if isinstance(params, ChatParams) else cls.from_wire(params)
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> ChatParams:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in wire.items() if k in names and v is not None})
+
+    def wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if f.name in self.ALWAYS or value != default or (f.name == "top_logprobs" and self.logprobs):
+                out[f.name] = value
+        return out
+
+    @property
+    def structured(self) -> bool:
+        """Whether the output is held to a grammar or carries tool calls."""
+        return bool(self.tools or self.response_format)
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether its text may hold tool calls (``tools`` given, ``tool_choice`` not ``none``)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def __getitem__(self, key: str) -> Any:
+        return self.wire()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.wire())
+
+    def __len__(self) -> int:
+        return len(self.wire())
+
+
+def parse_chat(msg: dict[str, Any]) -> ChatParams:
     """Return the normalised generation parameters of a ``chat`` message."""
     refuse_unsupported(msg)
     prompt = _prompt(msg)
@@ -45,7 +128,7 @@ def parse_chat(msg: dict[str, Any]) -> dict[str, Any]:
     min_tokens = number(msg, "min_tokens", 0, MAX_TOKENS_LIMIT, 0, integer=True)
     if min_tokens > max_tokens:
         raise ProtocolError(E_BAD_FIELD, f"'min_tokens' ({min_tokens}) must not exceed 'max_tokens' ({max_tokens})")
-    return {
+    return ChatParams.from_wire({
         "messages": clean,
         "max_tokens": max_tokens,
         "min_tokens": min_tokens,
@@ -62,7 +145,7 @@ def parse_chat(msg: dict[str, Any]) -> dict[str, Any]:
         **_on_behalf(msg),
         **({} if prompt is None else {"prompt": prompt}),
         **({"fork": fork} if fork else {}),
-    }
+    })  # fmt: skip
 
 
 def _prompt(msg: dict[str, Any]) -> str | list[int] | None:

@@ -22,8 +22,10 @@ import zmq
 import zmq.asyncio
 
 from ipc import credentials
+from ipc import events as E
 from ipc import protocol as P
 from ipc.endpoints import agent_endpoint
+from ipc.events import Event
 from ipc.resume import OpenChats
 
 Messages = str | list[dict[str, str]]
@@ -63,26 +65,6 @@ class Cancelled(ClientError):
 
 
 @dataclass
-class Event:
-    """One event of a request's stream: ``accepted``, ``token``, ``preempted``, ``resumed`` or terminal."""
-
-    event: str
-    data: dict[str, Any]
-
-    @property
-    def text(self) -> str:
-        return self.data.get("text", "")
-
-    @property
-    def terminal(self) -> bool:
-        return self.event in P.TERMINAL_EVENTS
-
-    @property
-    def seq(self) -> int:
-        return self.data.get("seq", 0)
-
-
-@dataclass
 class ChatResult:
     text: str
     finish_reason: str
@@ -95,7 +77,7 @@ class ChatResult:
 
     @property
     def token_ids(self) -> list[int]:
-        return [t for ev in self.events if ev.event == P.EV_TOKEN for t in ev.data.get("token_ids", [])]
+        return [t for ev in self.events if isinstance(ev, E.Token) for t in ev.token_ids]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -127,19 +109,21 @@ def _tokenize_fields(prompt: str | None, messages: Messages | None, fields: dict
 def result_of(events: list[Event]) -> ChatResult:
     """Turn a finished event list into a result, or raise the terminal error."""
     last = events[-1]
-    if last.event == P.EV_CANCELLED:
-        raise Cancelled(last.data.get("message", "cancelled"), last.text)
-    if last.event == P.EV_ERROR:
-        raise ClientError(last.data.get("code", P.E_INTERNAL), last.data.get("message", ""), last.text)
-    d = last.data
-    return ChatResult(d.get("text", ""), d.get("finish_reason", ""), d.get("usage", {}), d.get("stats", {}),
-                      d.get("pid", 0), events, d.get("tool_calls") or [], d.get("content"))  # fmt: skip
+    if isinstance(last, E.Cancelled):
+        raise Cancelled(last.message or "cancelled", last.text)
+    if isinstance(last, E.Error):
+        raise ClientError(last.code, last.message, last.text)
+    if not isinstance(last, E.Done):
+        raise ClientError(P.E_INTERNAL, f"a chat ended with a {last.event!r} event")
+    return ChatResult(last.text, last.finish_reason, last.usage, last.stats, last.pid, events, last.tool_calls or [],
+                      last.content)  # fmt: skip
 
 
-def reply_data(msg: dict[str, Any]) -> dict[str, Any]:
-    if msg.get("event") == P.EV_ERROR:
-        raise ClientError(msg.get("code", P.E_INTERNAL), msg.get("message", ""))
-    return msg.get("data", {})
+def reply_data(ev: Event) -> dict[str, Any]:
+    """The answer of a reply, or the ``ClientError`` of an error."""
+    if isinstance(ev, E.Error):
+        raise ClientError(ev.code, ev.message)
+    return ev.answer if isinstance(ev, E.Reply) else {}
 
 
 def frame_of(msg: dict[str, Any]) -> bytes:
@@ -263,7 +247,11 @@ class Client(Ops):
         return msg["id"]
 
     def recv(self, cid: Any, timeout: float | None = ...) -> dict[str, Any]:
-        """Next message for request ``cid``; messages for other ids are kept for later."""
+        """Next message for request ``cid``, as the map it came in; messages for other ids are kept for later."""
+        return self.next_event(cid, timeout).data
+
+    def next_event(self, cid: Any, timeout: float | None = ...) -> Event:
+        """Next event for request ``cid``; events for other ids are kept for later."""
         timeout = self.timeout if timeout is ... else timeout
         heard = time.monotonic()
         while not self._inbox[cid]:
@@ -275,20 +263,20 @@ class Client(Ops):
                     raise DaemonGone(f"the daemon at {self.endpoint} answered nothing for {self.dead_after_s:g} s")
                 self._probe()
                 continue
-            msg = P.unpack(self._sock.recv(), header="event")
+            ev = E.decode(P.unpack(self._sock.recv(), header="event"))
             heard = time.monotonic()
-            if msg.get("id") in self._probes:
-                self._probes.discard(msg.get("id"))
+            if ev.id in self._probes:
+                self._probes.discard(ev.id)
                 continue
-            deliver, again = self._chats.take(msg, wait=self.timeout is None)
+            deliver, again = self._chats.take(ev, wait=self.timeout is None)
             if again is not None:  # a chat no daemon acknowledged: sent again
                 self._sock.send(frame_of(again))
             if deliver:
-                self._inbox[msg.get("id")].append(msg)
-        msg = self._inbox[cid].popleft()
+                self._inbox[ev.id].append(ev)
+        ev = self._inbox[cid].popleft()
         if not self._inbox[cid]:
             del self._inbox[cid]
-        return msg
+        return ev
 
     def _probe(self) -> None:
         """Silence: is the daemon still there (or back)?  Its answers to these say so."""
@@ -299,7 +287,7 @@ class Client(Ops):
 
     def call(self, op: str, timeout: float | None = 5.0, **fields: Any) -> dict[str, Any]:
         cid = self.send({"op": op, **fields})
-        return reply_data(self.recv(cid, timeout))
+        return reply_data(self.next_event(cid, timeout))
 
     def detokenize(self, tokens: list[int]) -> str:
         return self.call(P.OP_DETOKENIZE, tokens=list(tokens))["prompt"]
@@ -321,8 +309,7 @@ class Client(Ops):
 
     def events(self, cid: Any) -> Iterator[Event]:
         while True:
-            msg = self.recv(cid)
-            ev = Event(msg.get("event", ""), msg)
+            ev = self.next_event(cid)
             yield ev
             if ev.terminal:
                 return
@@ -385,16 +372,16 @@ class AsyncClient(Ops):
             frame = await self._sock.recv()
             self._heard = time.monotonic()
             try:
-                msg = P.unpack(frame, header="event")
+                ev = E.decode(P.unpack(frame, header="event"))
             except P.ProtocolError as exc:  # one bad frame must not strand every pending request
                 logging.getLogger("quantad.client").error("undecodable reply: %s", exc.message)
                 continue
-            deliver, again = self._chats.take(msg, wait=self.timeout is None)
+            deliver, again = self._chats.take(ev, wait=self.timeout is None)
             if again is not None:  # a chat no daemon acknowledged: sent again
                 await self._sock.send(frame_of(again))
-            q = self._queues.get(msg.get("id"))
+            q = self._queues.get(ev.id)
             if q is not None and deliver:
-                q.put_nowait(msg)
+                q.put_nowait(ev)
 
     async def _send(self, msg: dict[str, Any]) -> asyncio.Queue:
         if self._reader is None:
@@ -405,7 +392,7 @@ class AsyncClient(Ops):
         await self._sock.send(frame)
         return q
 
-    async def _get(self, q: asyncio.Queue, timeout: float | None) -> dict[str, Any]:
+    async def _get(self, q: asyncio.Queue, timeout: float | None) -> Event:
         if timeout is None:
             return await self._get_watching(q)
         try:
@@ -413,7 +400,7 @@ class AsyncClient(Ops):
         except TimeoutError:
             raise TimeoutError(f"no answer from the daemon at {self.endpoint} within {timeout} s") from None
 
-    async def _get_watching(self, q: asyncio.Queue) -> dict[str, Any]:
+    async def _get_watching(self, q: asyncio.Queue) -> Event:
         """Wait as long as it takes while the daemon is alive: a ping through silence, ``DaemonGone`` after none."""
         start = time.monotonic()
         while True:
@@ -476,8 +463,7 @@ class AsyncClient(Ops):
     async def _events(self, cid: Any, q: asyncio.Queue) -> AsyncIterator[Event]:
         try:
             while True:
-                msg = await self._get(q, self.timeout)
-                ev = Event(msg.get("event", ""), msg)
+                ev = await self._get(q, self.timeout)
                 yield ev
                 if ev.terminal:
                     return

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ipc import protocol as P
-from ipc.chat_params import parse_chat, parse_messages
+from ipc.chat_params import ChatParams, parse_chat, parse_messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,12 +33,14 @@ class Quantum:
 
 
 # ---- the machinery: one decoder and one encoder for every record -------------------------------
-def _kind(hint: Any) -> tuple[tuple[type, ...], bool]:
+def field_kind(hint: Any) -> tuple[tuple[type, ...], bool]:
     """The accepted Python types of a field's hint, and whether each list item must be an int."""
+    if hint is Any:
+        return (object,), False
     args = typing.get_args(hint)
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         (inner,) = [a for a in args if a is not type(None)]
-        return _kind(inner)
+        return field_kind(inner)
     origin = typing.get_origin(hint) or hint
     ints = origin is list and args == (int,)
     return ((int, float) if origin is float else (origin,)), ints
@@ -55,7 +57,7 @@ class Message:
         cached = cls.__dict__.get("_spec")
         if cached is None:
             hints = typing.get_type_hints(cls)
-            cached = [(f, *_kind(hints[f.name])) for f in dataclasses.fields(cls)]
+            cached = [(f, *field_kind(hints[f.name])) for f in dataclasses.fields(cls)]
             cls._spec = cached  # type: ignore[attr-defined]
         return cached
 
@@ -67,6 +69,9 @@ class Message:
                 values[f.name] = Quantum(
                     P.field(msg, "quantum_tokens", int, None), P.field(msg, "quantum_ms", (int, float), None)
                 )
+                continue
+            if kind == (ChatParams,):  # checked where the chat came in: a worker reads its daemon's map back
+                values[f.name] = ChatParams.from_wire(P.field(msg, f.name, dict))
                 continue
             has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
             value = P.field(msg, f.name, kind, ... if not has_default else None)
@@ -83,6 +88,8 @@ class Message:
             value = getattr(self, f.name)
             if isinstance(value, Quantum):
                 out["quantum_tokens"], out["quantum_ms"] = value.tokens, value.ms
+            elif isinstance(value, ChatParams):
+                out[f.name] = value.wire()
             elif value is not None:
                 out[f.name] = value
         return out
@@ -290,7 +297,7 @@ class Run(Message):
 
     OP: ClassVar[str] = P.D_RUN
     rid: int
-    params: dict
+    params: ChatParams
     quantum: Quantum = Quantum()
     resume_ids: list[int] = field(default_factory=list)  # tokens already streamed
     resume_text: str = ""
@@ -383,7 +390,7 @@ PEER = _table(Pushed)
 @dataclass(frozen=True, slots=True)
 class Chat(Message):
     OP: ClassVar[str] = P.OP_CHAT
-    params: dict
+    params: ChatParams
 
     @classmethod
     def decode(cls, msg: Mapping[str, Any]) -> Chat:

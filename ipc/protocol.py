@@ -192,7 +192,8 @@ def field(msg: dict[str, Any], name: str, kind: type | tuple[type, ...], default
         return default
     value = msg[name]
     # bool is an int subclass: refuse it where a number is wanted.
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds and object not in kinds:
         raise ProtocolError(E_BAD_FIELD, f"field '{name}' has wrong type bool")
     if not isinstance(value, kind):
         raise ProtocolError(E_BAD_FIELD, f"field '{name}' has wrong type {type(value).__name__}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ipc import events as E
 from ipc import protocol as P
 
 
@@ -57,35 +58,33 @@ class OpenChats:
         """The attach of every open chat (the daemon's answers also prove it is alive)."""
         return [o.attach() for o in self.open.values()]
 
-    def take(self, msg: dict[str, Any], wait: bool = True) -> tuple[bool, dict[str, Any] | None]:
-        """Whether ``msg`` goes to the caller (not a repeat, nor an answer to our attach), and what to send back.
+    def take(self, ev: E.Event, wait: bool = True) -> tuple[bool, dict[str, Any] | None]:
+        """Whether ``ev`` goes to the caller (not a repeat, nor an answer to our attach), and what to send back.
 
         ``wait=False`` (a client with a timeout of its own): a request handed over ends here, as
         its ``shutting_down`` error says, rather than waiting for the next daemon.
         """
-        o = self.open.get(msg.get("id"))
+        o = self.open.get(ev.id)
         if o is None:
             return True, None
-        ev = msg.get("event")
-        if ev == P.EV_ATTACHED:
-            o.pid, o.attaching, o.handed_over = msg.get("pid", o.pid), False, False
+        if isinstance(ev, E.Attached):
+            o.pid, o.attaching, o.handed_over = ev.pid, False, False
             return False, None
-        if ev == P.EV_ACCEPTED:
-            o.pid = msg.get("pid")
-        elif ev == P.EV_TOKEN:
-            index = msg.get("index")
-            if isinstance(index, int) and index <= o.tokens:
+        if isinstance(ev, E.Accepted):
+            o.pid = ev.pid
+        elif isinstance(ev, E.Token):
+            if ev.index is not None and ev.index <= o.tokens:
                 return False, None  # had it before the restart
-            o.tokens = index if isinstance(index, int) else o.tokens
-            chars = msg.get("chars")  # raw characters (with tools, the text shown is less)
-            o.chars = chars if isinstance(chars, int) else o.chars + len(msg.get("text") or "")
-        elif ev == P.EV_ERROR and msg.get("code") == P.E_SHUTTING_DOWN and msg.get("resumable") and wait:
+            o.tokens = ev.index if ev.index is not None else o.tokens
+            # raw characters (with tools, the text shown is less)
+            o.chars = ev.chars if ev.chars is not None else o.chars + len(ev.text)
+        elif isinstance(ev, E.Error) and ev.code == P.E_SHUTTING_DOWN and ev.resumable and wait:
             o.handed_over = True  # the next daemon finishes it: attach to that one
             return False, None
-        elif ev == P.EV_ERROR and msg.get("code") == P.E_NOT_FOUND and o.attaching:
+        elif isinstance(ev, E.Error) and ev.code == P.E_NOT_FOUND and o.attaching:
             o.attaching = False
             if o.pid is None:  # no daemon acknowledged it: send it again
                 return False, dict(o.msg)
-        if ev in P.TERMINAL_EVENTS:
-            self.open.pop(msg.get("id"), None)
+        if ev.terminal:
+            self.open.pop(ev.id, None)
         return True, None

@@ -9,11 +9,13 @@ all), and sessions are kept per identity, so no one reuses or probes another's c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ipc import events as E
 from ipc import messages as M
 from ipc import protocol as P
 from scheduler.lifecycle import Lifecycle
@@ -80,18 +82,16 @@ class AgentOps:
         if self.phase.stopping.is_set():
             raise P.ProtocolError(P.E_SHUTTING_DOWN, "the daemon is shutting down")
         params = rec.params
-        if "on_behalf_of" in params:  # the HTTP front speaks for its bearer token's identity
+        if params.on_behalf_of is not None:  # the HTTP front speaks for its bearer token's identity
             if not who.admin:
                 raise P.ProtocolError(P.E_BAD_FIELD, "only an admin may submit 'on_behalf_of' another identity")
-            params = {k: v for k, v in params.items() if k != "on_behalf_of"}
-            who = Caller(who.addr, rec.params["on_behalf_of"], admin=False)
-        if params.get("session"):
-            params = params | {"session": session_key(who.identity, params["session"])}
-        if params.get("fork"):  # a group is its owner's own too
-            params = params | {"fork": session_key(who.identity, params["fork"])}
-        exact = self.sizer.check(
-            params["messages"], params.get("tools"), params.get("max_tokens"), params.get("prompt")
-        )
+            who = Caller(who.addr, params.on_behalf_of, admin=False)
+            params = dataclasses.replace(params, on_behalf_of=None)
+        if params.session:
+            params = dataclasses.replace(params, session=session_key(who.identity, params.session))
+        if params.fork:  # a group is its owner's own too
+            params = dataclasses.replace(params, fork=session_key(who.identity, params.fork))
+        exact = self.sizer.check(params.messages, params.tools, params.max_tokens, params.prompt)
         self.life.accept(addr, cid, params, who.identity or "", who.admin, exact or 0)
 
     def ps(self, who: Caller, cid: Any, rec: M.Ps) -> None:
@@ -160,20 +160,19 @@ class AgentOps:
                 req = next(mine, None)
         if req is not None and not req.finished and who.owns(req):
             req.watch(who.addr, cid, rec.offset, rec.chars, rec.stream)
-            seen = {"pid": req.pid, "state": req.state.value, "tokens": req.generated, "recovered": req.recovered}
-            out.send_agent(who.addr, {"event": P.EV_ATTACHED, "id": cid, **seen})
-            out.emit(req, P.EV_TOKEN)  # what it has missed, if any (everyone else has it)
+            seen = E.Attached(id=cid, pid=req.pid, state=req.state.value, tokens=req.generated, recovered=req.recovered)
+            out.send_agent(who.addr, seen)
+            out.emit_tokens(req)  # what it has missed, if any (everyone else has it)
             return
         ended = self.life.journal.ended(who.identity, rec.pid, cid)
         if ended is None or not (who.admin or ended.owner == (who.identity or "")):
             raise P.ProtocolError(P.E_NOT_FOUND, f"no request of yours with {self._named(rec, cid)}")
         final = ended.final
-        out.send_agent(who.addr, {"event": P.EV_ATTACHED, "id": cid, "pid": ended.pid, "state": "ENDED"})
-        text = final.get("text") or ""
+        out.send_agent(who.addr, E.Attached(id=cid, pid=ended.pid, state="ENDED"))
+        text = final.text or ""
         if rec.stream and len(text) > rec.chars:
-            rest = {"text": text[rec.chars :], "token_ids": [], "index": None}
-            out.send_agent(who.addr, {"event": P.EV_TOKEN, "id": cid, "pid": ended.pid, **rest})
-        out.send_agent(who.addr, final | {"id": cid})
+            out.send_agent(who.addr, E.Token(id=cid, pid=ended.pid, text=text[rec.chars :]))
+        out.send_agent(who.addr, dataclasses.replace(final, id=cid))
 
     @staticmethod
     def _named(rec: M.Attach, cid: Any) -> str:

@@ -28,7 +28,7 @@ class Scheduler:
     # ---- a request's life ---------------------------------------------------------------
     def add(self, req: Request) -> None:
         """A new request joins the run queue; one of a session goes to the worker keeping its context."""
-        home = self.session_home(req.session) or self.fork_home(req.params.get("fork"))
+        home = self.session_home(req.session) or self.fork_home(req.params.fork)
         if home is not None and home.alive:
             req.worker = home.name  # affinity: that worker holds the session's context, or prefills the group's
         self.table[req.pid] = req
@@ -227,7 +227,7 @@ class Scheduler:
         if not group:
             return None
         for r in self.table.values():
-            if r.params.get("fork") == group and not r.finished and r.worker is not None:
+            if r.params.fork == group and not r.finished and r.worker is not None:
                 return self.workers.get(r.worker)
         return None
 

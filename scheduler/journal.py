@@ -32,6 +32,7 @@ from typing import Any
 
 import msgpack
 
+from ipc import events as E
 from scheduler.request import Request
 
 log = logging.getLogger("quantad")
@@ -113,7 +114,7 @@ class Ended:
     pid: int
     owner: str
     client_id: Any
-    final: dict[str, Any]
+    final: E.Event  # its terminal event, under no id
 
 
 class Journal:
@@ -144,7 +145,7 @@ class Journal:
         self.db.execute(
             "INSERT OR REPLACE INTO requests (pid, owner, client_id, agent_addr, params, accepted_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (req.pid, req.owner, _pack(req.client_id), req.agent_addr, _pack(req.params), time.time()),
+            (req.pid, req.owner, _pack(req.client_id), req.agent_addr, _pack(req.params.wire()), time.time()),
         )
         self._committed(t0)
 
@@ -159,10 +160,10 @@ class Journal:
         self._dirty[req.pid] = req
         self._soon()
 
-    def end(self, req: Request, final: dict[str, Any]) -> None:
+    def end(self, req: Request, final: E.Event) -> None:
         """It ended: its terminal event is kept (``keep_s``), and it will not be recovered."""
         self._dirty.pop(req.pid, None)
-        self._ends[req.pid] = {k: v for k, v in final.items() if k != "seq"}
+        self._ends[req.pid] = {k: v for k, v in final.encode().items() if k not in ("seq", "id")}
         self._soon()
 
     def _soon(self) -> None:
@@ -242,7 +243,7 @@ class Journal:
             ).fetchone()
         if row is None:
             return None
-        return Ended(row[0], row[1], _unpack(row[2]), _unpack(row[3]))
+        return Ended(row[0], row[1], _unpack(row[2]), E.decode(_unpack(row[3])))
 
     def view(self) -> dict[str, Any]:
         """For ``stats``: where it is, its commits, and the time its writes took (its cost)."""
@@ -271,7 +272,7 @@ class NullJournal:
 
     def checkpoint(self, req: Request) -> None: ...
 
-    def end(self, req: Request, final: dict[str, Any]) -> None: ...
+    def end(self, req: Request, final: E.Event) -> None: ...
 
     def expire(self) -> int:
         return 0

@@ -10,11 +10,13 @@ slot, end a drain) is the ``settle`` it is given; this module sends nothing but 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
 
+from ipc import events as E
 from ipc import messages as M
 from ipc import protocol as P
 from scheduler.core import Scheduler
@@ -54,7 +56,7 @@ class Lifecycle:
         self.sched.add(req)
         self.counters.accepted += 1
         log.info("event=accepted pid=%s id=%r agent=%r max_tokens=%s", req.pid, cid, req.agent, req.max_tokens)
-        self.outbox.emit(req, P.EV_ACCEPTED, pid=req.pid)
+        self.outbox.emit(req, E.Accepted(pid=req.pid))
         self.settle()
         return req
 
@@ -70,12 +72,12 @@ class Lifecycle:
             log.info("event=recovered requests=%s tokens=%s read_ms=%.1f", len(back), tokens, ms)
 
     # ---- a request's end --------------------------------------------------------------------
-    def terminal(self, req: Request, state: State, event: str, **fields: Any) -> None:
+    def terminal(self, req: Request, state: State, ev: E.Done | E.Error | E.Cancelled) -> None:
         """The one terminal reply of a request: leave the tables, then tell its followers."""
         policy_view = self.retire(req, state)
-        fields["stats"] = req.stats() | policy_view | fields.get("stats", {})
-        self.outbox.emit(req, event, **fields)
-        self.journal.end(req, {"event": event, "pid": req.pid, **fields})
+        ev = dataclasses.replace(ev, stats=req.stats() | policy_view | (ev.stats or {}))
+        self.outbox.emit(req, ev)
+        self.journal.end(req, ev)
         self.settle()
 
     def cancel(self, req: Request, why: str, notify: bool = True, reschedule: bool = True) -> None:
@@ -83,24 +85,26 @@ class Lifecycle:
             return
         self._stop_on_worker(req)
         log.info("event=cancelled pid=%s why=%r", req.pid, why)
+        ev = E.Cancelled(pid=req.pid, message=why, text=req.text)
         if notify:
-            self.terminal(req, State.CANCELLED, P.EV_CANCELLED, message=why, text=req.text)
+            self.terminal(req, State.CANCELLED, ev)
             return
         self.retire(req, State.CANCELLED)
-        self.journal.end(req, {"event": P.EV_CANCELLED, "pid": req.pid, "message": why, "text": req.text})
+        self.journal.end(req, ev)
         if reschedule:
             self.settle()
 
     def fail(self, req: Request, code: str, message: str) -> None:
         self._stop_on_worker(req)
-        self.terminal(req, State.FAILED, P.EV_ERROR, code=code, message=message, text=req.text)
+        self.terminal(req, State.FAILED, E.Error(pid=req.pid, code=code, message=message, text=req.text, stats={}))
 
     def hand_over(self, req: Request, why: str) -> None:
         """Stopping: ``req`` stays unfinished in the journal for the next daemon; its followers are told so."""
         self._stop_on_worker(req)
         self.retire(req, State.CANCELLED)
         self.journal.keep_unfinished([req])
-        self.outbox.emit(req, P.EV_ERROR, code=P.E_SHUTTING_DOWN, message=why, text=req.text, resumable=True)
+        ev = E.Error(pid=req.pid, code=P.E_SHUTTING_DOWN, message=why, text=req.text, resumable=True)
+        self.outbox.emit(req, ev)
 
     def agent_gone(self, addr: bytes) -> None:
         """An agent's connection is gone: its requests lose a follower; those left with none are cancelled."""

@@ -16,6 +16,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from ipc import events as E
 from ipc import messages as M
 from ipc import protocol as P
 from scheduler import tool_events
@@ -33,12 +34,15 @@ class Outbox:
         self.on_agent_gone: Callable[[bytes], None] = lambda addr: None
 
     def reply(self, addr: bytes, cid: Any, data: dict) -> None:
-        self.send_agent(addr, {"event": P.EV_REPLY, "id": cid, "data": data})
+        self.send_agent(addr, E.Reply(id=cid, answer=data))
 
     def error(self, addr: bytes, cid: Any, code: str, message: str) -> None:
-        self.send_agent(addr, {"event": P.EV_ERROR, "id": cid, "code": code, "message": message})
+        self.send_agent(addr, E.Error(id=cid, code=code, message=message))
 
-    def send_agent(self, addr: bytes, msg: dict) -> bool:
+    def send_agent(self, addr: bytes, ev: E.Event) -> bool:
+        return self._send(addr, ev.encode())
+
+    def _send(self, addr: bytes, msg: dict) -> bool:
         msg["seq"] = next(self.seq)
         try:
             self._agents_tx.send_multipart([addr, P.pack(msg)], flags=zmq.NOBLOCK)
@@ -50,25 +54,29 @@ class Outbox:
         finally:
             self.agents.get(zmq.EVENTS)  # re-arm the pending receive: see to_worker
 
-    def emit(self, req: Request, event: str, **fields: Any) -> None:
-        """An event of ``req`` to everyone following it; a token event carries what each has not had yet."""
+    def emit(self, req: Request, ev: E.Event) -> None:
+        """``ev`` to everyone following ``req``, each under its own id (a streamed kind only to those that stream)."""
+        msg = ev.encode()
         for (addr, cid), w in list(req.watchers.items()):
-            if not w.stream and event in (P.EV_TOKEN, P.EV_PREEMPTED, P.EV_RESUMED):
+            if w.stream or not ev.STREAMED:
+                self._send(addr, msg | {"id": cid})
+
+    def emit_tokens(self, req: Request) -> None:
+        """To each streaming follower of ``req``, the tokens it has not had yet (and the tool-call deltas in them)."""
+        wants_logprobs = req.params.logprobs
+        for (addr, cid), w in list(req.watchers.items()):
+            start, had, out = w.tokens, w.chars, req.unsent(w) if w.stream else None
+            if out is None:  # not streaming, or recomputed after a restart: it has these already
                 continue
-            msg, calls = {"event": event, "id": cid, "pid": req.pid, **fields}, []
-            if event == P.EV_TOKEN:
-                start, had, out = w.tokens, w.chars, req.unsent(w)
-                if out is None:  # recomputed after a restart: it has these already
-                    continue
-                msg["text"], msg["token_ids"] = out
-                msg["index"], msg["chars"] = req.generated, len(req.text)
-                if tool_events.splits(req):  # no call markup in a token's text: the calls follow as deltas
-                    msg["text"], calls = tool_events.view(req, had)
-                if req.params.get("logprobs"):
-                    msg["logprobs"] = req.logprobs[start : req.generated]
-            self.send_agent(addr, msg)
+            (text, ids), calls = out, []
+            if tool_events.splits(req):  # no call markup in a token's text: the calls follow as deltas
+                text, calls = tool_events.view(req, had)
+            logprobs = req.logprobs[start : req.generated] if wants_logprobs else None
+            token = E.Token(id=cid, pid=req.pid, text=text, token_ids=ids, index=req.generated, chars=len(req.text),
+                            logprobs=logprobs)  # fmt: skip
+            self.send_agent(addr, token)
             for call in calls:
-                self.send_agent(addr, {"id": cid, "pid": req.pid, **call})
+                self.send_agent(addr, E.ToolCall(id=cid, pid=req.pid, tool_call=call))
 
     def to_worker(self, name: str, msg: M.Message, frames: list | None = None) -> None:
         try:

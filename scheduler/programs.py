@@ -13,6 +13,8 @@ import hashlib
 import json
 from typing import Any
 
+from ipc.chat_params import ChatParams
+
 OPENING_CHARS = 4096  # of each opening message: enough to tell agents apart, bounded work per request
 
 
@@ -23,28 +25,28 @@ def _text(content: Any) -> str:
     return json.dumps(content, sort_keys=True, default=str)[:OPENING_CHARS]
 
 
-def opening(params: dict[str, Any]) -> str:
+def opening(params: ChatParams) -> str:
     """What every turn of a conversation starts with: the first system and the first user message."""
-    messages = params.get("messages") or []
+    messages = params.messages
     first = {}
     for m in messages:
         if isinstance(m, dict) and m.get("role") in ("system", "user") and m["role"] not in first:
             first[m["role"]] = _text(m.get("content"))
     if not first:  # a completion: its prompt's start
-        prompt = params.get("prompt")
+        prompt = params.prompt
         return _text(prompt if isinstance(prompt, str) else json.dumps(prompt)[:OPENING_CHARS])
     return json.dumps([first.get("system", ""), first.get("user", "")])
 
 
-def program_of(params: dict[str, Any]) -> str:
+def program_of(params: ChatParams) -> str:
     """The program's name: ``session:``, ``agent:`` when the client named one, else ``conv:`` and a digest.
 
     A name is its owner's: policies key programs by owner and name (``program_key``).
     """
-    if params.get("session"):
-        return f"session:{params['session']}"
-    if params.get("agent"):
-        return f"agent:{params['agent']}"
+    if params.session:
+        return f"session:{params.session}"
+    if params.agent:
+        return f"agent:{params.agent}"
     digest = hashlib.blake2b(opening(params).encode(), digest_size=6).hexdigest()
     return f"conv:{digest}"
 

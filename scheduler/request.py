@@ -6,12 +6,14 @@ in nano-vllm; the daemon and its handlers read them and call those.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ipc.chat_params import ChatParams
 from ipc.protocol import MAX_TOKENS_LIMIT
 from scheduler.programs import program_key, program_of
 
@@ -58,7 +60,7 @@ class Request:
     pid: int
     agent_addr: bytes
     client_id: Any
-    params: dict[str, Any]
+    params: ChatParams  # a map (a journal's row, a test's) is read into the record
     state: State = State.NEW
     worker: str | None = None  # worker running it, or holding its context
     tier: str = "none"
@@ -97,11 +99,12 @@ class Request:
     program: str = ""  # the agent program it belongs to (``scheduler.programs``): fixed at accept
 
     def __post_init__(self) -> None:
-        if self.params.get("seed") is None:  # fixed now, so any restart samples the same stream
-            self.params["seed"] = random.getrandbits(63)
-        self.nice = int(self.params.get("nice", 0))
+        self.params = ChatParams.of(self.params)
+        if self.params.seed is None:  # fixed now, so any restart samples the same stream
+            self.params = dataclasses.replace(self.params, seed=random.getrandbits(63))
+        self.nice = self.params.nice
         if not self.prompt_tokens:
-            self.prompt_tokens = estimate_prompt_tokens(self.params.get("messages", []), self.params.get("prompt"))
+            self.prompt_tokens = estimate_prompt_tokens(self.params.messages, self.params.prompt)
         if not self.watchers:
             self.watchers[(self.agent_addr, self.client_id)] = Watch(stream=self.stream)
         if not self.program:
@@ -116,20 +119,20 @@ class Request:
 
     @property
     def agent(self) -> str:
-        return self.params.get("agent", "")
+        return self.params.agent
 
     @property
     def session(self) -> str:
-        return self.params.get("session", "")
+        return self.params.session
 
     @property
     def stream(self) -> bool:
         """Whether the agent asked for ``token``, ``preempted`` and ``resumed`` events."""
-        return bool(self.params.get("stream"))
+        return self.params.stream
 
     @property
-    def max_tokens(self) -> int | None:
-        return self.params.get("max_tokens")
+    def max_tokens(self) -> int:
+        return self.params.max_tokens
 
     @property
     def finished(self) -> bool:
@@ -159,7 +162,7 @@ class Request:
         """Tokens streamed by its worker: ids (local engines) and/or text, ``count`` of them."""
         if self.first_token_s is None and (ids or text):
             self.first_token_s = time.monotonic() - self.submitted_at
-        if self.params.get("logprobs") and count:  # one entry per token, aligned with ``generated``
+        if self.params.logprobs and count:  # one entry per token, aligned with ``generated``
             done = len(self.tokens) if ids else self.generated  # API workers send counted text, no ids
             self.logprobs.extend([None] * (done - len(self.logprobs)))
             del self.logprobs[done:]

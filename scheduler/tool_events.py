@@ -10,18 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from ipc import protocol as P
 from ipc.tool_stream import Split, deltas, split
 from scheduler.request import Request
 
 
 def splits(req: Request) -> bool:
     """Whether ``req``'s text may hold tool calls to take out."""
-    return bool(req.params.get("tools")) and req.params.get("tool_choice") != "none"
+    return req.params.calls_tools
 
 
 def _names(req: Request) -> set[str]:
-    return {t.get("function", t).get("name", "") for t in req.params.get("tools") or []}
+    return {t.get("function", t).get("name", "") for t in req.params.tools or []}
 
 
 def _at(req: Request, chars: int, final: bool = False) -> Split:
@@ -31,8 +30,7 @@ def _at(req: Request, chars: int, final: bool = False) -> Split:
 def view(req: Request, had_chars: int) -> tuple[str, list[dict[str, Any]]]:
     """The content and the call deltas a follower that had ``had_chars`` raw characters gets now."""
     old, new = _at(req, had_chars), _at(req, len(req.text))
-    calls = [{"event": P.EV_TOOL_CALL, "tool_call": d} for d in deltas(old, new, req.pid)]
-    return new.content[len(old.content) :], calls
+    return new.content[len(old.content) :], deltas(old, new, req.pid)
 
 
 def tail(req: Request) -> str:

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ipc import events as E
 from ipc import messages as M
 from ipc import protocol as P
 from ipc.tensor_frames import check, spec_bytes
@@ -78,7 +79,7 @@ class WorkerOps:
             return
         self.run(req)  # carries all a worker without the context needs to rebuild it
         if req.quanta > 0:  # after ``run``: if the agent is gone, the cancel follows the run
-            self.outbox.emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier, tokens=req.generated)
+            self.outbox.emit(req, E.Resumed(pid=req.pid, worker=req.worker, context=req.tier, tokens=req.generated))
 
     def run(
         self, req: Request, frames: list | None = None, migrate: dict | None = None, tensors: list | None = None
@@ -173,8 +174,9 @@ class WorkerOps:
             self.run(req, migrate=rec.migrate)
         else:
             self.run(req, frames, migrate=rec.migrate, tensors=specs)
-        moved = {"migrated": True, "direct": rec.direct}
-        self.outbox.emit(req, P.EV_RESUMED, worker=req.worker, context=req.tier, tokens=req.generated, **moved)
+        moved = E.Resumed(pid=req.pid, worker=req.worker, context=req.tier, tokens=req.generated, migrated=True,
+                          direct=rec.direct)  # fmt: skip
+        self.outbox.emit(req, moved)
 
     # ---- a running request ----------------------------------------------------------------
     @running
@@ -182,7 +184,7 @@ class WorkerOps:
         req.note_output(rec.ids, rec.text, rec.count, rec.logprobs)
         self.life.counters.tokens += rec.count
         if rec.text or rec.ids:
-            self.outbox.emit(req, P.EV_TOKEN)  # each follower gets what it has not had (``Request.unsent``)
+            self.outbox.emit_tokens(req)  # each follower gets what it has not had (``Request.unsent``)
 
     def step_tokens(self, w: Worker, rec: M.StepTokens, frames: list) -> None:
         """Several rows' tokens: each as its own ``tokens`` (a malformed row is refused, the others count)."""
@@ -207,7 +209,7 @@ class WorkerOps:
         self.sched.preempt(req, rec.tier, rec.bytes, rec.switch_s)
         self.life.counters.preemptions += 1
         log.info("event=preempted pid=%s tier=%s bytes=%s", req.pid, req.tier, req.context_bytes)
-        self.outbox.emit(req, P.EV_PREEMPTED, quantum=req.quanta, tokens=req.generated, context=req.tier)
+        self.outbox.emit(req, E.Preempted(pid=req.pid, quantum=req.quanta, tokens=req.generated, context=req.tier))
         self.life.settle()
 
     @running
@@ -222,20 +224,19 @@ class WorkerOps:
         log.info(
             "event=done pid=%s tokens=%s quanta=%s preemptions=%s", req.pid, req.generated, req.quanta, req.preemptions
         )
-        self.life.terminal(
-            req,
-            State.DONE,
-            P.EV_DONE,
-            worker=req.worker,
+        done = E.Done(
+            pid=req.pid,
+            worker=req.worker or "",
             text=req.text,
             finish_reason=rec.finish_reason,
             content=rec.content,
             tool_calls=rec.tool_calls,
             usage=with_cached(rec.usage, rec.prompt_reused),
             stats=rec.stats,
-            **({"logprobs": req.logprobs} if req.params.get("logprobs") else {}),
-            **({"content_tail": tail} if tool_events.splits(req) and (tail := tool_events.tail(req)) else {}),
+            logprobs=req.logprobs if req.params.logprobs else None,
+            content_tail=(tool_events.tail(req) or None) if tool_events.splits(req) else None,
         )
+        self.life.terminal(req, State.DONE, done)
 
     @running
     def failed(self, req: Request, rec: M.Failed) -> None:

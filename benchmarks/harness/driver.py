@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from benchmarks.harness.workloads import Call, Workload
+from ipc import events as E
 
 
 @dataclass
@@ -76,7 +77,6 @@ class QuantadTarget:
         self.seed = seed
 
     async def call(self, call: Call, messages: list[dict[str, str]], rec: Record, clock: Clock) -> str:
-        from ipc import protocol as P
 
         text: list[str] = []
         rec.submit_s = clock.now()
@@ -87,26 +87,29 @@ class QuantadTarget:
         )  # fmt: skip
         async for ev in stream:
             t_in = time.perf_counter()
-            if ev.event == P.EV_TOKEN:
+            if isinstance(ev, E.Token):
                 now = clock.now()
                 if rec.first_token_s is None:
                     rec.first_token_s = now
-                rec.arrivals.append((round(now, 4), len(ev.data.get("token_ids") or ()) or 1))
+                rec.arrivals.append((round(now, 4), len(ev.token_ids) or 1))
                 text.append(ev.text)
-            elif ev.event == P.EV_PREEMPTED:
+            elif isinstance(ev, E.Preempted):
                 rec.preemptions += 1
-            elif ev.event == P.EV_RESUMED:
+            elif isinstance(ev, E.Resumed):
                 rec.resumes += 1
-            elif ev.event == P.EV_DONE:
+            elif isinstance(ev, E.Done):
                 rec.done_s = clock.now()
-                rec.tokens = int(ev.data.get("usage", {}).get("completion_tokens", 0))
-                rec.prompt_tokens = ev.data.get("usage", {}).get("prompt_tokens")
-                rec.finish_reason = ev.data.get("finish_reason")
-                rec.stats = dict(ev.data.get("stats", {}))
+                rec.tokens = int(ev.usage.get("completion_tokens", 0))
+                rec.prompt_tokens = ev.usage.get("prompt_tokens")
+                rec.finish_reason = ev.finish_reason
+                rec.stats = dict(ev.stats)
                 rec.prompt_computed = rec.stats.get("prompt_tokens_computed")
-            elif ev.terminal:
-                rec.error = f"{ev.data.get('code', ev.event)}: {ev.data.get('message', '')}"
-                rec.stats = dict(ev.data.get("stats", {}))
+            elif isinstance(ev, E.Error):
+                rec.error = f"{ev.code}: {ev.message}"
+                rec.stats = dict(ev.stats or {})
+            elif isinstance(ev, E.Cancelled):
+                rec.error = f"{ev.event}: {ev.message}"
+                rec.stats = dict(ev.stats or {})
             rec.driver_s += time.perf_counter() - t_in
         return "".join(text)
 
