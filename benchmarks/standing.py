@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from benchmarks.results import Figure, bars
+
 # (what, quantad / llama-server, better when) from the runs of 2026-12-06 (2-core CPU, SmolLM2-135M Q4_1)
 FIGURES = [
     ("light load: p50 job time", 0.90, "lower"),
@@ -31,25 +33,8 @@ def table() -> str:
 
 
 def plot(out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=110)
-    names = [w for w, _, _ in FIGURES][::-1]
-    ratios = [r for _, r, _ in FIGURES][::-1]
-    good = [(r <= 1.0) == (b == "lower") for _, r, b in FIGURES][::-1]
-    ax.barh(names, ratios, color=["#2e7d32" if g else "#c62828" for g in good])
-    ax.axvline(1.0, color="black", linewidth=1)
-    for y, r in enumerate(ratios):
-        ax.text(r + 0.02, y, f"{r:.2f}", va="center", fontsize=8)
-    ax.set_xlabel("quantad / llama-server (1.0: the same; green: quantad better)")
-    ax.set_xlim(0, 1.4)
-    ax.tick_params(axis="y", labelsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    figures = [Figure(what, ratio, better) for what, ratio, better in FIGURES]
+    bars(figures, "quantad / llama-server, same model, client and machine", out, "1.0: the same; green: quantad better")
 
 
 def main(argv: list[str] | None = None) -> None:
