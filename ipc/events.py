@@ -159,9 +159,15 @@ class Error(Event):
     code: str = P.E_INTERNAL
     message: str = ""
     pid: int | None = optional()
-    text: str = optional("")
+    text: str = ""  # sent with a ``pid`` only
     stats: dict[str, Any] | None = optional()
     resumable: bool | None = optional()
+
+    def encode(self) -> dict[str, Any]:
+        out = Event.encode(self)
+        if self.pid is None:
+            del out["text"]
+        return out
 
 
 @dataclass(frozen=True, slots=True)
