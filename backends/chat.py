@@ -7,9 +7,11 @@ import torch
 from ipc import protocol as P
 
 
-def render(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-    """Token ids of a chat, with the generation prompt, via the model's chat template."""
-    enc = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
+def render(tokenizer, messages: list[dict], tools: list[dict] | None = None, extra: dict | None = None) -> list[int]:
+    """Token ids of a chat, with the generation prompt, via the model's chat template (``extra``: its variables)."""
+    enc = tokenizer.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=True, tokenize=True, **(extra or {})
+    )
     ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
     return list(ids)
 

@@ -28,9 +28,10 @@ NONE = "none"
 METHODS = (PREFIX, COMPLETIONS, NONE)
 
 # Parameters the completions endpoint cannot carry: sent on chat streams only.
-CHAT_ONLY = ("tools", "tool_choice", "response_format", "parallel_tool_calls")
+CHAT_ONLY = ("tools", "tool_choice", "response_format", "parallel_tool_calls", "reasoning_effort")
 OPENAI_CONTROLS = ("frequency_penalty", "presence_penalty", "logit_bias")  # OpenAI's own parameters
-EXTRA_CONTROLS = ("top_k", "min_p", "repetition_penalty")  # vLLM's and llama.cpp's, sent in the body
+# vLLM's and llama.cpp's, sent in the body
+EXTRA_CONTROLS = ("top_k", "min_p", "repetition_penalty", "ignore_eos", "chat_template_kwargs")
 JSON_FORMATS = ("json_object", "json_schema")
 
 
@@ -192,8 +193,8 @@ class LocalTemplate:
         ids = self.tok("x")["input_ids"]
         self.strip_bos = bos if bos and ids and ids[0] == self.tok.bos_token_id else ""
 
-    def render(self, messages: list[dict[str, Any]]) -> str:
-        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def render(self, messages: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:
+        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **(extra or {}))
         return text[len(self.strip_bos) :] if self.strip_bos and text.startswith(self.strip_bos) else text
 
     def count(self, text: str) -> int:
@@ -229,7 +230,8 @@ def request_for(ctx: TextContext, model: str, method: str | None, template: Loca
         if template is None:
             raise ValueError("the completions method needs --tokenizer")
         legacy = request_fields("completions", p)
-        return "completions", kw | {"prompt": template.render(p.messages) + ctx.text} | legacy | _extra(extra)
+        prompt = template.render(p.messages, p.template_kwargs) + ctx.text
+        return "completions", kw | {"prompt": prompt} | legacy | _extra(extra)
     messages = list(p.messages)
     kw |= {k: wire[k] for k in CHAT_ONLY if wire.get(k) is not None} | request_fields("chat", p)
     if method == PREFIX:

@@ -33,8 +33,8 @@ class HFEngine(LocalEngine):
         self.batch = Batch(self.model.model, self.model.config)
         super().__init__(spec, send, ctx)
 
-    def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        return self.model.render(messages, tools)
+    def render(self, messages: list[dict], tools: list[dict] | None = None, extra: dict | None = None) -> list[int]:
+        return self.model.render(messages, tools, extra)
 
     def without_eos(self, logits: torch.Tensor) -> torch.Tensor:
         return self.model.without_eos(logits)

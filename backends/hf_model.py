@@ -37,9 +37,9 @@ class HFModel:
         """A copy of ``logits`` in which no end-of-sequence token can be chosen (``min_tokens``)."""
         return chat.without_eos(logits, self.eos_ids)
 
-    def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def render(self, messages: list[dict], tools: list[dict] | None = None, extra: dict | None = None) -> list[int]:
         """Token ids of a chat, with the generation prompt, via the model's chat template."""
-        return chat.render(self.tokenizer, messages, tools)
+        return chat.render(self.tokenizer, messages, tools, extra)
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)

@@ -29,8 +29,8 @@ class ModelHooks(ABC):
     max_context: int | None = None  # the most tokens a request's context may hold (None: not checked)
 
     @abstractmethod
-    def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """Token ids of a chat, with the generation prompt."""
+    def render(self, messages: list[dict], tools: list[dict] | None = None, extra: dict | None = None) -> list[int]:
+        """Token ids of a chat, with the generation prompt (``extra``: more variables for the template)."""
 
     @abstractmethod
     def without_eos(self, logits: torch.Tensor) -> torch.Tensor:

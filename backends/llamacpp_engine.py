@@ -153,8 +153,8 @@ class LlamaCppEngine(LocalEngine):
         return logits
 
     # ---- hooks ----------------------------------------------------------------------------
-    def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        return chat.render(self.tokenizer, messages, tools)
+    def render(self, messages: list[dict], tools: list[dict] | None = None, extra: dict | None = None) -> list[int]:
+        return chat.render(self.tokenizer, messages, tools, extra)
 
     def without_eos(self, logits: torch.Tensor) -> torch.Tensor:
         return chat.without_eos(logits, self.eos_ids)

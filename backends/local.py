@@ -233,9 +233,9 @@ class LocalEngine(Engine, ModelHooks):
         if params.prompt is not None:  # a completion: the text as it is, no chat template
             prompt_ids = encode_prompt(self.tokenizer, params.prompt)
         elif structured:
-            prompt_ids = self.render(*self.structurer.messages(params))
+            prompt_ids = self.render(*self.structurer.messages(params), params.template_kwargs)
         else:
-            prompt_ids = self.render([as_text_message(m) for m in params.messages], None)
+            prompt_ids = self.render([as_text_message(m) for m in params.messages], None, params.template_kwargs)
         if self.max_context is not None and len(prompt_ids) >= self.max_context:
             raise P.ProtocolError(
                 P.E_CONTEXT_LENGTH,

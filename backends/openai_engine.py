@@ -453,7 +453,7 @@ class Streams:
             prompt = ctx.params.prompt
             base = self._prompt_count(prompt) if isinstance(prompt, list) or self.template else None
         elif self.template:
-            base = self._count(self.template.render(ctx.params.messages))
+            base = self._count(self.template.render(ctx.params.messages, ctx.params.template_kwargs))
         base, computed, extra = ctx.prompt_stats(base)
         self.prompt_tokens += computed
         if usage is not None and not ctx.resumes and not ctx.replay:

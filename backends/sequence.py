@@ -63,7 +63,8 @@ class Sequence:
 
     @property
     def under_min(self) -> bool:
-        return len(self.generated) < self.min_tokens
+        """No end-of-sequence yet: under ``min_tokens``, or never (``ignore_eos``)."""
+        return len(self.generated) < self.min_tokens or self.params.ignore_eos
 
     # ---- what the engine's helpers may change (the engine and its prefill line write fields) ----
     def switched(self, seconds: float, restored: bool = False) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from http_front.errors import HttpError
-from http_front.request import served
+from http_front.request import LABELS, served
 from ipc import events as E
 from ipc import protocol as P
 
@@ -19,9 +19,10 @@ from ipc import protocol as P
 # field is refused by name (``unsupported_parameter``), never dropped
 CHAT_FIELDS = frozenset(
     "temperature top_p seed stop tools tool_choice response_format nice session min_tokens n logprobs top_logprobs"
-    " frequency_penalty presence_penalty logit_bias top_k min_p repetition_penalty parallel_tool_calls".split()
+    " frequency_penalty presence_penalty logit_bias top_k min_p repetition_penalty parallel_tool_calls"
+    " ignore_eos chat_template_kwargs reasoning_effort".split()
 )
-HTTP_ONLY = frozenset("model messages max_tokens max_completion_tokens stream stream_options user".split())
+HTTP_ONLY = frozenset("model messages max_tokens max_completion_tokens stream stream_options".split()) | LABELS
 CUT_GRAMMAR = "max_tokens cut the output before its grammar was complete: it is not valid JSON"
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from http_front.errors import HttpError
-from http_front.request import done_data, json_body, last_event, rejection, served, wants_usage
+from http_front.request import LABELS, done_data, json_body, last_event, rejection, served, wants_usage
 from ipc import events as E
 from ipc import protocol as P
 from ipc.client import AsyncClient, ClientError
@@ -25,9 +25,10 @@ from ipc.client import AsyncClient, ClientError
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 PASSED = frozenset(
     "temperature top_p seed stop n frequency_penalty presence_penalty logit_bias top_k min_p repetition_penalty"
-    " nice session min_tokens response_format".split()
+    " nice session min_tokens response_format ignore_eos".split()
 )
-KNOWN = PASSED | frozenset("model prompt max_tokens stream stream_options user logprobs echo suffix best_of".split())
+HTTP_ONLY = frozenset("model prompt max_tokens stream stream_options logprobs echo suffix best_of".split())
+KNOWN = PASSED | LABELS | HTTP_ONLY
 
 
 def completion_fields(body: dict[str, Any], models: list[str]) -> tuple[Any, dict[str, Any], bool]:

@@ -39,6 +39,11 @@ def served(model: Any, models: Iterable[str]) -> None:
         )
 
 
+# Fields that only label a request (OpenAI's, sent by SDKs and frameworks) or ask for what is always on
+# (llama-server's ``cache_prompt``): accepted and not acted on, on chat and completions alike
+LABELS = frozenset("store metadata service_tier user prompt_cache_key safety_identifier cache_prompt".split())
+
+
 def wants_usage(body: dict[str, Any]) -> bool:
     """``stream_options.include_usage``: a stream ends with a usage chunk."""
     opts = body.get("stream_options")

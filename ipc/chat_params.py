@@ -26,6 +26,13 @@ MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_PROMPT_IDS = 1 << 17  # a prompt given as token ids
 DEFAULT_MAX_TOKENS = 256
+MAX_TEMPLATE_KWARGS = 32
+# ``apply_chat_template``'s own arguments: a ``chat_template_kwargs`` key may not take their place
+TEMPLATE_RESERVED = frozenset(
+    "conversation messages tools documents chat_template add_generation_prompt continue_final_message tokenize"
+    " padding truncation max_length return_tensors return_dict return_assistant_tokens_mask tokenizer_kwargs".split()
+)
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")  # OpenAI's values
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +70,9 @@ class ChatParams(Mapping[str, Any]):
     response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool = True
     on_behalf_of: str | None = None  # the identity an admin (the HTTP front) submits for
+    ignore_eos: bool = False  # vLLM's and llama-server's: end-of-sequence never chosen, so it runs to max_tokens
+    chat_template_kwargs: dict[str, Any] | None = None  # more variables for the model's chat template
+    reasoning_effort: str | None = None  # given to the chat template as ``reasoning_effort``, as vLLM does
 
     ALWAYS: ClassVar[frozenset[str]] = frozenset(
         ("messages", "max_tokens", "min_tokens", "temperature", "top_p", "seed", "stop", "agent", "session", "nice",
@@ -92,6 +102,12 @@ class ChatParams(Mapping[str, Any]):
     def structured(self) -> bool:
         """Whether the output is held to a grammar or carries tool calls."""
         return bool(self.tools or self.response_format)
+
+    @property
+    def template_kwargs(self) -> dict[str, Any]:
+        """What the chat template is given beyond the messages and tools."""
+        effort = {"reasoning_effort": self.reasoning_effort} if self.reasoning_effort else {}
+        return {**(self.chat_template_kwargs or {}), **effort}
 
     @property
     def calls_tools(self) -> bool:
@@ -141,6 +157,7 @@ def parse_chat(msg: dict[str, Any]) -> ChatParams:
         "nice": number(msg, "nice", NICE_MIN, NICE_MAX, 0, integer=True),
         "stream": bool(field(msg, "stream", bool, True)),
         **_controls(msg),
+        **_template(msg, prompt is not None),
         **_structured(msg),
         **_on_behalf(msg),
         **({} if prompt is None else {"prompt": prompt}),
@@ -185,6 +202,29 @@ def _controls(msg: dict[str, Any]) -> dict[str, Any]:
         out["top_k"] = 0
     neutral = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "top_k": 0, "min_p": 0.0}
     return {k: v for k, v in out.items() if v and v != neutral.get(k)} | _logprobs(msg)
+
+
+def _template(msg: dict[str, Any], completion: bool) -> dict[str, Any]:
+    """``ignore_eos``, and what the chat template is given: ``chat_template_kwargs``, ``reasoning_effort``."""
+    out: dict[str, Any] = {"ignore_eos": True} if field(msg, "ignore_eos", bool, False) else {}
+    kwargs = field(msg, "chat_template_kwargs", dict, None)
+    effort = field(msg, "reasoning_effort", str, None)
+    if (kwargs or effort) and completion:
+        raise ProtocolError(E_BAD_FIELD, "'chat_template_kwargs' and 'reasoning_effort' need 'messages'")
+    if kwargs:
+        names = [k for k in kwargs if not isinstance(k, str) or not k.isidentifier() or k in TEMPLATE_RESERVED]
+        if len(kwargs) > MAX_TEMPLATE_KWARGS or names:
+            raise ProtocolError(
+                E_BAD_FIELD,
+                f"'chat_template_kwargs' maps up to {MAX_TEMPLATE_KWARGS} variable names "
+                f"(not {sorted(TEMPLATE_RESERVED)}) to values",
+            )
+        out["chat_template_kwargs"] = kwargs
+    if effort is not None:
+        if effort not in REASONING_EFFORTS:
+            raise ProtocolError(E_BAD_FIELD, f"'reasoning_effort' must be one of {REASONING_EFFORTS}")
+        out["reasoning_effort"] = effort
+    return out
 
 
 def _logprobs(msg: dict[str, Any]) -> dict[str, Any]:

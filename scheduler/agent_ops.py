@@ -91,7 +91,9 @@ class AgentOps:
             params = dataclasses.replace(params, session=session_key(who.identity, params.session))
         if params.fork:  # a group is its owner's own too
             params = dataclasses.replace(params, fork=session_key(who.identity, params.fork))
-        exact = self.sizer.check(params.messages, params.tools, params.max_tokens, params.prompt)
+        exact = None  # with template variables the worker renders what the daemon cannot: its check decides
+        if not params.template_kwargs:
+            exact = self.sizer.check(params.messages, params.tools, params.max_tokens, params.prompt)
         self.life.accept(addr, cid, params, who.identity or "", who.admin, exact or 0)
 
     def ps(self, who: Caller, cid: Any, rec: M.Ps) -> None:
