@@ -36,6 +36,7 @@ from http_front.request import (
     stream_position,
     wants_usage,
 )
+from http_front.responses import Responses
 from ipc import events as E
 from ipc import protocol as P
 from ipc.client import AsyncClient, ClientError, Event
@@ -67,6 +68,7 @@ class HttpFront:
         app.router.add_get("/v1/quantad/requests/{pid}/stream", self.resume)
         http_tokens.add_routes(app, self.client, self.models)
         app.router.add_post("/v1/completions", Completions(self.client, self.models).handle)
+        app.router.add_post("/v1/responses", Responses(self.client, self.models).handle)
         self.runner = web.AppRunner(
             app, handle_signals=False, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_S
         )

@@ -74,10 +74,10 @@ class ChatParams(Mapping[str, Any]):
     chat_template_kwargs: dict[str, Any] | None = None  # more variables for the model's chat template
     reasoning_effort: str | None = None  # given to the chat template as ``reasoning_effort``, as vLLM does
 
+    # the fields a chat's map always has; the others only where they differ from their defaults
     ALWAYS: ClassVar[frozenset[str]] = frozenset(
-        ("messages", "max_tokens", "min_tokens", "temperature", "top_p", "seed", "stop", "agent", "session", "nice",
-         "stream")
-    )  # fmt: skip
+        "messages max_tokens min_tokens temperature top_p seed stop agent session nice stream".split()
+    )
 
     @classmethod
     def of(cls, params: Mapping[str, Any]) -> ChatParams:
@@ -144,25 +144,27 @@ def parse_chat(msg: dict[str, Any]) -> ChatParams:
     min_tokens = number(msg, "min_tokens", 0, MAX_TOKENS_LIMIT, 0, integer=True)
     if min_tokens > max_tokens:
         raise ProtocolError(E_BAD_FIELD, f"'min_tokens' ({min_tokens}) must not exceed 'max_tokens' ({max_tokens})")
-    return ChatParams.from_wire({
-        "messages": clean,
-        "max_tokens": max_tokens,
-        "min_tokens": min_tokens,
-        "temperature": float(number(msg, "temperature", 0.0, 100.0, 0.0)),
-        "top_p": float(number(msg, "top_p", 1e-6, 1.0, 1.0)),
-        "seed": seed,
-        "stop": stop,
-        "agent": agent,
-        "session": session,
-        "nice": number(msg, "nice", NICE_MIN, NICE_MAX, 0, integer=True),
-        "stream": bool(field(msg, "stream", bool, True)),
-        **_controls(msg),
-        **_template(msg, prompt is not None),
-        **_structured(msg),
-        **_on_behalf(msg),
-        **({} if prompt is None else {"prompt": prompt}),
-        **({"fork": fork} if fork else {}),
-    })  # fmt: skip
+    return ChatParams.from_wire(
+        {
+            "messages": clean,
+            "max_tokens": max_tokens,
+            "min_tokens": min_tokens,
+            "temperature": float(number(msg, "temperature", 0.0, 100.0, 0.0)),
+            "top_p": float(number(msg, "top_p", 1e-6, 1.0, 1.0)),
+            "seed": seed,
+            "stop": stop,
+            "agent": agent,
+            "session": session,
+            "nice": number(msg, "nice", NICE_MIN, NICE_MAX, 0, integer=True),
+            "stream": bool(field(msg, "stream", bool, True)),
+            **_controls(msg),
+            **_template(msg, prompt is not None),
+            **_structured(msg),
+            **_on_behalf(msg),
+            **({} if prompt is None else {"prompt": prompt}),
+            **({"fork": fork} if fork else {}),
+        }
+    )
 
 
 def _prompt(msg: dict[str, Any]) -> str | list[int] | None:

@@ -72,8 +72,15 @@ class Outbox:
             if tool_events.splits(req):  # no call markup in a token's text: the calls follow as deltas
                 text, calls = tool_events.view(req, had)
             logprobs = req.logprobs[start : req.generated] if wants_logprobs else None
-            token = E.Token(id=cid, pid=req.pid, text=text, token_ids=ids, index=req.generated, chars=len(req.text),
-                            logprobs=logprobs)  # fmt: skip
+            token = E.Token(
+                id=cid,
+                pid=req.pid,
+                text=text,
+                token_ids=ids,
+                index=req.generated,
+                chars=len(req.text),
+                logprobs=logprobs,
+            )
             self.send_agent(addr, token)
             for call in calls:
                 self.send_agent(addr, E.ToolCall(id=cid, pid=req.pid, tool_call=call))

@@ -174,8 +174,9 @@ class WorkerOps:
             self.run(req, migrate=rec.migrate)
         else:
             self.run(req, frames, migrate=rec.migrate, tensors=specs)
-        moved = E.Resumed(pid=req.pid, worker=req.worker, context=req.tier, tokens=req.generated, migrated=True,
-                          direct=rec.direct)  # fmt: skip
+        moved = E.Resumed(
+            pid=req.pid, worker=req.worker, context=req.tier, tokens=req.generated, migrated=True, direct=rec.direct
+        )
         self.outbox.emit(req, moved)
 
     # ---- a running request ----------------------------------------------------------------

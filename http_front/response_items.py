@@ -1,0 +1,224 @@
+"""A Responses API body to the protocol's chat, and a finished chat back to a response object.
+
+Pure functions of the JSON they are given (``responses.py`` serves them).  ``input`` is a string
+or a list of items: messages (their text parts joined), ``function_call`` items (an assistant
+turn's tool calls) and ``function_call_output`` items (a tool's answer, to a call made before);
+``instructions`` is the system message; function ``tools`` are flattened in the Responses API and
+nested in chat; ``text.format`` is chat's ``response_format``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from http_front.chat_reply import content_of, tool_calls
+from http_front.errors import HttpError
+from http_front.request import LABELS, served
+from ipc import events as E
+from ipc import protocol as P
+
+PASSED = frozenset("temperature top_p parallel_tool_calls".split())
+ACCEPTED = (
+    PASSED
+    | LABELS
+    | frozenset(
+        "model input instructions tools tool_choice max_output_tokens text stream reasoning include truncation".split()
+    )
+)
+ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
+
+
+def bad(message: str, param: str) -> HttpError:
+    return HttpError(400, message, code=P.E_BAD_FIELD, param=param)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+def chat_of(body: dict[str, Any], models: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A ``/v1/responses`` body -> (messages, chat params); the daemon checks the values."""
+    served(body.get("model"), models)
+    unknown = sorted(set(body) - ACCEPTED)
+    if unknown:
+        raise HttpError(400, f"'{unknown[0]}' is not supported here", code=P.E_UNSUPPORTED, param=unknown[0])
+    if body.get("truncation") not in (None, "disabled", "auto"):
+        raise bad("'truncation' must be 'disabled' or 'auto'", "truncation")
+    messages = _input(body.get("input"))
+    instructions = body.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise bad("'instructions' must be a string", "instructions")
+        messages.insert(0, {"role": "system", "content": instructions})
+    params: dict[str, Any] = {k: body[k] for k in PASSED if k in body}
+    params["max_tokens"] = body.get("max_output_tokens")
+    params["agent"] = body.get("user") if isinstance(body.get("user"), str) else ""
+    if body.get("tools"):
+        params["tools"] = [_tool(i, t) for i, t in enumerate(_list(body["tools"], "tools"))]
+    if body.get("tool_choice") is not None:
+        params["tool_choice"] = _tool_choice(body["tool_choice"])
+    fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+    if fmt is not None:
+        params["response_format"] = _format(fmt)
+    effort = body.get("reasoning", {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
+    if effort is not None:
+        params["reasoning_effort"] = effort
+    return messages, params
+
+
+def _list(value: Any, name: str) -> list:
+    if not isinstance(value, list):
+        raise bad(f"'{name}' must be a list", name)
+    return value
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content: a string, or text parts (``input_text``, ``output_text``) joined."""
+    if isinstance(content, str):
+        return content
+    parts = _list(content, "input")
+    if not all(isinstance(p, dict) and p.get("type") in ("input_text", "output_text", "text") for p in parts):
+        raise bad(f"{where}: only text parts are supported", "input")
+    return "\n".join(str(p.get("text", "")) for p in parts)
+
+
+def _input(raw: Any) -> list[dict[str, Any]]:
+    if isinstance(raw, str):
+        return [{"role": "user", "content": raw}]
+    out: list[dict[str, Any]] = []
+    calls: set[str] = set()
+    for i, item in enumerate(_list(raw, "input")):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise bad(f"{where} must be an object", "input")
+        kind = item.get("type", "message")
+        if kind == "message" and item.get("role") in ROLES:
+            out.append({"role": ROLES[item["role"]], "content": _text(item.get("content"), where)})
+        elif kind == "function_call":
+            call_id, name = item.get("call_id"), item.get("name")
+            if not isinstance(call_id, str) or not isinstance(name, str):
+                raise bad(f"{where}: a function_call needs 'call_id' and 'name'", "input")
+            fn = {"name": name, "arguments": item.get("arguments", "")}
+            call = {"id": call_id, "type": "function", "function": fn}
+            if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls"):
+                out[-1]["tool_calls"].append(call)  # calls of one turn: one assistant message
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            calls.add(call_id)
+        elif kind == "function_call_output":
+            call_id = item.get("call_id")
+            if call_id not in calls:
+                raise bad(f"{where}: no function_call with call_id {call_id!r} before it", "input")
+            output = item.get("output")
+            text = output if isinstance(output, str) else _text(output, where)
+            out.append({"role": "tool", "tool_call_id": call_id, "content": text})
+        elif kind == "reasoning":
+            continue  # a model's reasoning from a previous turn: not part of the prompt here
+        else:
+            raise HttpError(400, f"{where}: item type {kind!r} is not supported", code=P.E_UNSUPPORTED, param="input")
+    if not out:
+        raise bad("'input' holds no message", "input")
+    return out
+
+
+def _tool(i: int, t: Any) -> dict[str, Any]:
+    if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(t.get("name"), str):
+        raise bad(f"tools[{i}]: only function tools {{type: function, name, parameters}}", "tools")
+    fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if t.get(k) is not None}
+    return {"type": "function", "function": fn}
+
+
+def _tool_choice(choice: Any) -> Any:
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return choice  # auto, none, required: the daemon checks it
+
+
+def _format(fmt: Any) -> dict[str, Any]:
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind in ("text", "json_object"):
+        return {"type": kind}
+    if kind == "json_schema":
+        spec = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+        return {"type": "json_schema", "json_schema": spec}
+    raise bad("'text.format' must be text, json_object or json_schema", "text")
+
+
+# ---- a finished chat as a response ----------------------------------------------------------
+def message_item(text: str, item_id: str, status: str = "completed") -> dict[str, Any]:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": [part] if text else []}
+
+
+def call_item(call: dict[str, Any], item_id: str, status: str = "completed") -> dict[str, Any]:
+    fn = call.get("function") or {}
+    return {
+        "type": "function_call",
+        "id": item_id,
+        "call_id": call.get("id", ""),
+        "name": fn.get("name", ""),
+        "arguments": fn.get("arguments", ""),
+        "status": status,
+    }
+
+
+def usage_of(done: E.Done) -> dict[str, Any]:
+    u = done.usage or {}
+    prompt, out = u.get("prompt_tokens", 0), u.get("completion_tokens", 0)
+    cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": out,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt + out,
+    }
+
+
+def shell(rid: str, body: dict[str, Any], model: str, status: str) -> dict[str, Any]:
+    """The response object around its output: what was asked, echoed as OpenAI does."""
+    return {
+        "id": rid,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "model": model,
+        "output": [],
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "temperature": body.get("temperature", 0.0),
+        "top_p": body.get("top_p", 1.0),
+        "tool_choice": body.get("tool_choice", "auto"),
+        "tools": body.get("tools") or [],
+        "text": body.get("text") or {"format": {"type": "text"}},
+        "metadata": body.get("metadata") or {},
+        "store": False,  # not kept yet: see docs/service.md
+        "error": None,
+        "incomplete_details": None,
+        "usage": None,
+    }
+
+
+def finish(response: dict[str, Any], done: E.Done, ids: list[str]) -> dict[str, Any]:
+    """``response`` completed from ``done``: its output items (``ids`` their ids, in order), usage and status."""
+    items, text = [], content_of(done) or ""
+    if text or not done.tool_calls:
+        items.append(message_item(text, ids[0]))
+    for k, call in enumerate(tool_calls(done)):
+        items.append(call_item(call, ids[k + 1] if k + 1 < len(ids) else new_id("fc")))
+    cut = done.finish_reason == "length"
+    return response | {
+        "status": "incomplete" if cut else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+        "output": items,
+        "usage": usage_of(done),
+    }
+
+
+def arguments_text(call: dict[str, Any]) -> str:
+    args = (call.get("function") or {}).get("arguments", "")
+    return args if isinstance(args, str) else json.dumps(args)
