@@ -9,7 +9,6 @@ nested in chat; ``text.format`` is chat's ``response_format``.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any
@@ -217,8 +216,3 @@ def finish(response: dict[str, Any], done: E.Done, ids: list[str]) -> dict[str, 
         "output": items,
         "usage": usage_of(done),
     }
-
-
-def arguments_text(call: dict[str, Any]) -> str:
-    args = (call.get("function") or {}).get("arguments", "")
-    return args if isinstance(args, str) else json.dumps(args)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import uuid
 from typing import Any
 
 from aiohttp import web
@@ -46,7 +47,7 @@ class Responses:
             if not isinstance(first, E.Accepted):
                 ended = True
                 raise rejection(first)
-            response = shell(f"resp_{first.pid}_{new_id('r')[2:14]}", body, self.models[0], "in_progress")
+            response = shell(f"resp_{first.pid}_{uuid.uuid4().hex[:12]}", body, self.models[0], "in_progress")
             if stream:
                 resp, ended = await Stream(request, response).run(events)
                 return resp
@@ -144,7 +145,8 @@ class Stream:
             )
             await self.send("response.content_part.done", item_id=mid, output_index=at, content_index=0, part=part)
             await self.send("response.output_item.done", output_index=at, item=message_item(self.text, mid))
-        for at, item in sorted(self.calls.values(), key=lambda c: c[0]):
+        calls = sorted(self.calls.values(), key=lambda c: c[0])  # in the order they were opened
+        for at, item in calls:
             await self.send(
                 "response.function_call_arguments.done",
                 item_id=item["id"],
@@ -152,7 +154,7 @@ class Stream:
                 arguments=item["arguments"],
             )
             await self.send("response.output_item.done", output_index=at, item=item | {"status": "completed"})
-        ids = [self.msg_id] + [item["id"] for _, item in sorted(self.calls.values(), key=lambda c: c[0])]
+        ids = [self.msg_id] + [item["id"] for _, item in calls]
         final = finish(self.response, ev, ids)
         kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
         await self.send(kind, response=final)

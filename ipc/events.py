@@ -53,12 +53,12 @@ class Event:
         return ""
 
     @classmethod
-    def _spec(cls) -> list[tuple[dataclasses.Field, str, tuple[type, ...], bool]]:
+    def _spec(cls) -> list[tuple[dataclasses.Field, str, tuple[type, ...]]]:
         cached = cls.__dict__.get("_cached_spec")
         if cached is None:
             hints = typing.get_type_hints(cls)
             fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("raw")]
-            cached = [(f, f.metadata.get("wire", f.name), *field_kind(hints[f.name])) for f in fields]
+            cached = [(f, f.metadata.get("wire", f.name), field_kind(hints[f.name])[0]) for f in fields]
             type.__setattr__(cls, "_cached_spec", cached)
         return cached
 
@@ -66,7 +66,7 @@ class Event:
     def decode(cls, msg: Mapping[str, Any]) -> Event:
         """The record of a received map; a field of the wrong type is a ``ProtocolError``."""
         values: dict[str, Any] = {}
-        for f, name, kind, _ in cls._spec():
+        for f, name, kind in cls._spec():
             value = P.field(msg, name, kind, None)
             if value is not None:
                 values[f.name] = value
@@ -74,7 +74,7 @@ class Event:
 
     def encode(self) -> dict[str, Any]:
         out: dict[str, Any] = {"event": self.EVENT}
-        for f, name, _, _ in self._spec():
+        for f, name, _ in self._spec():
             value = getattr(self, f.name)
             if not (f.metadata.get("optional") and value == f.default):
                 out[name] = value
