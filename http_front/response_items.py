@@ -24,9 +24,11 @@ ACCEPTED = (
     PASSED
     | LABELS
     | frozenset(
-        "model input instructions tools tool_choice max_output_tokens text stream reasoning include truncation".split()
+        "model input instructions tools tool_choice max_output_tokens text stream reasoning include truncation"
+        " previous_response_id background".split()
     )
 )
+ITEM_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 
 
@@ -38,15 +40,28 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
-def chat_of(body: dict[str, Any], models: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """A ``/v1/responses`` body -> (messages, chat params); the daemon checks the values."""
+def flag(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad(f"'{name}' must be a boolean", name)
+    return value
+
+
+def chat_of(
+    body: dict[str, Any], models: list[str], history: list[dict[str, Any]] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
+    """A ``/v1/responses`` body after ``history`` (a previous response's items) -> (messages, chat params,
+    this body's input items, each with an id); the daemon checks the values."""
     served(body.get("model"), models)
     unknown = sorted(set(body) - ACCEPTED)
     if unknown:
         raise HttpError(400, f"'{unknown[0]}' is not supported here", code=P.E_UNSUPPORTED, param=unknown[0])
     if body.get("truncation") not in (None, "disabled", "auto"):
         raise bad("'truncation' must be 'disabled' or 'auto'", "truncation")
-    messages = _input(body.get("input"))
+    items = items_of(body.get("input"))
+    messages = _input([*(history or []), *items])
     instructions = body.get("instructions")
     if instructions is not None:
         if not isinstance(instructions, str):
@@ -65,7 +80,26 @@ def chat_of(body: dict[str, Any], models: list[str]) -> tuple[list[dict[str, Any
     effort = body.get("reasoning", {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
     if effort is not None:
         params["reasoning_effort"] = effort
-    return messages, params
+    return messages, params, items
+
+
+def items_of(raw: Any) -> list[dict[str, Any]]:
+    """``input`` as the API's items, each with an id: what ``input_items`` lists and a next turn builds on."""
+    if isinstance(raw, str):
+        raw = [{"type": "message", "role": "user", "content": raw}]
+    items = []
+    for i, item in enumerate(_list(raw, "input")):
+        if not isinstance(item, dict):
+            raise bad(f"input[{i}] must be an object", "input")
+        item = dict(item)
+        kind = item.setdefault("type", "message")
+        if kind == "message" and isinstance(item.get("content"), str):
+            part = "output_text" if item.get("role") == "assistant" else "input_text"
+            item["content"] = [{"type": part, "text": item["content"]}]
+        if not isinstance(item.get("id"), str):
+            item["id"] = new_id(ITEM_PREFIX.get(str(kind), "item"))
+        items.append(item)
+    return items
 
 
 def _list(value: Any, name: str) -> list:
@@ -84,9 +118,7 @@ def _text(content: Any, where: str) -> str:
     return "\n".join(str(p.get("text", "")) for p in parts)
 
 
-def _input(raw: Any) -> list[dict[str, Any]]:
-    if isinstance(raw, str):
-        return [{"role": "user", "content": raw}]
+def _input(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     calls: set[str] = set()
     for i, item in enumerate(_list(raw, "input")):
@@ -177,6 +209,15 @@ def usage_of(done: E.Done) -> dict[str, Any]:
     }
 
 
+def msg_id(rid: str) -> str:
+    """A response's message item id: fixed by the response's, so every read of it agrees."""
+    return "msg_" + rid.removeprefix("resp_")
+
+
+def fc_id(rid: str, k: int) -> str:
+    return f"fc_{rid.removeprefix('resp_')}_{k}"
+
+
 def shell(rid: str, body: dict[str, Any], model: str, status: str) -> dict[str, Any]:
     """The response object around its output: what was asked, echoed as OpenAI does."""
     return {
@@ -195,24 +236,52 @@ def shell(rid: str, body: dict[str, Any], model: str, status: str) -> dict[str, 
         "tools": body.get("tools") or [],
         "text": body.get("text") or {"format": {"type": "text"}},
         "metadata": body.get("metadata") or {},
-        "store": False,  # not kept yet: see docs/service.md
+        "store": False,
+        "background": False,
+        "previous_response_id": body.get("previous_response_id"),
         "error": None,
         "incomplete_details": None,
         "usage": None,
     }
 
 
-def finish(response: dict[str, Any], done: E.Done, ids: list[str]) -> dict[str, Any]:
-    """``response`` completed from ``done``: its output items (``ids`` their ids, in order), usage and status."""
-    items, text = [], content_of(done) or ""
-    if text or not done.tool_calls:
-        items.append(message_item(text, ids[0]))
-    for k, call in enumerate(tool_calls(done)):
-        items.append(call_item(call, ids[k + 1] if k + 1 < len(ids) else new_id("fc")))
-    cut = done.finish_reason == "length"
-    return response | {
-        "status": "incomplete" if cut else "completed",
-        "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
-        "output": items,
-        "usage": usage_of(done),
-    }
+def output_items(rid: str, final: E.Event) -> list[dict[str, Any]]:
+    """What a response's request produced, as output items: its text (a message), then its function calls."""
+    if isinstance(final, E.Done):
+        items, text = [], content_of(final) or ""
+        if text or not final.tool_calls:
+            items.append(message_item(text, msg_id(rid)))
+        items += [call_item(call, fc_id(rid, k)) for k, call in enumerate(tool_calls(final))]
+        return items
+    text = getattr(final, "text", None) or ""  # cut short: what it had written
+    return [message_item(text, msg_id(rid), "incomplete")] if text else []
+
+
+def finish(response: dict[str, Any], final: E.Event) -> dict[str, Any]:
+    """``response`` as its request ended: output items, usage and status (completed, incomplete, failed, cancelled)."""
+    out = response | {"output": output_items(response["id"], final)}
+    if isinstance(final, E.Done):
+        cut = final.finish_reason == "length"
+        return out | {
+            "status": "incomplete" if cut else "completed",
+            "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+            "usage": usage_of(final),
+        }
+    if isinstance(final, E.Cancelled):
+        return out | {"status": "cancelled"}
+    code, message = (final.code, final.message) if isinstance(final, E.Error) else (P.E_INTERNAL, "ended unexpectedly")
+    return out | {"status": "failed", "error": {"code": code, "message": message}}
+
+
+def stored_response(view: dict[str, Any]) -> dict[str, Any]:
+    """A stored response (the daemon's ``response_get``) as the API shows it: as it ended, or as far as it got."""
+    record = view["record"]
+    if view.get("final") is not None:
+        return finish(record, E.decode(view["final"]))
+    live = view.get("live") or {}
+    if not live.get("tokens"):
+        return record | {"status": "queued" if view.get("background") else "in_progress"}
+    out = record | {"status": "in_progress"}
+    if live.get("text") and not record.get("tools"):  # with tools the raw text may hold call markup
+        out["output"] = [message_item(live["text"], msg_id(record["id"]), "in_progress")]
+    return out

@@ -68,7 +68,7 @@ class HttpFront:
         app.router.add_get("/v1/quantad/requests/{pid}/stream", self.resume)
         http_tokens.add_routes(app, self.client, self.models)
         app.router.add_post("/v1/completions", Completions(self.client, self.models).handle)
-        app.router.add_post("/v1/responses", Responses(self.client, self.models).handle)
+        Responses(self.client, self.models).add_routes(app)
         self.runner = web.AppRunner(
             app, handle_signals=False, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_S
         )

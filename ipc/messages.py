@@ -90,6 +90,8 @@ class Message:
                 out["quantum_tokens"], out["quantum_ms"] = value.tokens, value.ms
             elif isinstance(value, ChatParams):
                 out[f.name] = value.wire()
+            elif isinstance(value, Keep):
+                out.update(value.wire())
             elif value is not None:
                 out[f.name] = value
         return out
@@ -388,13 +390,48 @@ PEER = _table(Pushed)
 
 # ---- agent -> daemon --------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
+class Keep:
+    """A chat's ``response``: the Responses API object it runs, stored by the daemon under ``id``.
+
+    ``record`` and ``input`` are the HTTP front's (the daemon keeps them as given); ``background``:
+    the request runs whether or not anyone follows it, and ``response_get`` reads how it goes.
+    """
+
+    id: str
+    record: dict
+    input: list
+    background: bool = False
+
+    @classmethod
+    def read(cls, msg: Mapping[str, Any]) -> Keep | None:
+        raw = P.field(dict(msg), "response", dict, None)
+        background = P.field(dict(msg), "background", bool, False)
+        if raw is None:
+            if background:
+                raise P.ProtocolError(P.E_BAD_FIELD, "'background' needs a stored 'response'")
+            return None
+        return cls(response_id(raw), P.field(raw, "record", dict), P.field(raw, "input", list), background)
+
+    def wire(self) -> dict[str, Any]:
+        return {"response": {"id": self.id, "record": self.record, "input": self.input}, "background": self.background}
+
+
+def response_id(msg: Mapping[str, Any], name: str = "id") -> str:
+    rid = P.field(dict(msg), name, str)
+    if not (0 < len(rid) <= 128 and rid.replace("_", "").replace("-", "").isalnum() and rid.isascii()):
+        raise P.ProtocolError(P.E_BAD_FIELD, f"'{name}' is 1..128 letters, digits, '_' and '-'")
+    return rid
+
+
+@dataclass(frozen=True, slots=True)
 class Chat(Message):
     OP: ClassVar[str] = P.OP_CHAT
     params: ChatParams
+    response: Keep | None = None  # a stored response it runs (the HTTP front's Responses API)
 
     @classmethod
     def decode(cls, msg: Mapping[str, Any]) -> Chat:
-        return cls(parse_chat(dict(msg)))
+        return cls(parse_chat(dict(msg)), Keep.read(msg))
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,7 +534,45 @@ class Detokenize(Message):
     tokens: list[int]
 
 
-FROM_AGENT = _table(Chat, Ps, Kill, Nice, CancelOwn, Ping, Stats, Workers, Attach, Tokenize, Detokenize)
+@dataclass(frozen=True, slots=True)
+class ResponseGet(Message):
+    """A stored response of the caller's (or of ``on_behalf_of``'s, asked by an admin: the HTTP front)."""
+
+    OP: ClassVar[str] = P.OP_RESPONSE_GET
+    response_id: str
+    on_behalf_of: str | None = None
+
+    @classmethod
+    def decode(cls, msg: Mapping[str, Any]) -> ResponseGet:
+        return cls(response_id(msg, "response_id"), P.field(dict(msg), "on_behalf_of", str, None))
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseDelete(ResponseGet):
+    OP: ClassVar[str] = P.OP_RESPONSE_DELETE
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseCancel(ResponseGet):
+    OP: ClassVar[str] = P.OP_RESPONSE_CANCEL
+
+
+FROM_AGENT = _table(
+    Chat,
+    Ps,
+    Kill,
+    Nice,
+    CancelOwn,
+    Ping,
+    Stats,
+    Workers,
+    Attach,
+    Tokenize,
+    Detokenize,
+    ResponseGet,
+    ResponseDelete,
+    ResponseCancel,
+)
 
 
 class AgentError(P.ProtocolError):

@@ -45,8 +45,12 @@ OP_WORKERS = "workers"
 OP_ATTACH = "attach"  # follow a request by id (or pid) from an offset: resume after a reconnect, or watch another's
 OP_TOKENIZE = "tokenize"  # token ids of a text or of a chat, with the model's tokenizer and template
 OP_DETOKENIZE = "detokenize"  # the text of token ids
+OP_RESPONSE_GET = "response_get"  # a stored response (Responses API): its record, input and end
+OP_RESPONSE_DELETE = "response_delete"
+OP_RESPONSE_CANCEL = "response_cancel"  # stop the request a stored (background) response runs
 AGENT_OPS = (
-    OP_CHAT, OP_PS, OP_KILL, OP_PING, OP_CANCEL, OP_NICE, OP_STATS, OP_WORKERS, OP_ATTACH, OP_TOKENIZE, OP_DETOKENIZE
+    OP_CHAT, OP_PS, OP_KILL, OP_PING, OP_CANCEL, OP_NICE, OP_STATS, OP_WORKERS, OP_ATTACH, OP_TOKENIZE, OP_DETOKENIZE,
+    OP_RESPONSE_GET, OP_RESPONSE_DELETE, OP_RESPONSE_CANCEL,
 )  # fmt: skip
 
 NICE_MIN, NICE_MAX = -20, 19  # a request's nice value, as in Unix: lower runs first

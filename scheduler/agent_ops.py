@@ -40,6 +40,15 @@ class Caller:
         return self.admin or req.owner == self.identity
 
 
+def acting_for(who: Caller, identity: str | None, what: str) -> Caller:
+    """``who``, or the identity an admin (the HTTP front) acts for: its bearer token's."""
+    if identity is None:
+        return who
+    if not who.admin:
+        raise P.ProtocolError(P.E_BAD_FIELD, f"only an admin may {what} 'on_behalf_of' another identity")
+    return Caller(who.addr, identity, admin=False)
+
+
 def session_key(identity: str | None, session: str) -> str:
     """A session's name as workers and the scheduler know it: inside its owner's namespace."""
     return f"{identity}/{session}"
@@ -71,6 +80,9 @@ class AgentOps:
             M.Attach: self.attach,
             M.Tokenize: self.tokenize,
             M.Detokenize: self.detokenize,
+            M.ResponseGet: self.response_get,
+            M.ResponseDelete: self.response_delete,
+            M.ResponseCancel: self.response_cancel,
         }
 
     def chat(self, who: Caller, cid: Any, rec: M.Chat) -> None:
@@ -83,9 +95,7 @@ class AgentOps:
             raise P.ProtocolError(P.E_SHUTTING_DOWN, "the daemon is shutting down")
         params = rec.params
         if params.on_behalf_of is not None:  # the HTTP front speaks for its bearer token's identity
-            if not who.admin:
-                raise P.ProtocolError(P.E_BAD_FIELD, "only an admin may submit 'on_behalf_of' another identity")
-            who = Caller(who.addr, params.on_behalf_of, admin=False)
+            who = acting_for(who, params.on_behalf_of, "submit")
             params = dataclasses.replace(params, on_behalf_of=None)
         if params.session:
             params = dataclasses.replace(params, session=session_key(who.identity, params.session))
@@ -94,7 +104,7 @@ class AgentOps:
         exact = None  # with template variables the worker renders what the daemon cannot: its check decides
         if not params.template_kwargs:
             exact = self.sizer.check(params.messages, params.tools, params.max_tokens, params.prompt)
-        self.life.accept(addr, cid, params, who.identity or "", who.admin, exact or 0)
+        self.life.accept(addr, cid, params, who.identity or "", who.admin, exact or 0, rec.response)
 
     def ps(self, who: Caller, cid: Any, rec: M.Ps) -> None:
         self.outbox.reply(who.addr, cid, self.views.ps(who.owns))
@@ -150,9 +160,7 @@ class AgentOps:
         if cid is None:
             raise P.ProtocolError(P.E_BAD_FIELD, "an attach needs an 'id': the request's events come under it")
         if rec.on_behalf_of is not None:
-            if not who.admin:
-                raise P.ProtocolError(P.E_BAD_FIELD, "only an admin may attach 'on_behalf_of' another identity")
-            who = Caller(who.addr, rec.on_behalf_of, admin=False)
+            who = acting_for(who, rec.on_behalf_of, "attach")
         if rec.pid is not None:
             req = self.sched.table.get(rec.pid)
         else:  # the caller's own chat of this id, on this connection or (after a restart) in the journal
@@ -175,6 +183,40 @@ class AgentOps:
         if rec.stream and len(text) > rec.chars:
             out.send_agent(who.addr, E.Token(id=cid, pid=ended.pid, text=text[rec.chars :]))
         out.send_agent(who.addr, dataclasses.replace(final, id=cid))
+
+    # ---- stored responses (the HTTP front's Responses API) -----------------------------------
+    def response_get(self, who: Caller, cid: Any, rec: M.ResponseGet) -> None:
+        """A stored response of the caller's: as kept, with how far its request has come while it runs."""
+        who = acting_for(who, rec.on_behalf_of, "read")
+        self.outbox.reply(who.addr, cid, self._response_view(who, rec.response_id))
+
+    def _response_view(self, who: Caller, rid: str) -> dict[str, Any]:
+        stored = self.life.responses.get(who.identity or "", rid)
+        view = stored.view()
+        req = self.sched.table.get(stored.pid) if stored.final is None else None
+        if req is not None:
+            view["live"] = {"state": req.state.value, "tokens": req.generated, "text": req.text}
+        return view
+
+    def response_delete(self, who: Caller, cid: Any, rec: M.ResponseDelete) -> None:
+        """Forget a stored response; a request it still runs is cancelled with it."""
+        who = acting_for(who, rec.on_behalf_of, "delete")
+        stored = self.life.responses.delete(who.identity or "", rec.response_id)
+        req = self.sched.table.get(stored.pid) if stored.final is None else None
+        if req is not None and not req.finished:
+            self.life.cancel(req, "its response was deleted")
+        self.outbox.reply(who.addr, cid, {"id": stored.id, "deleted": True})
+
+    def response_cancel(self, who: Caller, cid: Any, rec: M.ResponseCancel) -> None:
+        """Stop a background response's request wherever it is; one that has ended stays as it ended."""
+        who = acting_for(who, rec.on_behalf_of, "cancel")
+        stored = self.life.responses.get(who.identity or "", rec.response_id)
+        if not stored.background:
+            raise P.ProtocolError(P.E_BAD_FIELD, f"response {stored.id!r} did not run in the background")
+        req = self.sched.table.get(stored.pid) if stored.final is None else None
+        if req is not None and not req.finished:
+            self.life.cancel(req, "cancelled")
+        self.outbox.reply(who.addr, cid, self._response_view(who, rec.response_id))
 
     @staticmethod
     def _named(rec: M.Attach, cid: Any) -> str:

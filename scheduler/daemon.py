@@ -38,6 +38,7 @@ from scheduler.limits import Admission
 from scheduler.outbox import Outbox
 from scheduler.phase import Phase
 from scheduler.prompt_size import PromptSizer
+from scheduler.response_store import ResponseStore
 from scheduler.stats import Views
 from scheduler.supervisor import Supervisor
 from scheduler.worker_ops import WorkerOps
@@ -71,7 +72,9 @@ class Daemon:
         self.sizer = PromptSizer()  # exact prompt lengths, once a worker names its tokenizer
         self.outbox = Outbox(self.agents, self.workers_sock)
         journal = NullJournal() if cfg.journal is None else Journal(cfg.journal, cfg.journal_keep_s)
-        self.life = Lifecycle(self.sched, self.outbox, journal, Admission(cfg.limits), self.settle)
+        db = journal.db if isinstance(journal, Journal) else None  # --no-journal: kept in memory
+        responses = ResponseStore(db, cfg.responses_keep_s, cfg.max_stored_responses)
+        self.life = Lifecycle(self.sched, self.outbox, journal, Admission(cfg.limits), self.settle, responses)
         self.outbox.on_agent_gone = self.life.agent_gone
         urls: dict[str, str | None] = {"http": None, "metrics": None}  # filled in as the fronts listen
         self.views = Views(self.sched, self.life, cfg, self.sizer, self.gate, urls, self.phase)
@@ -172,6 +175,7 @@ class Daemon:
             self.life.counters.sample()
             self.life.admission.prune()
             self.life.journal.expire()
+            self.life.responses.expire()
             status = self.views.status_line()
             if status != last:
                 sd_notify.notify(status)

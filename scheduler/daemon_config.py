@@ -12,6 +12,7 @@ from scheduler.config import Effective
 from scheduler.gate import Keys
 from scheduler.limits import Limits
 from scheduler.policy import Policy
+from scheduler.response_store import DEFAULT_KEEP_S, DEFAULT_MAX_PER_IDENTITY
 
 
 @dataclass
@@ -37,4 +38,6 @@ class DaemonConfig:
     limits: Limits = field(default_factory=Limits)  # quotas per identity, rates per connection
     journal: Path | None = None  # the SQLite journal of accepted requests (``scheduler.journal``); None: off
     journal_keep_s: float = 300.0  # how long an ended request stays there, for ``attach``
+    responses_keep_s: float = DEFAULT_KEEP_S  # how long a stored response (Responses API) is kept
+    max_stored_responses: int = DEFAULT_MAX_PER_IDENTITY  # per identity; past it the oldest finished one goes
     on_stop: str = "drain"  # SIGTERM: drain (finish within grace), or handover (leave all to the next daemon)

@@ -184,6 +184,8 @@ def daemon_config(args: argparse.Namespace, endpoint: str, wep: str, policy, htt
         limits=limits_of(args),
         journal=Path(args.state_dir or state_dir()) / "journal.db" if args.journal else None,
         journal_keep_s=args.journal_keep_s,
+        responses_keep_s=args.responses_keep_s,
+        max_stored_responses=args.max_stored_responses,
         on_stop=args.on_stop,
     )
 

@@ -25,6 +25,7 @@ from scheduler.journal import Journal, NullJournal
 from scheduler.limits import Admission
 from scheduler.outbox import Outbox
 from scheduler.request import Request, State
+from scheduler.response_store import ResponseStore
 
 log = logging.getLogger("quantad")
 
@@ -37,8 +38,10 @@ class Lifecycle:
         journal: Journal | NullJournal,
         admission: Admission,
         settle: Callable[[], None],
+        responses: ResponseStore | None = None,
     ):
         self.sched, self.outbox, self.journal, self.admission = sched, outbox, journal, admission
+        self.responses = responses or ResponseStore(None)  # stored responses (Responses API), beside the journal
         self.settle = settle  # after a change: schedule what can run, and end a drain with nothing left
         self.pids = itertools.count(1 + journal.max_pid())
         self.by_client: dict[tuple[bytes, Any], Request] = {}  # (agent connection, its request id) -> request
@@ -46,24 +49,43 @@ class Lifecycle:
         self.finish_hooks: list[Callable[[Request], None]] = []  # called once per request, at its end
 
     # ---- a request's start ------------------------------------------------------------------
-    def accept(self, addr: bytes, cid: Any, params: dict[str, Any], owner: str, admin: bool, prompt: int) -> Request:
-        """A new chat: admitted (``quota_exceeded``: nothing of it is kept), journaled, indexed, queued."""
+    def accept(
+        self, addr: bytes, cid: Any, params: dict[str, Any], owner: str, admin: bool, prompt: int, keep: M.Keep | None
+    ) -> Request:
+        """A new chat: admitted (``quota_exceeded``: nothing of it is kept), journaled, indexed, queued.
+
+        ``keep``: the stored response it runs, kept first (a crash before the request's own commit
+        leaves it failed at the next start, never running); a background one is followed by nobody.
+        """
         req = Request(pid=next(self.pids), agent_addr=addr, client_id=cid, params=params, owner=owner,
                       prompt_tokens=prompt)  # fmt: skip
         self.admission.admit(req.owner, req.cost, admin)
+        if keep is not None:
+            try:
+                self.responses.put(keep.id, req.owner, req.pid, keep.background, keep.record, keep.input)
+            except P.ProtocolError:
+                self.admission.release(req.owner, req.cost)
+                raise
+            req.mark_stored()
         self.journal.accept(req)  # committed before it is acknowledged: a restart finds it
         self.by_client[(addr, cid)] = req
         self.sched.add(req)
         self.counters.accepted += 1
         log.info("event=accepted pid=%s id=%r agent=%r max_tokens=%s", req.pid, cid, req.agent, req.max_tokens)
         self.outbox.emit(req, E.Accepted(pid=req.pid))
+        if keep is not None and keep.background:
+            req.detach()
         self.settle()
         return req
 
     def recover(self) -> None:
         """Requests a dead predecessor accepted and did not end: queued first, from their last checkpoint."""
         back = self.journal.unfinished()
+        stored = self.responses.running()
+        self.responses.lost({r.pid for r in back})
         for req in back:
+            if req.pid in stored:
+                req.mark_stored()
             self.admission.admit(req.owner, req.cost, True)  # counted against its owner; never refused
             self.by_client[(req.agent_addr, req.client_id)] = req
             self.sched.add(req)
@@ -77,7 +99,7 @@ class Lifecycle:
         policy_view = self.retire(req, state)
         ev = dataclasses.replace(ev, stats=req.stats() | policy_view | (ev.stats or {}))
         self.outbox.emit(req, ev)
-        self.journal.end(req, ev)
+        self._ended(req, ev)
         self.settle()
 
     def cancel(self, req: Request, why: str, notify: bool = True, reschedule: bool = True) -> None:
@@ -90,9 +112,14 @@ class Lifecycle:
             self.terminal(req, State.CANCELLED, ev)
             return
         self.retire(req, State.CANCELLED)
-        self.journal.end(req, ev)
+        self._ended(req, ev)
         if reschedule:
             self.settle()
+
+    def _ended(self, req: Request, ev: E.Done | E.Error | E.Cancelled) -> None:
+        self.journal.end(req, ev)
+        if req.stored:  # its response keeps how it ended (committed now: it outlives the journal's row)
+            self.responses.end(req.pid, ev)
 
     def fail(self, req: Request, code: str, message: str) -> None:
         self._stop_on_worker(req)

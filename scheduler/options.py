@@ -16,6 +16,7 @@ from ipc.worker_spec import BACKENDS, DTYPES, RESUME_METHODS, SNAPSHOT_TIERS, Wo
 from scheduler import config as C
 from scheduler import netaddr
 from scheduler.policies import POLICY_NAMES
+from scheduler.response_store import DEFAULT_KEEP_S, DEFAULT_MAX_PER_IDENTITY
 
 W = WorkerSpec()  # every worker option's default, written once (ipc.worker_spec)
 
@@ -300,6 +301,19 @@ def _stop_flags(s: argparse.ArgumentParser) -> None:
         type=float,
         default=300.0,
         help="how long an ended request stays in the journal, for clients that resume and `quantad run --attach`",
+    )
+    s.add_argument(
+        "--responses-keep-s",
+        type=positive(float),
+        default=DEFAULT_KEEP_S,
+        help="how long a stored response (the HTTP front's /v1/responses with store, the default) is kept "
+        "in the journal's database, for GET, previous_response_id and background streams (default: 30 days)",
+    )
+    s.add_argument(
+        "--max-stored-responses",
+        type=positive(int),
+        default=DEFAULT_MAX_PER_IDENTITY,
+        help="stored responses kept per identity; past it a new one replaces the identity's oldest finished one",
     )
 
 

@@ -97,6 +97,7 @@ class Request:
     recovered: bool = False  # taken back from a dead daemon's journal
     logprobs: list = field(default_factory=list)  # per token, when asked for (None where a restart lost one)
     program: str = ""  # the agent program it belongs to (``scheduler.programs``): fixed at accept
+    stored: bool = False  # a stored response (Responses API) waits for its end
 
     def __post_init__(self) -> None:
         self.params = ChatParams.of(self.params)
@@ -174,6 +175,14 @@ class Request:
     def recover(self) -> None:
         """Taken back from the journal: nobody follows it until its agent attaches again."""
         self.recovered = True
+        self.watchers.clear()
+
+    def mark_stored(self) -> None:
+        """A stored response (Responses API) runs on it: its end is written there too."""
+        self.stored = True
+
+    def detach(self) -> None:
+        """A background request: it runs for nobody (its agent's going does not cancel it) until one attaches."""
         self.watchers.clear()
 
     def watch(self, addr: bytes, cid: Any, tokens: int, chars: int, stream: bool) -> None:

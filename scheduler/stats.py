@@ -87,6 +87,7 @@ class Views:
             "workers": {"configured": len(self.sched.workers), "up": sum(w.alive for w in workers)},
             "endpoints": {"agents": self.cfg.endpoint, **self.urls},
             "journal": self.life.journal.view(),
+            "responses": self.life.responses.view(),
         }
 
     def workers(self) -> list[dict[str, Any]]:
