@@ -30,10 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-log = logging.getLogger("quantad.worker")
+from ipc.worker_spec import LLAMA_SEQ_CTX, llama_seq_ids
 
-MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ
-SEQ_CTX = 2048  # cells per sequence id when the cache's size is not given (46 MiB each for the default model)
+log = logging.getLogger("quantad.worker")
 
 
 class KVFull(RuntimeError):
@@ -61,11 +60,11 @@ class LlamaModel:
         if not self.model:
             raise RuntimeError(f"llama.cpp cannot load {gguf}")
         self.n_ctx_train = int(L.llama_model_n_ctx_train(self.model))
-        self.n_seq_max = min(MAX_SEQ, slots + max(2, slots // 2))  # the running rows, and room for suspended ones
+        self.n_seq_max = llama_seq_ids(slots)
         self.n_batch = max(batch, slots)
         threads = threads or os.cpu_count() or 1
         cp = L.llama_context_default_params()
-        cp.n_ctx = ctx_size or SEQ_CTX * self.n_seq_max
+        cp.n_ctx = ctx_size or LLAMA_SEQ_CTX * self.n_seq_max
         cp.n_batch, cp.n_seq_max, cp.kv_unified = self.n_batch, self.n_seq_max, False
         cp.n_threads = cp.n_threads_batch = threads
         cp.no_perf = True

@@ -23,6 +23,19 @@ DTYPES = ("float32", "bfloat16", "float16")
 SNAPSHOT_TIERS = ("auto", P.TIER_DEVICE, P.TIER_HOST, P.TIER_DISK, P.TIER_RECOMPUTE)
 RESUME_METHODS = ("auto", "prefix", "completions", "none")
 WORKER_MODULE = "backends.worker"
+LLAMA_MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ
+LLAMA_SEQ_CTX = 2048  # cells per sequence id when the cache's size is not given (46 MiB each for the default model)
+
+
+def llama_seq_ids(slots: int) -> int:
+    """A llama.cpp worker's sequence ids: its running rows, and room for suspended ones."""
+    return min(LLAMA_MAX_SEQ, slots + max(2, slots // 2))
+
+
+def llama_seq_cells(slots: int, ctx_size: int) -> int:
+    """Each sequence id's cells of the KV cache (what bounds one request's context, with the trained window)."""
+    return ctx_size // llama_seq_ids(slots) if ctx_size else LLAMA_SEQ_CTX
+
 
 # A llama.cpp worker on CUDA loads torch's CUDA libraries and llama.cpp's libggml-cuda into one
 # process, and libggml-cuda's copies of libstdc++ template symbols then win the lookup: llama.cpp's

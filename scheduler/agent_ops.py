@@ -118,14 +118,21 @@ class AgentOps:
         self.outbox.reply(who.addr, cid, view)
 
     def tokenize(self, who: Caller, cid: Any, rec: M.Tokenize) -> None:
+        """Token ids with the workers' tokenizer; asked before the first worker is up, answered once it is."""
+        if not self.sizer.source and not self.phase.ready.is_set():
+            self.background(self._when_ready(self.tokenize, who, cid, rec))
+            return
         sizer = self.sizer
         if rec.messages is not None:
             ids = sizer.encode_chat(rec.messages, rec.add_generation_prompt)
         else:
             ids = sizer.encode(rec.prompt or "", rec.add_special_tokens)
-        self.outbox.reply(who.addr, cid, {"count": len(ids), "tokens": ids, "max_model_len": sizer.limit})
+        self.outbox.reply(who.addr, cid, {"count": len(ids), "tokens": ids, "max_model_len": sizer.known_limit})
 
     def detokenize(self, who: Caller, cid: Any, rec: M.Detokenize) -> None:
+        if not self.sizer.source and not self.phase.ready.is_set():
+            self.background(self._when_ready(self.detokenize, who, cid, rec))
+            return
         self.outbox.reply(who.addr, cid, {"prompt": self.sizer.decode(rec.tokens)})
 
     def _live(self, who: Caller, pid: int) -> Request:
@@ -226,13 +233,16 @@ class AgentOps:
         """``wait: true`` holds the answer until every worker is up (clients wait on an event, not a timer)."""
         addr = who.addr
         if rec.wait and not self.phase.ready.is_set():
-            self.background(self._pong_when_ready(addr, cid))
+            self.background(self._when_ready(self.ping, who, cid, rec))
             return
         self._pong(addr, cid)
 
-    async def _pong_when_ready(self, addr: bytes, cid: Any) -> None:
+    async def _when_ready(self, op: Callable[[Caller, Any, Any], None], who: Caller, cid: Any, rec: Any) -> None:
         await self.phase.ready.wait()
-        self._pong(addr, cid)
+        try:
+            op(who, cid, rec)
+        except P.ProtocolError as exc:  # off the receive loop: answered here as it would answer
+            self.outbox.error(who.addr, cid, exc.code, exc.message)
 
     def _pong(self, addr: bytes, cid: Any) -> None:
         workers = self.sched.workers.values()

@@ -25,7 +25,7 @@ import zmq.asyncio
 from ipc import messages as M
 from ipc import protocol as P
 from ipc.logfmt import under_journald
-from scheduler import reload, sd_notify
+from scheduler import model_card, reload, sd_notify
 from scheduler.agent_ops import AgentOps, Caller
 from scheduler.core import Scheduler
 from scheduler.daemon_config import DaemonConfig
@@ -69,7 +69,8 @@ class Daemon:
         for opt in (zmq.SNDBUF, zmq.RCVBUF):  # migrations relay whole contexts through it
             self.workers_sock.setsockopt(opt, P.BULK_SOCKET_BUFFER)
         self.phase = Phase()
-        self.sizer = PromptSizer()  # exact prompt lengths, once a worker names its tokenizer
+        # exact prompt lengths once a worker names its tokenizer; the context length from the model's files till then
+        self.sizer = PromptSizer(model_card.expected_context(cfg.spec))
         self.outbox = Outbox(self.agents, self.workers_sock)
         journal = NullJournal() if cfg.journal is None else Journal(cfg.journal, cfg.journal_keep_s)
         db = journal.db if isinstance(journal, Journal) else None  # --no-journal: kept in memory

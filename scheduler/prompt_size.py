@@ -22,13 +22,19 @@ log = logging.getLogger("quantad")
 
 
 class PromptSizer:
-    def __init__(self) -> None:
+    def __init__(self, expected: int = 0) -> None:
         self.limit = 0  # the smallest context a worker reported (0: none reported)
+        self.expected = expected  # what the model's files say they will report (``scheduler.model_card``)
         self.source = ""
         self._tokenizer: Any = None
         self._template: str | None = None
         self._special: dict[str, str] = {}
         self._longest = 1
+
+    @property
+    def known_limit(self) -> int:
+        """The context length to show: the workers' once reported, the model files' until then (0: unknown)."""
+        return self.limit or self.expected
 
     def learn(self, max_context: int, tokenizer_dir: str) -> None:
         """A worker's ``ready``: its context length and tokenizer (the same model everywhere)."""

@@ -77,7 +77,7 @@ class Views:
             "policy": self.sched.policy.name,
             "quantum": self.quantum(),
             "model": self.cfg.model_name,
-            "max_context": self.sizer.limit,
+            "max_context": self.sizer.known_limit,
             "backend": self.cfg.spec.backend,
             "queue": len(self.sched.ready),
             "requests": by_state,
