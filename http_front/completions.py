@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from http_front.errors import HttpError
-from http_front.request import LABELS, done_data, json_body, last_event, rejection, served, wants_usage
+from http_front.request import LABELS, Followed, done_data, json_body, rejection, served, wants_usage
 from ipc import events as E
 from ipc import protocol as P
 from ipc.client import AsyncClient, ClientError
@@ -77,21 +77,13 @@ class Completions:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await json_body(request)
         prompt, params, echo = completion_fields(body, self.models)
-        if "identity" in request:
-            params["on_behalf_of"] = request["identity"]
         client, stream = self.client, body.get("stream") is True
-        try:
-            cid = await client.submit(None, stream=stream, prompt=prompt, **params)
-            shown = (prompt if isinstance(prompt, str) else await client.detokenize(prompt)) if echo else ""
-        except ClientError as exc:
-            raise HttpError.of(exc.code, exc.message) from None
-        events, ended = client.events(cid), False
-        try:
-            first = await anext(events)
-            if not isinstance(first, E.Accepted):
-                ended = True
-                raise rejection(first)
-            pid = first.pid
+        async with await Followed.submit(client, request, None, stream=stream, prompt=prompt, **params) as req:
+            try:
+                shown = (prompt if isinstance(prompt, str) else await client.detokenize(prompt)) if echo else ""
+            except ClientError as exc:
+                raise HttpError.of(exc.code, exc.message) from None
+            pid = req.pid
             head = {
                 "id": f"cmpl-{pid}-{uuid.uuid4().hex[:12]}",
                 "object": "text_completion",
@@ -99,17 +91,11 @@ class Completions:
                 "model": self.models[0],
             }
             if stream:
-                resp = await self._stream(request, events, head, shown, wants_usage(body))
-                ended = True
+                resp = await self._stream(request, req.events, head, shown, wants_usage(body))
+                req.ended = True
                 return resp
-            last = await last_event(first, events)
-            ended = True
-            done = done_data(last)
+            done = done_data(await req.last())
             return web.json_response(self._whole(head, done, shown), headers={"x-quantad-pid": str(pid)})
-        finally:
-            if not ended:
-                await client.cancel(cid)
-            await events.aclose()
 
     @staticmethod
     def _whole(head: dict[str, Any], done: E.Done, shown: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from aiohttp import web
 from http_front.errors import HttpError, error_of
 from ipc import events as E
 from ipc import protocol as P
-from ipc.client import Event
+from ipc.client import AsyncClient, ClientError, Event
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
@@ -80,3 +80,54 @@ def stream_position(seen: list[int], ev: Event) -> list[int]:
 def sse_id(pid: Any, seen: list[int]) -> bytes:
     """The SSE ``id`` line of a chunk: ``PID.TOKENS.CHARS``, what a client that lost the stream resumes from."""
     return f"id: {pid}.{seen[0]}.{seen[1]}\n".encode()
+
+
+class Followed:
+    """A request a route submitted and follows: its ``accepted``, its events, and its cancel if the route
+    leaves before its end (the HTTP client hung up, or the route failed), so it never runs on for nobody.
+
+    ``async with await Followed.submit(...) as req``: inside, ``req.first`` is its ``accepted``; a
+    route that reads the events to the end (``last()``, or a stream that got there) marks it ``ended``,
+    and one that lets it run on (a background response) calls ``let_go()``.
+    """
+
+    def __init__(self, client: AsyncClient, cid: Any):
+        self.client, self.cid, self.events = client, cid, client.events(cid)
+        self.ended = False
+        self.first: E.Accepted | None = None
+
+    @classmethod
+    async def submit(cls, client: AsyncClient, request: web.Request, messages: list | None, **params: Any) -> Followed:
+        """Submit for the request's identity (the daemon takes it from its admin, the front, only)."""
+        if "identity" in request:
+            params["on_behalf_of"] = request["identity"]
+        try:
+            return cls(client, await client.submit(messages, **params))
+        except ClientError as exc:  # too large for a frame, or not encodable
+            raise HttpError.of(exc.code, exc.message) from None
+
+    async def __aenter__(self) -> Followed:
+        first = await anext(self.events)
+        if not isinstance(first, E.Accepted):  # rejected: the only event there is
+            await self.events.aclose()
+            raise rejection(first)
+        self.first = first
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self.ended:
+            await self.client.cancel(self.cid)
+        await self.events.aclose()
+
+    @property
+    def pid(self) -> int:
+        return self.first.pid if self.first is not None else 0
+
+    async def last(self) -> Event:
+        """Its terminal event (read to the end: nothing to cancel then)."""
+        last = await last_event(self.first, self.events)
+        self.ended = True
+        return last
+
+    def let_go(self) -> None:
+        self.ended = True

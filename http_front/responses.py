@@ -26,7 +26,7 @@ from aiohttp import web
 
 from http_front.chat_reply import content_of, tool_calls
 from http_front.errors import HttpError
-from http_front.request import done_data, json_body, last_event, rejection
+from http_front.request import Followed, done_data, json_body, rejection
 from http_front.response_items import (
     bad,
     call_item,
@@ -86,35 +86,18 @@ class Responses:
         if store:
             params["response"] = {"id": rid, "record": record, "input": [*history, *items]}
             params["background"] = background
-        if "identity" in request:  # the daemon takes it from its admin (the front) only
-            params["on_behalf_of"] = request["identity"]
-        try:
-            cid = await self.client.submit(messages, stream=stream or background, **params)
-        except ClientError as exc:
-            raise HttpError.of(exc.code, exc.message) from None
-        events, ended = self.client.events(cid), False
-        try:
-            first = await anext(events)
-            if not isinstance(first, E.Accepted):
-                ended = True
-                raise rejection(first)
-            headers = {"x-quantad-pid": str(first.pid)}
+        async with await Followed.submit(self.client, request, messages, stream=stream or background, **params) as req:
+            headers = {"x-quantad-pid": str(req.pid)}
             if background:  # it runs for nobody now: this connection's going does not cancel it
-                ended = True
+                req.let_go()
                 if not stream:
                     return web.json_response(record, headers=headers)
-                return await self._follow(request, first.pid, record, -1)
+                return await self._follow(request, req.pid, record, -1)
             if stream:
                 live = Stream(request, record, headers)
-                ended = await live.run(events)
+                req.ended = await live.run(req.events)
                 return live.resp
-            last = await last_event(first, events)
-            ended = True
-            return web.json_response(finish(record, done_data(last)), headers=headers)
-        finally:
-            if not ended:  # the HTTP client hung up (or we failed): the request must not run on for nobody
-                await self.client.cancel(cid)
-            await events.aclose()
+            return web.json_response(finish(record, done_data(await req.last())), headers=headers)
 
     async def _history(self, request: web.Request, prev: Any) -> list[dict[str, Any]]:
         """The items a ``previous_response_id`` continues: its input (its own history included) and its output."""

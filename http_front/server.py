@@ -27,9 +27,9 @@ from http_front.choices import Choices, choice_index, choices_of
 from http_front.completions import Completions
 from http_front.errors import HttpError, error_of
 from http_front.request import (
+    Followed,
     done_data,
     json_body,
-    last_event,
     rejection,
     served,
     sse_id,
@@ -160,39 +160,21 @@ class HttpFront:
             return await Choices(self.client, self.models[0], request, messages, params, n).respond(
                 stream, wants_usage(body)
             )
-        try:
-            if "identity" in request:  # the daemon takes it from its admin (the front) only
-                params["on_behalf_of"] = request["identity"]
-            cid = await self.client.submit(messages, stream=stream, **params)
-        except ClientError as exc:  # too large for a frame, or not encodable
-            raise HttpError.of(exc.code, exc.message) from None
-        events = self.client.events(cid)
-        ended = False
-        try:
-            first = await anext(events)
-            if not isinstance(first, E.Accepted):  # rejected: the only event there is
-                ended = True
-                raise rejection(first)
-            pid = first.pid
+        async with await Followed.submit(self.client, request, messages, stream=stream, **params) as req:
+            pid = req.pid
             meta = {
                 "id": f"chatcmpl-{pid}-{uuid.uuid4().hex[:12]}",
                 "created": int(time.time()),
                 "model": self.models[0],
             }
             if stream:
-                resp, ended = await self._stream(request, events, pid, meta, wants_usage(body))
+                resp, req.ended = await self._stream(request, req.events, pid, meta, wants_usage(body))
                 return resp
-            last = await last_event(first, events)
-            ended = True
-            done = done_data(last)
+            done = done_data(await req.last())
             headers = {"x-quantad-pid": str(pid)}
             if done.stats.get("grammar_complete") is False:
                 headers["x-quantad-warning"] = CUT_GRAMMAR
             return web.json_response(completion(meta, done), headers=headers)
-        finally:
-            if not ended:  # the HTTP client hung up (or we failed): the request must not run on for nobody
-                await self.client.cancel(cid)
-            await events.aclose()
 
     async def resume(self, request: web.Request) -> web.StreamResponse:
         """A stream cut short (the daemon restarted): the rest of request ``pid`` after ``Last-Event-ID``.
