@@ -78,12 +78,12 @@ class Completions:
         body = await json_body(request)
         prompt, params, echo = completion_fields(body, self.models)
         client, stream = self.client, body.get("stream") is True
-        async with await Followed.submit(client, request, None, stream=stream, prompt=prompt, **params) as req:
+        async with await Followed.submit(client, request, None, stream=stream, prompt=prompt, **params) as run:
             try:
                 shown = (prompt if isinstance(prompt, str) else await client.detokenize(prompt)) if echo else ""
             except ClientError as exc:
                 raise HttpError.of(exc.code, exc.message) from None
-            pid = req.pid
+            pid = run.pid
             head = {
                 "id": f"cmpl-{pid}-{uuid.uuid4().hex[:12]}",
                 "object": "text_completion",
@@ -91,10 +91,10 @@ class Completions:
                 "model": self.models[0],
             }
             if stream:
-                resp = await self._stream(request, req.events, head, shown, wants_usage(body))
-                req.ended = True
+                resp = await self._stream(request, run.events, head, shown, wants_usage(body))
+                run.ended = True
                 return resp
-            done = done_data(await req.last())
+            done = done_data(await run.last())
             return web.json_response(self._whole(head, done, shown), headers={"x-quantad-pid": str(pid)})
 
     @staticmethod

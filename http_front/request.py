@@ -86,7 +86,7 @@ class Followed:
     """A request a route submitted and follows: its ``accepted``, its events, and its cancel if the route
     leaves before its end (the HTTP client hung up, or the route failed), so it never runs on for nobody.
 
-    ``async with await Followed.submit(...) as req``: inside, ``req.first`` is its ``accepted``; a
+    ``async with await Followed.submit(...) as run``: inside, ``run.first`` is its ``accepted``; a
     route that reads the events to the end (``last()``, or a stream that got there) marks it ``ended``,
     and one that lets it run on (a background response) calls ``let_go()``.
     """

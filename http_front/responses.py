@@ -86,18 +86,18 @@ class Responses:
         if store:
             params["response"] = {"id": rid, "record": record, "input": [*history, *items]}
             params["background"] = background
-        async with await Followed.submit(self.client, request, messages, stream=stream or background, **params) as req:
-            headers = {"x-quantad-pid": str(req.pid)}
+        async with await Followed.submit(self.client, request, messages, stream=stream or background, **params) as run:
+            headers = {"x-quantad-pid": str(run.pid)}
             if background:  # it runs for nobody now: this connection's going does not cancel it
-                req.let_go()
+                run.let_go()
                 if not stream:
                     return web.json_response(record, headers=headers)
-                return await self._follow(request, req.pid, record, -1)
+                return await self._follow(request, run.pid, record, -1)
             if stream:
                 live = Stream(request, record, headers)
-                req.ended = await live.run(req.events)
+                run.ended = await live.run(run.events)
                 return live.resp
-            return web.json_response(finish(record, done_data(await req.last())), headers=headers)
+            return web.json_response(finish(record, done_data(await run.last())), headers=headers)
 
     async def _history(self, request: web.Request, prev: Any) -> list[dict[str, Any]]:
         """The items a ``previous_response_id`` continues: its input (its own history included) and its output."""

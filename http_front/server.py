@@ -160,17 +160,17 @@ class HttpFront:
             return await Choices(self.client, self.models[0], request, messages, params, n).respond(
                 stream, wants_usage(body)
             )
-        async with await Followed.submit(self.client, request, messages, stream=stream, **params) as req:
-            pid = req.pid
+        async with await Followed.submit(self.client, request, messages, stream=stream, **params) as run:
+            pid = run.pid
             meta = {
                 "id": f"chatcmpl-{pid}-{uuid.uuid4().hex[:12]}",
                 "created": int(time.time()),
                 "model": self.models[0],
             }
             if stream:
-                resp, req.ended = await self._stream(request, req.events, pid, meta, wants_usage(body))
+                resp, run.ended = await self._stream(request, run.events, pid, meta, wants_usage(body))
                 return resp
-            done = done_data(await req.last())
+            done = done_data(await run.last())
             headers = {"x-quantad-pid": str(pid)}
             if done.stats.get("grammar_complete") is False:
                 headers["x-quantad-warning"] = CUT_GRAMMAR
