@@ -74,6 +74,22 @@ class DaemonCollector(Collector):
                 ctx.add_metric([w["name"], tier], n)
         yield from families.values()
         yield ctx
+        yield from pool_gauges(st, workers, self.views.cfg.spec.device_budget)
+
+
+def pool_gauges(st: dict[str, Any], workers: list[dict[str, Any]], device_budget: int):
+    """The model-server protocol's gauges under vLLM's names, what an inference pool's endpoint picker reads.
+
+    Queued and running requests as ``stats`` counts them; KV-cache use as the fraction of the
+    workers' device-tier budget (``--device-budget`` each) their saved contexts fill.
+    """
+    yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting in the run queue", value=st["queue"])
+    running = st["requests"].get(State.RUNNING.value, 0)
+    yield GaugeMetricFamily("vllm:num_requests_running", "Requests running on a worker", value=running)
+    budget = device_budget * sum(1 for w in workers if w["alive"])
+    used = sum(w["memory"].get("device", 0) for w in workers if w["alive"])
+    usage = min(1.0, used / budget) if budget > 0 else 0.0
+    yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of the device-tier KV budget in use", value=usage)
 
 
 def _labelled(family: Any, values: dict[str, int]) -> Any:

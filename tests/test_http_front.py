@@ -322,6 +322,13 @@ def test_metrics_are_scraped_and_move(front):
                 saved = during
         assert saved is not None, "no context bytes reported while a request was preempted"
         assert value(saved, "quantad_requests", state="RUNNING") + value(saved, "quantad_requests", state="READY") >= 1
+        # the inference pool's gauges (vLLM's names), from the same scrape; both requests live, as ps shows
+        waiting, running = value(saved, "vllm:num_requests_waiting"), value(saved, "vllm:num_requests_running")
+        assert waiting == value(saved, "quantad_queue_length") and running == value(saved, "quantad_requests",
+                                                                                   state="RUNNING")  # fmt: skip
+        assert running + waiting == len(c.ps()["requests"]) == 2 and running <= 1
+        kv = value(saved, "quantad_context_bytes", tier="device") / (512 << 20)  # the default --device-budget
+        assert value(saved, "vllm:kv_cache_usage_perc") == pytest.approx(min(1.0, kv)) and 0 < kv
         for s, e in zip(streams, evs, strict=True):
             e += list(s)
     after = families(front)
