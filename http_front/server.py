@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -49,11 +49,20 @@ SHUTDOWN_S = 2.0  # after the drain, how long in-flight responses may take to fl
 
 # ---- the server -----------------------------------------------------------------------------
 class HttpFront:
-    def __init__(self, endpoint: str, host: str, port: int, models: Iterable[str], token: dict[str, str] | None = None):
+    def __init__(
+        self,
+        endpoint: str,
+        host: str,
+        port: int,
+        models: Iterable[str],
+        token: dict[str, str] | None = None,
+        metrics: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None,
+    ):
         self.endpoint = endpoint.replace("tcp://*:", "tcp://127.0.0.1:").replace("tcp://0.0.0.0:", "tcp://127.0.0.1:")
         self.host, self.port = host, port
         self.models = [m for m in dict.fromkeys(models) if m]  # the first is the id /v1/models shows
         self.token = token  # bearer token -> its name; None: no token asked for (requests are the front's own)
+        self.metrics = metrics  # the daemon's Prometheus page, for a pool's endpoint picker on this port
         self.created = int(time.time())
         self.client: AsyncClient | None = None
         self.runner: web.AppRunner | None = None
@@ -62,6 +71,8 @@ class HttpFront:
         self.client = AsyncClient(self.endpoint, agent=DEFAULT_AGENT, resume=False)  # it dies with the daemon
         app = web.Application(middlewares=[self._errors, self._auth], client_max_size=P.MAX_FRAME)
         app.router.add_get("/health", self.health)
+        if self.metrics is not None:
+            app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
         app.router.add_post("/v1/chat/completions", self.chat)

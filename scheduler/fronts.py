@@ -25,17 +25,21 @@ class Fronts:
 
     async def start(self) -> None:
         c, urls = self.cfg, self.views.urls
-        if c.metrics_port is not None:
+        metrics = None
+        if c.metrics_port is not None or c.http is not None:  # the HTTP front serves /metrics too
             from scheduler.metrics import MetricsServer
 
-            self.listeners.append(MetricsServer(self.views, self.finish_hooks, c.metrics_port))
-            urls["metrics"] = await self.listeners[-1].start()
+            metrics = MetricsServer(self.views, self.finish_hooks, c.metrics_port or 0)
+        if metrics is not None and c.metrics_port is not None:
+            self.listeners.append(metrics)
+            urls["metrics"] = await metrics.start()
             log.info("event=metrics_listening url=%s", urls["metrics"])
         if c.http is not None:
             from http_front.server import HttpFront
 
             names = (c.model_name, *c.model_aliases)
-            self.listeners.append(HttpFront(c.endpoint, c.http[0], c.http[1], names, c.http_token))
+            scrape = metrics.scrape if metrics is not None else None
+            self.listeners.append(HttpFront(c.endpoint, c.http[0], c.http[1], names, c.http_token, scrape))
             urls["http"] = await self.listeners[-1].start()
             auth = "bearer" if c.http_token else "none"
             log.info("event=http_listening url=%s auth=%s", urls["http"], auth)

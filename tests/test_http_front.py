@@ -284,8 +284,8 @@ def test_errors_are_openai_shaped(front):
     assert status == 200  # and the daemon serves on
 
 
-def families(d: DaemonProc) -> dict:
-    with urllib.request.urlopen(d.urls["metrics"], timeout=DEADLINE_S) as r:
+def families(d: DaemonProc, url: str | None = None) -> dict:
+    with urllib.request.urlopen(url or d.urls["metrics"], timeout=DEADLINE_S) as r:
         assert r.headers["Content-Type"].startswith("text/plain")
         text = r.read().decode()
     return {f.name: f for f in text_string_to_metric_families(text)}
@@ -305,6 +305,8 @@ def test_metrics_are_scraped_and_move(front):
                  "quantad_requests_finished", "quantad_worker_restarts"):  # fmt: skip
         assert name in before, name
     assert value(before, "quantad_worker_up", worker="w0") == 1.0
+    on_front = families(front, front.urls["http"] + "/metrics")  # the same page on the HTTP port, no token
+    assert set(on_front) == set(before) and "vllm:num_requests_waiting" in on_front
     assert {s.labels["tier"] for s in before["quantad_context_bytes"].samples} == set(P.TIERS)
     assert {s.labels["state"] for s in before["quantad_requests"].samples} >= {"READY", "RUNNING"}
 
