@@ -245,15 +245,17 @@ def shell(rid: str, body: dict[str, Any], model: str, status: str) -> dict[str, 
     }
 
 
+def final_text(final: E.Event) -> str:
+    """The text a response's request ended with: its content (no call markup), or what it had when cut short."""
+    return (content_of(final) if isinstance(final, E.Done) else getattr(final, "text", None)) or ""
+
+
 def output_items(rid: str, final: E.Event) -> list[dict[str, Any]]:
     """What a response's request produced, as output items: its text (a message), then its function calls."""
+    text = final_text(final)
     if isinstance(final, E.Done):
-        items, text = [], content_of(final) or ""
-        if text or not final.tool_calls:
-            items.append(message_item(text, msg_id(rid)))
-        items += [call_item(call, fc_id(rid, k)) for k, call in enumerate(tool_calls(final))]
-        return items
-    text = getattr(final, "text", None) or ""  # cut short: what it had written
+        items = [message_item(text, msg_id(rid))] if text or not final.tool_calls else []
+        return items + [call_item(call, fc_id(rid, k)) for k, call in enumerate(tool_calls(final))]
     return [message_item(text, msg_id(rid), "incomplete")] if text else []
 
 

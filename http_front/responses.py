@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from http_front.chat_reply import content_of, tool_calls
+from http_front.chat_reply import tool_calls
 from http_front.errors import HttpError
 from http_front.request import Followed, done_data, json_body, rejection
 from http_front.response_items import (
@@ -32,6 +32,7 @@ from http_front.response_items import (
     call_item,
     chat_of,
     fc_id,
+    final_text,
     finish,
     flag,
     message_item,
@@ -129,8 +130,13 @@ class Responses:
         if after < -1:
             raise bad("'starting_after' must be -1 or more", "starting_after")
         if view["final"] is not None:
-            return await Stream(request, view["record"], after=after, canonical=True).replay(E.decode(view["final"]))
+            return await self._replay(request, view, after)
         return await self._follow(request, view["pid"], view["record"], after)
+
+    @staticmethod
+    async def _replay(request: web.Request, view: dict[str, Any], after: int) -> web.StreamResponse:
+        """A background response that has ended: its stream rebuilt from its stored end."""
+        return await Stream(request, view["record"], after=after, canonical=True).replay(E.decode(view["final"]))
 
     async def _follow(self, request: web.Request, pid: int, record: dict[str, Any], after: int) -> web.StreamResponse:
         """A background response's events from ``after`` on, as its request streams (never cancelled from here)."""
@@ -143,7 +149,7 @@ class Responses:
                 view = await self._op(request, P.OP_RESPONSE_GET, record["id"])
                 if view["final"] is None:
                     raise rejection(first)
-                return await Stream(request, record, after=after, canonical=True).replay(E.decode(view["final"]))
+                return await self._replay(request, view, after)
             live = Stream(request, record, {"x-quantad-pid": str(pid)}, after=after, canonical=True)
             await live.run(events)
             return live.sent()
@@ -262,7 +268,7 @@ class Stream:
     async def replay(self, final: E.Event) -> web.StreamResponse:
         """A response that has ended, from its stored end: the same events its live stream had."""
         await self._begin()
-        await self._text(self._content(final))
+        await self._text(final_text(final))
         await self._end(final)
         return self.sent()
 
@@ -271,10 +277,6 @@ class Stream:
         if not self.resp.prepared:
             raise bad(f"'starting_after' {self.after} is at or past the last event ({self.last})", "starting_after")
         return self.resp
-
-    @staticmethod
-    def _content(final: E.Event) -> str:
-        return (content_of(final) if isinstance(final, E.Done) else getattr(final, "text", None)) or ""
 
     async def _text(self, delta: str) -> None:
         self.fed += delta
@@ -319,7 +321,7 @@ class Stream:
             await self.send("response.function_call_arguments.delta", item_id=item["id"], output_index=at, delta=piece)
 
     async def _end(self, ev: Event) -> None:
-        content = self._content(ev)
+        content = final_text(ev)
         if content.startswith(self.fed):
             await self._text(content[len(self.fed) :])
         else:  # the content was not what streamed (it should be): its held-back tail at least

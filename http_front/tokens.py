@@ -34,7 +34,7 @@ def add_routes(app: web.Application, client: AsyncClient, models: list[str]) -> 
         if "messages" in fields and "add_special_tokens" not in fields:
             fields["add_special_tokens"] = False  # vLLM's default for chats: the template holds them
         try:
-            out = await client.call("tokenize", **fields)
+            out = await client.call("tokenize", None, **fields)  # before the first worker: answered once it is up
         except ClientError as exc:
             raise HttpError.of(exc.code, exc.message) from None
         return web.json_response({**out, "token_strs": None})

@@ -198,8 +198,11 @@ class Ops:
         return self.call(P.OP_WORKERS)
 
     def tokenize(self, prompt: str | None = None, messages: Messages | None = None, **fields: Any) -> Any:
-        """``{count, tokens, max_model_len}`` of a text or of a chat as the model's template renders it (3.10)."""
-        return self.call(P.OP_TOKENIZE, **_tokenize_fields(prompt, messages, fields))
+        """``{count, tokens, max_model_len}`` of a text or of a chat as the model's template renders it (3.10).
+
+        Asked before the first worker is up, the daemon answers once it is: waited for as long as it lives.
+        """
+        return self.call(P.OP_TOKENIZE, None, **_tokenize_fields(prompt, messages, fields))
 
 
 class Client(Ops):
@@ -290,7 +293,7 @@ class Client(Ops):
         return reply_data(self.next_event(cid, timeout))
 
     def detokenize(self, tokens: list[int]) -> str:
-        return self.call(P.OP_DETOKENIZE, tokens=list(tokens))["prompt"]
+        return self.call(P.OP_DETOKENIZE, None, tokens=list(tokens))["prompt"]
 
     def submit(self, messages: Messages, **params: Any) -> Any:
         """Send a chat and return its id; read its events with ``events(id)``."""
@@ -430,7 +433,7 @@ class AsyncClient(Ops):
             self._queues.pop(msg["id"], None)
 
     async def detokenize(self, tokens: list[int]) -> str:
-        return (await self.call(P.OP_DETOKENIZE, tokens=list(tokens)))["prompt"]
+        return (await self.call(P.OP_DETOKENIZE, None, tokens=list(tokens)))["prompt"]
 
     async def submit(self, messages: Messages, *, stream: bool = True, **params: Any) -> Any:
         """Send a chat and return its id; read its events with ``events(id)``, stop it with ``cancel(id)``.

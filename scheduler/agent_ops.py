@@ -23,6 +23,7 @@ from scheduler.outbox import Outbox
 from scheduler.phase import Phase
 from scheduler.prompt_size import PromptSizer
 from scheduler.request import Request
+from scheduler.response_store import Stored
 from scheduler.stats import Views
 
 log = logging.getLogger("quantad")
@@ -118,9 +119,8 @@ class AgentOps:
         self.outbox.reply(who.addr, cid, view)
 
     def tokenize(self, who: Caller, cid: Any, rec: M.Tokenize) -> None:
-        """Token ids with the workers' tokenizer; asked before the first worker is up, answered once it is."""
-        if not self.sizer.source and not self.phase.ready.is_set():
-            self.background(self._when_ready(self.tokenize, who, cid, rec))
+        """Token ids with the workers' tokenizer."""
+        if self._before_tokenizer(self.tokenize, who, cid, rec):
             return
         sizer = self.sizer
         if rec.messages is not None:
@@ -130,10 +130,16 @@ class AgentOps:
         self.outbox.reply(who.addr, cid, {"count": len(ids), "tokens": ids, "max_model_len": sizer.known_limit})
 
     def detokenize(self, who: Caller, cid: Any, rec: M.Detokenize) -> None:
-        if not self.sizer.source and not self.phase.ready.is_set():
-            self.background(self._when_ready(self.detokenize, who, cid, rec))
+        if self._before_tokenizer(self.detokenize, who, cid, rec):
             return
         self.outbox.reply(who.addr, cid, {"prompt": self.sizer.decode(rec.tokens)})
+
+    def _before_tokenizer(self, op: Callable[[Caller, Any, Any], None], who: Caller, cid: Any, rec: Any) -> bool:
+        """Asked before the first worker is up (no tokenizer known yet): ``op`` answers once it is."""
+        if self.sizer.source or self.phase.ready.is_set():
+            return False
+        self.background(self._when_ready(op, who, cid, rec))
+        return True
 
     def _live(self, who: Caller, pid: int) -> Request:
         """The caller's live request ``pid``; another identity's is as absent as a finished one."""
@@ -200,17 +206,22 @@ class AgentOps:
     def _response_view(self, who: Caller, rid: str) -> dict[str, Any]:
         stored = self.life.responses.get(who.identity or "", rid)
         view = stored.view()
-        req = self.sched.table.get(stored.pid) if stored.final is None else None
+        req = self._running(stored)
         if req is not None:
             view["live"] = {"state": req.state.value, "tokens": req.generated, "text": req.text}
         return view
+
+    def _running(self, stored: Stored) -> Request | None:
+        """The live request a stored response is still waiting on (None once it has ended)."""
+        req = self.sched.table.get(stored.pid) if stored.final is None else None
+        return req if req is not None and not req.finished else None
 
     def response_delete(self, who: Caller, cid: Any, rec: M.ResponseDelete) -> None:
         """Forget a stored response; a request it still runs is cancelled with it."""
         who = acting_for(who, rec.on_behalf_of, "delete")
         stored = self.life.responses.delete(who.identity or "", rec.response_id)
-        req = self.sched.table.get(stored.pid) if stored.final is None else None
-        if req is not None and not req.finished:
+        req = self._running(stored)
+        if req is not None:
             self.life.cancel(req, "its response was deleted")
         self.outbox.reply(who.addr, cid, {"id": stored.id, "deleted": True})
 
@@ -220,8 +231,8 @@ class AgentOps:
         stored = self.life.responses.get(who.identity or "", rec.response_id)
         if not stored.background:
             raise P.ProtocolError(P.E_BAD_FIELD, f"response {stored.id!r} did not run in the background")
-        req = self.sched.table.get(stored.pid) if stored.final is None else None
-        if req is not None and not req.finished:
+        req = self._running(stored)
+        if req is not None:
             self.life.cancel(req, "cancelled")
         self.outbox.reply(who.addr, cid, self._response_view(who, rec.response_id))
 

@@ -68,12 +68,17 @@ def _blob(ids: list[int]) -> bytes:
     return array.array("i", ids).tobytes()
 
 
-def _unpack(blob: bytes) -> Any:
+def unpack(blob: bytes) -> Any:
     return msgpack.unpackb(blob, raw=False)
 
 
-def _pack(value: Any) -> bytes:
+def pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
+
+
+def kept(final: E.Event) -> dict[str, Any]:
+    """A terminal event as it is kept: its map, without the id and sequence number it was sent under."""
+    return {k: v for k, v in final.encode().items() if k not in ("seq", "id")}
 
 
 CHECKPOINT_S = 1.0  # how often the checkpointer copies the WAL into the database
@@ -145,7 +150,7 @@ class Journal:
         self.db.execute(
             "INSERT OR REPLACE INTO requests (pid, owner, client_id, agent_addr, params, accepted_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (req.pid, req.owner, _pack(req.client_id), req.agent_addr, _pack(req.params.wire()), time.time()),
+            (req.pid, req.owner, pack(req.client_id), req.agent_addr, pack(req.params.wire()), time.time()),
         )
         self._committed(t0)
 
@@ -163,7 +168,7 @@ class Journal:
     def end(self, req: Request, final: E.Event) -> None:
         """It ended: its terminal event is kept (``keep_s``), and it will not be recovered."""
         self._dirty.pop(req.pid, None)
-        self._ends[req.pid] = {k: v for k, v in final.encode().items() if k not in ("seq", "id")}
+        self._ends[req.pid] = kept(final)
         self._soon()
 
     def _soon(self) -> None:
@@ -190,7 +195,7 @@ class Journal:
             )
             self.db.executemany(
                 "UPDATE requests SET final = ?, ended_at = ? WHERE pid = ?",
-                [(_pack(final), now, pid) for pid, final in ends.items()],
+                [(pack(final), now, pid) for pid, final in ends.items()],
             )
         self._committed(t0)
 
@@ -218,7 +223,7 @@ class Journal:
         out = []
         for pid, owner, cid, addr, params, tokens, text, generated in rows:
             try:
-                fields = {"client_id": _unpack(cid), "params": _unpack(params), "tokens": _ids(tokens)}
+                fields = {"client_id": unpack(cid), "params": unpack(params), "tokens": _ids(tokens)}
                 req = Request(pid=pid, agent_addr=bytes(addr), owner=owner, text=text, generated=generated, **fields)
             except (msgpack.UnpackException, KeyError, TypeError, ValueError) as exc:  # damaged: said, then dropped
                 log.error("event=journal_bad_row pid=%s error=%r", pid, str(exc))
@@ -239,11 +244,11 @@ class Journal:
             row = self.db.execute(
                 "SELECT pid, owner, client_id, final FROM requests WHERE owner = ? AND client_id = ? AND "
                 "final IS NOT NULL ORDER BY pid DESC LIMIT 1",
-                (owner or "", _pack(client_id)),
+                (owner or "", pack(client_id)),
             ).fetchone()
         if row is None:
             return None
-        return Ended(row[0], row[1], _unpack(row[2]), E.decode(_unpack(row[3])))
+        return Ended(row[0], row[1], unpack(row[2]), E.decode(unpack(row[3])))
 
     def view(self) -> dict[str, Any]:
         """For ``stats``: where it is, its commits, and the time its writes took (its cost)."""

@@ -82,7 +82,7 @@ class Lifecycle:
         """Requests a dead predecessor accepted and did not end: queued first, from their last checkpoint."""
         back = self.journal.unfinished()
         stored = self.responses.running()
-        self.responses.lost({r.pid for r in back})
+        self.responses.lost(stored - {r.pid for r in back})
         for req in back:
             if req.pid in stored:
                 req.mark_stored()

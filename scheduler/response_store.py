@@ -17,10 +17,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-
 from ipc import events as E
 from ipc import protocol as P
+from scheduler.journal import kept, pack, unpack
 
 log = logging.getLogger("quantad")
 
@@ -33,8 +32,7 @@ CREATE TABLE IF NOT EXISTS responses (
     background INTEGER NOT NULL DEFAULT 0,
     record BLOB NOT NULL,
     input BLOB NOT NULL,
-    final BLOB,
-    ended_at REAL
+    final BLOB
 );
 CREATE INDEX IF NOT EXISTS responses_pid ON responses (pid);
 CREATE INDEX IF NOT EXISTS responses_owner ON responses (owner, created_at);
@@ -42,14 +40,6 @@ CREATE INDEX IF NOT EXISTS responses_owner ON responses (owner, created_at);
 
 DEFAULT_KEEP_S = 30 * 24 * 3600.0  # OpenAI keeps a stored response 30 days
 DEFAULT_MAX_PER_IDENTITY = 10_000
-
-
-def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
-
-
-def _unpack(blob: bytes | None) -> Any:
-    return None if blob is None else msgpack.unpackb(blob, raw=False)
 
 
 @dataclass(frozen=True)
@@ -100,7 +90,7 @@ class ResponseStore:
             self.db.execute(
                 "INSERT INTO responses (id, owner, pid, created_at, background, record, input) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (rid, owner, pid, time.time(), int(background), _pack(record), _pack(items)),
+                (rid, owner, pid, time.time(), int(background), pack(record), pack(items)),
             )
 
     def _make_room(self, owner: str) -> None:
@@ -122,11 +112,7 @@ class ResponseStore:
 
     def end(self, pid: int, final: E.Event) -> None:
         """Request ``pid`` ended: the response it ran (if any) keeps its terminal event."""
-        ev = {k: v for k, v in final.encode().items() if k not in ("seq", "id")}
-        self.db.execute(
-            "UPDATE responses SET final = ?, ended_at = ? WHERE pid = ? AND final IS NULL",
-            (_pack(ev), time.time(), pid),
-        )
+        self.db.execute("UPDATE responses SET final = ? WHERE pid = ? AND final IS NULL", (pack(kept(final)), pid))
 
     def get(self, owner: str, rid: str) -> Stored:
         row = self.db.execute(
@@ -136,9 +122,8 @@ class ResponseStore:
         ).fetchone()
         if row is None:
             raise P.ProtocolError(P.E_NOT_FOUND, f"no stored response {rid!r} of yours (unknown, expired or deleted)")
-        final = _unpack(row[6])
-        ended = None if final is None else E.decode(final)
-        return Stored(row[0], row[1], row[2], bool(row[3]), _unpack(row[4]), _unpack(row[5]), ended)
+        ended = None if row[6] is None else E.decode(unpack(row[6]))
+        return Stored(row[0], row[1], row[2], bool(row[3]), unpack(row[4]), unpack(row[5]), ended)
 
     def delete(self, owner: str, rid: str) -> Stored:
         stored = self.get(owner, rid)
@@ -155,14 +140,11 @@ class ResponseStore:
         """The pids of the requests stored responses wait on."""
         return {pid for (pid,) in self.db.execute("SELECT pid FROM responses WHERE final IS NULL")}
 
-    def lost(self, live: set[int]) -> None:
-        """After a restart: a response whose request is neither live nor ended was lost with it (a crash
-        between its row and its request's): it ends as failed, never as running forever."""
-        rows = self.db.execute("SELECT pid FROM responses WHERE final IS NULL").fetchall()
-        for (pid,) in rows:
-            if pid not in live:
-                err = E.Error(pid=pid, code=P.E_INTERNAL, message="its request was lost in a daemon restart")
-                self.end(pid, err)
+    def lost(self, pids: set[int]) -> None:
+        """After a restart: responses whose requests are neither live nor ended were lost with them (a crash
+        between a response's row and its request's): they end as failed, never as running forever."""
+        for pid in pids:
+            self.end(pid, E.Error(pid=pid, code=P.E_INTERNAL, message="its request was lost in a daemon restart"))
 
     def view(self) -> dict[str, Any]:
         count = self.db.execute("SELECT count(*) FROM responses").fetchone()[0]
