@@ -221,11 +221,10 @@ class Daemon:
 
     # ---- worker side --------------------------------------------------------------------
     def settle(self) -> None:
-        """After any change: place what can run; draining, answer the queue instead (``flush_queue`` then
-        ends the drain when nothing is left)."""
+        """After any change: place what can run; draining, answer the queue first (``flush_queue`` then
+        ends the drain when nothing is left), so only what was running when it began is placed again."""
         if self.phase.stopping.is_set():
             self.drain.flush_queue()
-            return
         for req in self.sched.schedule():
             self.worker_ops.start(req)
 

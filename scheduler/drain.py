@@ -36,6 +36,9 @@ class Drain:
     def __init__(self, life: Lifecycle, cfg: DaemonConfig, phase: Phase, views: Views):
         self.life, self.sched, self.cfg, self.phase, self.views = life, life.sched, cfg, phase, views
         self._flushing = False
+        # Running when the drain began: one whose quantum end had already asked it to yield is
+        # preempted after that and lands in the queue, but it was running, so it runs on.
+        self._running: set[int] = set()
 
     def on_signal(self, sig: signal.Signals) -> None:
         """The first SIGTERM/SIGINT drains; a second one cuts the drain short."""
@@ -44,6 +47,7 @@ class Drain:
             self.phase.drained.set()
             return
         log.info("event=signal signal=%s", sig.name)
+        self._running = {r.pid for r in self.sched.live() if r.state is State.RUNNING}
         self.phase.stopping.set()
 
     async def run(self) -> int:
@@ -86,13 +90,14 @@ class Drain:
             self.life.hand_over(req, HANDED_OVER)
 
     def flush_queue(self) -> None:
-        """While draining, nothing new starts: every queued request gets its terminal reply now."""
+        """While draining, nothing new starts: every queued request gets its terminal reply now (but those
+        that were running when the drain began: they are placed again)."""
         if self._flushing:
             return
         self._flushing = True
         try:
             for req in list(self.sched.ready):
-                if not req.finished:
+                if not req.finished and req.pid not in self._running:
                     log.info("event=drain_queued pid=%s tokens=%s", req.pid, req.generated)
                     self.life.fail(req, P.E_SHUTTING_DOWN, SHUTTING_DOWN)
         finally:

@@ -309,7 +309,7 @@ def test_systemd_unit_verifies():
               "StateDirectory": "quantad", "ProtectSystem": "strict", "NoNewPrivileges": "yes"}  # fmt: skip
     for key, value in wanted.items():
         assert keys.get(key) == value, key
-    assert keys["ExecReload"] == "/bin/kill -HUP $MAINPID" and "WatchdogSec" in keys
+    assert keys["ExecReload"] == """/bin/sh -c 'kill -HUP "$MAINPID"'""" and "WatchdogSec" in keys
     exec_start = keys["ExecStart"].split()[0]
     assert exec_start == "/opt/quantad/venv/bin/quantad"
     # verify checks that ExecStart exists: where quantad is not installed under /opt, verify the same
