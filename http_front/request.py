@@ -82,6 +82,17 @@ def sse_id(pid: Any, seen: list[int]) -> bytes:
     return f"id: {pid}.{seen[0]}.{seen[1]}\n".encode()
 
 
+def for_caller(request: web.Request, params: dict[str, Any]) -> dict[str, Any]:
+    """PARAMS as the daemon takes them from this HTTP request: on behalf of its bearer token's identity (the
+    daemon takes that from its admin, the front, only), at its inference objective's nice unless the body
+    set one."""
+    if "identity" in request:
+        params["on_behalf_of"] = request["identity"]
+    if params.get("nice") is None and "nice" in request:
+        params["nice"] = request["nice"]
+    return params
+
+
 class Followed:
     """A request a route submitted and follows: its ``accepted``, its events, and its cancel if the route
     leaves before its end (the HTTP client hung up, or the route failed), so it never runs on for nobody.
@@ -98,11 +109,9 @@ class Followed:
 
     @classmethod
     async def submit(cls, client: AsyncClient, request: web.Request, messages: list | None, **params: Any) -> Followed:
-        """Submit for the request's identity (the daemon takes it from its admin, the front, only)."""
-        if "identity" in request:
-            params["on_behalf_of"] = request["identity"]
+        """Submit for the HTTP request's caller (``for_caller``)."""
         try:
-            return cls(client, await client.submit(messages, **params))
+            return cls(client, await client.submit(messages, **for_caller(request, params)))
         except ClientError as exc:  # too large for a frame, or not encodable
             raise HttpError.of(exc.code, exc.message) from None
 

@@ -29,6 +29,7 @@ from http_front.errors import HttpError, error_of
 from http_front.request import (
     Followed,
     done_data,
+    for_caller,
     json_body,
     rejection,
     served,
@@ -45,6 +46,8 @@ log = logging.getLogger("quantad")
 
 DEFAULT_AGENT = "http"
 SHUTDOWN_S = 2.0  # after the drain, how long in-flight responses may take to flush
+# The Gateway API Inference Extension's header naming a request's InferenceObjective (its gateway forwards it).
+OBJECTIVE_HEADER = "x-gateway-inference-objective"
 
 
 # ---- the server -----------------------------------------------------------------------------
@@ -57,12 +60,14 @@ class HttpFront:
         models: Iterable[str],
         token: dict[str, str] | None = None,
         metrics: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None,
+        objective_nice: dict[str, int] | None = None,
     ):
         self.endpoint = endpoint.replace("tcp://*:", "tcp://127.0.0.1:").replace("tcp://0.0.0.0:", "tcp://127.0.0.1:")
         self.host, self.port = host, port
         self.models = [m for m in dict.fromkeys(models) if m]  # the first is the id /v1/models shows
         self.token = token  # bearer token -> its name; None: no token asked for (requests are the front's own)
         self.metrics = metrics  # the daemon's Prometheus page, for a pool's endpoint picker on this port
+        self.objective_nice = objective_nice or {}  # an inference pool's objective (by header) -> nice
         self.created = int(time.time())
         self.client: AsyncClient | None = None
         self.runner: web.AppRunner | None = None
@@ -133,6 +138,9 @@ class HttpFront:
             if scheme.lower() != "bearer" or name is None:
                 raise HttpError(401, "invalid or missing bearer token", code="invalid_api_key")
             request["identity"] = f"http:{name}"
+        objective = request.headers.get(OBJECTIVE_HEADER, "").strip()
+        if objective in self.objective_nice:
+            request["nice"] = self.objective_nice[objective]
         return await handler(request)
 
     # ---- handlers ---------------------------------------------------------------------------
@@ -166,11 +174,9 @@ class HttpFront:
         n = choices_of(body)
         params.pop("n", None)
         if n > 1:  # n requests of one fork group: the prompt is prefilled once
-            if "identity" in request:
-                params["on_behalf_of"] = request["identity"]
-            return await Choices(self.client, self.models[0], request, messages, params, n).respond(
-                stream, wants_usage(body)
-            )
+            return await Choices(
+                self.client, self.models[0], request, messages, for_caller(request, params), n
+            ).respond(stream, wants_usage(body))
         async with await Followed.submit(self.client, request, messages, stream=stream, **params) as run:
             pid = run.pid
             meta = {

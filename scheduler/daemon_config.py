@@ -33,6 +33,7 @@ class DaemonConfig:
     model_aliases: tuple[str, ...] = ()  # other names an HTTP request may give (--model as given, the path)
     http: tuple[str, int] | None = None  # OpenAI-compatible HTTP front (host, port); None: off
     http_token: dict[str, str] | None = None  # bearer tokens the HTTP front accepts -> whose (``http:NAME``)
+    objective_nice: dict[str, int] = field(default_factory=dict)  # an inference objective's name -> its nice
     metrics_port: int | None = None  # Prometheus /metrics on 127.0.0.1; None: off
     keys: Keys | None = None  # CURVE: the daemon's key pair and the allowed keys (``--curve-dir``)
     limits: Limits = field(default_factory=Limits)  # quotas per identity, rates per connection

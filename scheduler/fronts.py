@@ -39,7 +39,8 @@ class Fronts:
 
             names = (c.model_name, *c.model_aliases)
             scrape = metrics.scrape if metrics is not None else None
-            self.listeners.append(HttpFront(c.endpoint, c.http[0], c.http[1], names, c.http_token, scrape))
+            front = HttpFront(c.endpoint, c.http[0], c.http[1], names, c.http_token, scrape, c.objective_nice)
+            self.listeners.append(front)
             urls["http"] = await self.listeners[-1].start()
             auth = "bearer" if c.http_token else "none"
             log.info("event=http_listening url=%s auth=%s", urls["http"], auth)

@@ -180,6 +180,7 @@ def daemon_config(args: argparse.Namespace, endpoint: str, wep: str, policy, htt
         model_aliases=aliases,
         http=http,
         http_token=token,
+        objective_nice=objective_nice(args.objective_nice),
         metrics_port=args.metrics_port,
         limits=limits_of(args),
         journal=Path(args.state_dir or state_dir()) / "journal.db" if args.journal else None,
@@ -247,6 +248,11 @@ def worker_spec(args: argparse.Namespace, wep: str) -> WorkerSpec:
         prefix_cache=args.cache_ram if args.prefix_cache is None else args.prefix_cache,
         **common,
     )
+
+
+def objective_nice(items: list[str]) -> dict[str, int]:
+    """``--objective-nice NAME=NICE`` entries (checked by ``options.objective_entry``) -> {objective: nice}."""
+    return {name: int(nice) for name, _, nice in (item.rpartition("=") for item in items)}
 
 
 def token_entries(text: str) -> dict[str, str]:

@@ -12,6 +12,7 @@ import argparse
 import math
 
 from ipc.logfmt import FORMATS
+from ipc.protocol import NICE_MAX, NICE_MIN
 from ipc.worker_spec import BACKENDS, DTYPES, RESUME_METHODS, SNAPSHOT_TIERS, WorkerSpec
 from scheduler import config as C
 from scheduler import netaddr
@@ -57,6 +58,14 @@ def positive(kind):
         return value
 
     return parse
+
+
+def objective_entry(text: str) -> str:
+    """``NAME=NICE``: an inference objective's name and the nice its requests run at."""
+    name, sep, nice = text.rpartition("=")
+    if not sep or not name.strip() or not nice.strip().lstrip("-").isdigit() or not NICE_MIN <= int(nice) <= NICE_MAX:
+        raise argparse.ArgumentTypeError(f"expected NAME=NICE with NICE in {NICE_MIN}..{NICE_MAX}, got {text!r}")
+    return f"{name.strip()}={int(nice)}"
 
 
 def port(text: str) -> int:
@@ -378,6 +387,15 @@ def _http_flags(h: argparse._ArgumentGroup) -> None:
         help="file holding the bearer token that /v1/* requests must send",
     )
     h.add_argument("--http-token-env", metavar="VAR", help="environment variable holding that token")
+    h.add_argument(
+        "--objective-nice",
+        action="append",
+        type=objective_entry,
+        default=[],
+        metavar="NAME=NICE",
+        help="an HTTP request whose x-gateway-inference-objective header names NAME (an inference pool's "
+        "InferenceObjective) runs at this nice unless its body sets one (repeatable; see docs/kubernetes.md)",
+    )
     h.add_argument(
         "--metrics-port",
         type=port,

@@ -39,7 +39,8 @@ def front(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("http")
     (tmp / "token").write_text(TOKEN + "\n")
     d = DaemonProc(tiny_model_dir, tmp, "--slots", "1", "--quantum-tokens", "2", "--http", "127.0.0.1:0",
-                   "--http-token-file", str(tmp / "token"), "--metrics-port", "0", "--heartbeat-s", "0.2")  # fmt: skip
+                   "--http-token-file", str(tmp / "token"), "--metrics-port", "0", "--heartbeat-s", "0.2",
+                   "--objective-nice", "interactive=-10", "--objective-nice", "batch=10")  # fmt: skip
     with d.client(timeout=30) as c:
         d.urls = c.stats()["endpoints"]
     d.model_id = tiny_model_dir.name
@@ -343,6 +344,23 @@ def test_metrics_are_scraped_and_move(front):
     done = value(after, "quantad_requests_finished", state="DONE") - value(before, "quantad_requests_finished",
                                                                            state="DONE")  # fmt: skip
     assert done == 2 and value(after, "quantad_queue_length") == 0
+
+
+def test_an_inference_objective_runs_at_its_nice(front):
+    """A pool's gateway forwards the request's x-gateway-inference-objective header: ``--objective-nice``
+    maps it onto the nice quantad schedules by; a body's own ``nice`` wins, an unknown objective is 0."""
+    cases = [("batch", None, 10), ("interactive", None, -10), ("interactive", 3, 3), ("unknown", None, 0)]
+    for objective, body_nice, want in cases:
+        agent = f"objective-{objective}-{body_nice}"
+        extra = {"min_tokens": 2000} | ({} if body_nice is None else {"nice": body_nice})
+        held = api(front).chat.completions.create(model=front.model_id, messages=messages("a long one"), stream=True,
+                                                  max_tokens=2000, user=agent, extra_body=extra,
+                                                  extra_headers={"x-gateway-inference-objective": objective})  # fmt: skip
+        next(iter(held))  # running now, and until the stream is closed
+        with front.client(timeout=30) as c:
+            rows = rows_of(c, agent)
+        held.close()
+        assert [r["nice"] for r in rows] == [want], objective
 
 
 def test_each_token_entry_is_an_identity_with_its_own_quota(tiny_model_dir, tmp_path):
