@@ -353,9 +353,10 @@ def test_an_inference_objective_runs_at_its_nice(front):
     for objective, body_nice, want in cases:
         agent = f"objective-{objective}-{body_nice}"
         extra = {"min_tokens": 2000} | ({} if body_nice is None else {"nice": body_nice})
+        header = {"x-gateway-inference-objective": objective}
         held = api(front).chat.completions.create(model=front.model_id, messages=messages("a long one"), stream=True,
                                                   max_tokens=2000, user=agent, extra_body=extra,
-                                                  extra_headers={"x-gateway-inference-objective": objective})  # fmt: skip
+                                                  extra_headers=header)  # fmt: skip
         next(iter(held))  # running now, and until the stream is closed
         with front.client(timeout=30) as c:
             rows = rows_of(c, agent)

@@ -74,7 +74,8 @@ def test_every_manifest_is_valid():
             jsonschema.validate(doc, schema)
         else:
             kv.validate(doc, K8S, strict=True)
-    assert sorted(kinds) == ["Deployment", "InferenceObjective", "InferencePool", "PersistentVolumeClaim", "Service"]
+    assert sorted(kinds) == ["Deployment", "InferenceObjective", "InferenceObjective", "InferencePool",
+                             "PersistentVolumeClaim", "Service"]  # fmt: skip
 
 
 def test_the_deployment_says_what_quantad_needs():
@@ -95,3 +96,13 @@ def test_the_deployment_says_what_quantad_needs():
     pool = docs["InferencePool"]["spec"]
     assert pool["selector"]["matchLabels"] == docs["Service"]["spec"]["selector"]
     assert pool["targetPorts"][0]["number"] == box["ports"][0]["containerPort"]
+
+
+def test_each_objective_has_its_nice_in_the_pod():
+    """The pool orders objectives by priority, a pod by nice: each objective's is mapped, higher priority lower nice."""
+    docs = _docs()
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    nice = dict(args[i + 1].split("=") for i, a in enumerate(args) if a == "--objective-nice")
+    objectives = {d["metadata"]["name"]: d["spec"]["priority"] for d in docs if d["kind"] == "InferenceObjective"}
+    assert {name: int(n) for name, n in nice.items()} == {name: max(-20, min(19, -p)) for name, p in objectives.items()}
