@@ -128,7 +128,8 @@ class HttpFront:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
-        """``/v1/*`` needs the bearer token when one is set; ``/health`` stays open for probes."""
+        """``/v1/*`` needs the bearer token when one is set; ``/health`` stays open for probes.  Who the
+        caller is also gives its nice, when its inference objective (by header) is one ``--objective-nice`` names."""
         if self.token is not None and (request.path.startswith("/v1/") or request.path in http_tokens.PATHS):
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             name = None
