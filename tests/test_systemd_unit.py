@@ -68,6 +68,19 @@ def _mounts() -> list[str]:
     return [line for line in table if str(ROOT) in line or MACHINE in line]
 
 
+def _container_processes() -> list[str]:
+    """Processes still running the container's quantad (its pid namespace should have taken them all)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"/opt/quantad/venv" in cmdline:
+            found.append(f"{proc.name}: {cmdline.replace(bytes(1), b' ').decode(errors='replace')[:200]}")
+    return found
+
+
 def _boot(out: Path, timeout: float) -> int:
     """Boot the root until inside.py powers it off; a hang past TIMEOUT is shut down, then killed."""
     cmd = ["systemd-nspawn", "--quiet", "-D", str(ROOT), f"--machine={MACHINE}", "--register=no", "--keep-unit"]
@@ -93,15 +106,16 @@ def test_unit_under_a_real_systemd(tmp_path):
     _wheel(out)
     for f in ("tests/systemd/inside.py", "deploy/quantad.service", "docs/service.md"):
         shutil.copy(REPO / f, out)
-    mounts_before = _mounts()
+    mounts_before, processes_before = _mounts(), set(_container_processes())  # a host's own /opt/quantad aside
     key_before = (ROOT / ".quantad-root-key").read_text()
     rc = _boot(out, timeout=1500)
     console = (out / "console.log").read_text(errors="replace")
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     shown = json.dumps(results, indent=1)[-20000:] + "\n--- console (tail) ---\n" + console[-6000:]
-    # Cleaned up: the container powered itself off, left no mount, and the cached root is untouched.
+    # Cleaned up: the container powered itself off, left no mount or process, and the cached root is untouched.
     assert rc == 0, f"systemd-nspawn exited {rc}\n{shown}"
     assert _mounts() == mounts_before
+    assert not set(_container_processes()) - processes_before
     assert not Path(f"/run/systemd/nspawn/propagate/{MACHINE}").exists() or not any(
         Path(f"/run/systemd/nspawn/propagate/{MACHINE}").iterdir()
     )
